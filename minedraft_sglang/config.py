@@ -1,0 +1,148 @@
+"""MineDraft's own settings: the ``--minedraft-*`` flags.
+
+SGLang's ``ServerArgs`` is a closed msgspec record, so our flags cannot live on
+it. The launcher parses them (see ``plugin.py``) and hands them to the spawned
+scheduler process through one environment variable holding JSON. ``sgl.Engine``
+users, who have no command line, set that variable themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+from typing import List, Optional
+
+ENV_VAR = "SGLANG_MINEDRAFT_CONFIG"
+ALGORITHM_NAME = "MINEDRAFT"
+
+MODES = ("psd", "sequential")
+DRAFTERS = ("auto", "standalone")
+
+
+class MineDraftConfigError(ValueError):
+    """A bad MineDraft setting; the message is one line naming the flag."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MineDraftConfig:
+    mode: str = "psd"
+    draft_device: str = "cpu"
+    drafter: str = "auto"
+    # Largest number of tokens one request may hold in the drafter's KV cache;
+    # 0 means the target's context length.
+    draft_max_len: int = 0
+    # Logs a timestamped draft/verify interval per step (used by the
+    # concurrency test and the overlap timeline).
+    trace_file: Optional[str] = None
+
+    def validate(self) -> "MineDraftConfig":
+        if self.mode not in MODES:
+            raise MineDraftConfigError(
+                f"--minedraft-mode {self.mode!r} is not one of {', '.join(MODES)}"
+            )
+        if self.drafter not in DRAFTERS:
+            raise MineDraftConfigError(
+                f"--minedraft-drafter {self.drafter!r} is not one of {', '.join(DRAFTERS)}"
+            )
+        validate_device(self.draft_device)
+        if self.draft_max_len < 0:
+            raise MineDraftConfigError(
+                f"--minedraft-draft-max-len must be >= 0, got {self.draft_max_len}"
+            )
+        return self
+
+    def to_env(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_env(cls) -> "MineDraftConfig":
+        raw = os.environ.get(ENV_VAR)
+        if not raw:
+            return cls().validate()
+        try:
+            values = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise MineDraftConfigError(f"{ENV_VAR} is not valid JSON: {e}") from None
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise MineDraftConfigError(
+                f"{ENV_VAR} has unknown keys {unknown}; known: {sorted(known)}"
+            )
+        return cls(**values).validate()
+
+
+_DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+def validate_device(device: str) -> None:
+    """Fail early for a device this machine does not have."""
+    if not _DEVICE_RE.match(device):
+        raise MineDraftConfigError(
+            f"--minedraft-draft-device {device!r} is not 'cpu' or 'cuda:N'"
+        )
+    if device.startswith("cuda"):
+        import torch
+
+        index = int(device.split(":")[1]) if ":" in device else 0
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if index >= count:
+            raise MineDraftConfigError(
+                f"--minedraft-draft-device {device!r}: no such device "
+                f"(this machine has {count} CUDA device{'s' if count != 1 else ''})"
+            )
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "MineDraft (batch parallel speculative decoding)",
+        "Used with --speculative-algorithm MINEDRAFT and --speculative-draft-model-path. "
+        f"For sgl.Engine, set these as JSON in ${ENV_VAR} instead.",
+    )
+    group.add_argument(
+        "--minedraft-mode",
+        choices=MODES,
+        default=MineDraftConfig.mode,
+        help="psd: two sub-batches, drafting one while the target verifies the other. "
+        "sequential: draft then verify the whole batch (standard speculative decoding).",
+    )
+    group.add_argument(
+        "--minedraft-draft-device",
+        default=MineDraftConfig.draft_device,
+        help="Device the drafter runs on: 'cpu' or 'cuda:N' (a GPU other than the "
+        "target's for parallel drafting).",
+    )
+    group.add_argument(
+        "--minedraft-drafter",
+        choices=DRAFTERS,
+        default=MineDraftConfig.drafter,
+        help="Drafter kind. auto: follow the draft model's architecture "
+        "(a causal LM runs as a standalone drafter).",
+    )
+    group.add_argument(
+        "--minedraft-draft-max-len",
+        type=int,
+        default=MineDraftConfig.draft_max_len,
+        help="Tokens per request in the drafter's KV cache (0: the target's context length).",
+    )
+    group.add_argument(
+        "--minedraft-trace-file",
+        default=None,
+        help="Append one JSON line per engine step with draft/verify timestamps.",
+    )
+
+
+def config_from_argv(argv: List[str]) -> MineDraftConfig:
+    parser = argparse.ArgumentParser(add_help=False)
+    add_cli_args(parser)
+    args, _ = parser.parse_known_args(argv)
+    return MineDraftConfig(
+        mode=args.minedraft_mode,
+        draft_device=args.minedraft_draft_device,
+        drafter=args.minedraft_drafter,
+        draft_max_len=args.minedraft_draft_max_len,
+        trace_file=args.minedraft_trace_file,
+    ).validate()

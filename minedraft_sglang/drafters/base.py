@@ -1,0 +1,68 @@
+"""The drafter interface: everything PSD needs from a drafter, nothing more.
+
+A drafter owns its model, its device and its KV cache. The worker hands it the
+token ids of the requests to draft for and gets back k draft tokens per request
+with their draft probabilities; acceptance is decided on the target side. Only
+token ids cross devices.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Sequence
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftRequest:
+    rid: str
+    # The request's tokens so far: prompt, then output. The drafter proposes
+    # what follows ``output[-1]``. Both are read-only views of SGLang's lists.
+    prompt: Sequence[int]
+    output: Sequence[int]
+
+    def __len__(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    def token(self, i: int) -> int:
+        n = len(self.prompt)
+        return self.prompt[i] if i < n else self.output[i - n]
+
+    def tokens(self, start: int) -> list[int]:
+        n = len(self.prompt)
+        if start >= n:
+            return list(self.output[start - n :])
+        return list(self.prompt[start:]) + list(self.output)
+
+
+@dataclasses.dataclass
+class DraftOutput:
+    tokens: torch.Tensor  # [bs, k] int64, on the drafter's device
+    probs: torch.Tensor  # [bs, k] float32: draft probability of each token
+
+
+class Drafter(abc.ABC):
+    device: torch.device
+
+    @abc.abstractmethod
+    def allocate(self, max_requests: int, max_len: int) -> int:
+        """Reserve KV memory for ``max_requests`` requests of ``max_len``
+        tokens on the drafter's device; returns the bytes reserved."""
+
+    @abc.abstractmethod
+    def draft(self, reqs: Sequence[DraftRequest], num_tokens: int) -> DraftOutput:
+        """Propose ``num_tokens`` tokens for each request."""
+
+    @abc.abstractmethod
+    def release(self, rid: str) -> None:
+        """Drop a request's draft state (finished, aborted or retracted)."""
+
+    @abc.abstractmethod
+    def active_rids(self) -> set[str]:
+        """Requests that currently hold draft state."""
+
+    @abc.abstractmethod
+    def free_slots(self) -> int:
+        """Free request slots in the drafter's KV cache."""

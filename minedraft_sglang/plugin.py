@@ -1,0 +1,189 @@
+"""SGLang plugin entry point (group ``sglang.srt.plugins``).
+
+``register()`` runs in every SGLang process (launcher, scheduler, detokenizer),
+so everything it does must be idempotent and cheap: it registers the
+``MINEDRAFT`` speculative algorithm and the hooks that add ``--minedraft-*``
+flags to the stock ``sglang.launch_server`` / ``sglang serve`` command line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+from minedraft_sglang import hooks
+from minedraft_sglang.config import (
+    ALGORITHM_NAME,
+    ENV_VAR,
+    MineDraftConfig,
+    MineDraftConfigError,
+    add_cli_args,
+    config_from_argv,
+)
+
+logger = logging.getLogger(__name__)
+
+_registered = False
+
+# The verify window is k drafts plus the bonus token; k is
+# --speculative-num-steps (SGLang's own flag), 4 when not given.
+DEFAULT_NUM_STEPS = 4
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    _registered = True
+
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+    SpeculativeAlgorithm.register(
+        ALGORITHM_NAME,
+        supports_overlap=False,
+        validate_server_args=validate_server_args,
+        spec_class=_spec_class(),
+    )(_worker_factory)
+
+    HookRegistry.register(
+        "sglang.srt.server_args.ServerArgs.add_cli_args",
+        _add_cli_args_around,
+        HookType.AROUND,
+    )
+    HookRegistry.register(
+        "sglang.srt.server_args.prepare_server_args",
+        _prepare_server_args_around,
+        HookType.AROUND,
+    )
+    HookRegistry.register(
+        "sglang.srt.managers.scheduler_components.batch_result_processor."
+        "SchedulerBatchResultProcessor.process_batch_result_decode",
+        hooks.process_batch_result_decode_around,
+        HookType.AROUND,
+    )
+
+
+def _worker_factory(server_args):
+    from minedraft_sglang.worker import MineDraftWorker
+
+    return MineDraftWorker
+
+
+def _spec_class():
+    from sglang.srt.speculative.spec_registry import CustomSpecAlgo
+
+    class MineDraftAlgo(CustomSpecAlgo):
+        """The algorithm record the scheduler queries.
+
+        SGLang 0.5.23's ``CustomSpecAlgo`` lacks four methods the scheduler calls
+        on every algorithm; they are defined here with the behaviour of a
+        drafter that carries no target hidden states and never runs under the
+        overlap scheduler.
+        """
+
+        def carries_draft_hidden_states(self) -> bool:
+            return False
+
+        def need_topk(self) -> bool:
+            return False
+
+        def get_platform_worker_cls(self):
+            return None
+
+        def create_future_map(
+            self,
+            device,
+            req_to_token_pool,
+            needs_cpu_seq_lens: bool = True,
+            needs_confidence_relay: bool = False,
+        ):
+            from sglang.srt.managers.overlap_utils import FutureMap
+
+            return FutureMap(
+                device, self, req_to_token_pool, needs_cpu_seq_lens, needs_confidence_relay
+            )
+
+        def handle_server_args(self, server_args) -> None:
+            handle_server_args(server_args)
+
+    return MineDraftAlgo
+
+
+def handle_server_args(sa) -> None:
+    """Defaults MINEDRAFT needs; ``sa`` is SGLang's recording stand-in."""
+    # Our worker drives drafting itself (on its own device and thread); the
+    # overlap scheduler's one-iteration lag would hide the sub-batch results
+    # from the next step's drafting.
+    sa.disable_overlap_schedule = True
+    sa.enable_mixed_chunk = False
+    if sa.speculative_eagle_topk not in (None, 1):
+        raise MineDraftConfigError(
+            "--speculative-eagle-topk must be 1 with MINEDRAFT (chain drafts)"
+        )
+    sa.speculative_eagle_topk = 1
+    if sa.speculative_num_steps is None:
+        sa.speculative_num_steps = DEFAULT_NUM_STEPS
+    if sa.speculative_num_steps < 1:
+        raise MineDraftConfigError("--speculative-num-steps must be >= 1 with MINEDRAFT")
+    window = sa.speculative_num_steps + 1
+    if sa.speculative_num_draft_tokens not in (None, window):
+        raise MineDraftConfigError(
+            f"--speculative-num-draft-tokens must be --speculative-num-steps + 1 "
+            f"({window}) with MINEDRAFT, got {sa.speculative_num_draft_tokens}"
+        )
+    sa.speculative_num_draft_tokens = window
+
+
+def validate_server_args(sa) -> None:
+    """Startup checks that need the model paths; each failure is one line."""
+    MineDraftConfig.from_env()
+    draft = sa.speculative_draft_model_path
+    if not draft:
+        raise MineDraftConfigError(
+            "--speculative-draft-model-path is required with --speculative-algorithm MINEDRAFT"
+        )
+    if not os.path.isdir(draft):
+        raise MineDraftConfigError(
+            f"--speculative-draft-model-path {draft!r}: no such directory"
+        )
+    draft_vocab = _vocab_size(draft, "--speculative-draft-model-path")
+    target = sa.model_path
+    if os.path.isdir(target):
+        target_vocab = _vocab_size(target, "--model-path")
+        if draft_vocab != target_vocab:
+            raise MineDraftConfigError(
+                f"--speculative-draft-model-path {draft!r} has vocabulary size {draft_vocab}, "
+                f"the target {target!r} has {target_vocab}: drafts must use the target's tokenizer"
+            )
+
+
+def _vocab_size(path: str, flag: str) -> int:
+    config_file = os.path.join(path, "config.json")
+    try:
+        with open(config_file) as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise MineDraftConfigError(f"{flag} {path!r}: cannot read config.json ({e})") from None
+    vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
+    if not vocab:
+        raise MineDraftConfigError(f"{flag} {path!r}: config.json has no vocab_size")
+    return int(vocab)
+
+
+def _add_cli_args_around(original, parser):
+    original(parser)
+    add_cli_args(parser)
+
+
+def _prepare_server_args_around(original, argv):
+    try:
+        config = config_from_argv(argv)
+        if any(a.startswith("--minedraft-") for a in argv) or ENV_VAR not in os.environ:
+            # Spawned scheduler processes inherit the environment.
+            os.environ[ENV_VAR] = config.to_env()
+        return original(argv)
+    except MineDraftConfigError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,259 @@
+"""The MINEDRAFT speculative worker: the PSD loop lives in this file.
+
+SGLang's scheduler keeps one running batch and calls
+``forward_batch_generation`` once per engine step. In ``psd`` mode this worker
+splits that batch into two sub-batches and, in each step, verifies one on the
+target while the drafter drafts the other on its own device (its own thread
+on CPU); the roles swap every step. In ``sequential`` mode it drafts the whole
+batch, then verifies it: classic speculative decoding.
+
+A PSD step returns results for the verified sub-batch only; ``hooks.py``
+makes the scheduler's result processing look at just those rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Optional, Sequence
+
+import torch
+
+from sglang.srt.managers.schedule_batch import ScheduleBatch
+from sglang.srt.managers.utils import GenerationBatchResult
+from sglang.srt.runtime_context import get_spec
+from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
+
+from minedraft_sglang import metrics
+from minedraft_sglang.config import MineDraftConfig
+from minedraft_sglang.drafters import create_drafter
+from minedraft_sglang.drafters.base import DraftRequest
+from minedraft_sglang.sub_batches import SubBatches
+from minedraft_sglang.verify import MineDraftState, sub_batch_view, verify_chain
+
+logger = logging.getLogger(__name__)
+
+MAX_DRAFT_REQUESTS = 256
+
+
+class _Drafts:
+    """Draft tokens proposed for one request, valid while its length is
+    still the one they were drafted from."""
+
+    __slots__ = ("tokens", "base_len")
+
+    def __init__(self, tokens: torch.Tensor, base_len: int):
+        self.tokens = tokens
+        self.base_len = base_len
+
+
+class MineDraftWorker(BaseSpecWorker):
+    def __init__(self, server_args, gpu_id: int, nccl_port: int, target_worker):
+        super().__init__()
+        self.server_args = server_args
+        self._target_worker = target_worker
+        self._draft_worker = None
+        self.model_runner = target_worker.model_runner
+        self.device = self.model_runner.device
+        spec = get_spec()
+        self.topk = 1
+        self.speculative_num_steps = spec.speculative_num_steps
+        self.speculative_num_draft_tokens = spec.speculative_num_draft_tokens
+        self.config = MineDraftConfig.from_env()
+        self.drafter = create_drafter(
+            self.config, spec.speculative_draft_model_path, self.model_runner.dtype
+        )
+        split = _split_cores(self.config.draft_device)
+        if split is not None and self.config.mode == "psd":
+            os.sched_setaffinity(0, split[0])
+        self.sub_batches = SubBatches()
+        self.pending: dict[str, _Drafts] = {}
+        self.tracer = metrics.StepTracer(self.config.trace_file)
+        # One thread owns the drafter: PSD drafts there while this (the
+        # scheduler) thread runs the target's verify.
+        self.executor = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="minedraft-drafter",
+            initializer=_pin_drafter_thread,
+            initargs=(self.config.draft_device,),
+        )
+        logger.info(
+            "MineDraft: mode=%s drafter=%s on %s, k=%d",
+            self.config.mode,
+            type(self.drafter).__name__,
+            self.config.draft_device,
+            self.speculative_num_steps,
+        )
+
+    @property
+    def draft_worker(self):
+        # No SGLang ModelRunner for the draft: the drafter is ours.
+        return None
+
+    def alloc_memory_pool(self, **kwargs):
+        self.req_to_token_pool, self.token_to_kv_pool_allocator = (
+            self._target_worker.get_memory_pool()
+        )
+        # SGLang's request cap defaults to thousands; dense per-request draft
+        # KV for all of them would not fit, so the drafter holds at most
+        # MAX_DRAFT_REQUESTS (requests beyond it are verified without drafts).
+        max_requests = min(self.model_runner.max_running_requests, MAX_DRAFT_REQUESTS)
+        max_len = self.config.draft_max_len or (
+            self.model_runner.model_config.context_len + self.speculative_num_draft_tokens
+        )
+        nbytes = self.drafter.allocate(max_requests, max_len)
+        logger.info(
+            "MineDraft: drafter KV cache on %s: %d requests x %d tokens = %.1f MiB",
+            self.config.draft_device,
+            max_requests,
+            max_len,
+            nbytes / 2**20,
+        )
+
+    def note_request_finished(self, *, rid: str, natural_stop: bool) -> None:
+        # Called between steps, when no draft is in flight.
+        self._release(rid)
+
+    def _release(self, rid: str) -> None:
+        self.pending.pop(rid, None)
+        self.drafter.release(rid)
+
+    # ------------------------------------------------------------------ step
+
+    def forward_batch_generation(
+        self,
+        batch: ScheduleBatch,
+        on_publish=None,
+        grammar_barrier=None,
+        pp_proxy_tensors=None,
+    ) -> GenerationBatchResult:
+        if batch.forward_mode.is_extend() or batch.is_extend_in_batch:
+            return self._prefill(batch, on_publish)
+        rids = [req.rid for req in batch.reqs]
+        for rid in self.drafter.active_rids() - set(rids):
+            # Retracted (or aborted) requests: their drafts are stale.
+            self._release(rid)
+        if self.config.mode == "psd":
+            verify_rows, draft_rows = self.sub_batches.split(rids)
+            if verify_rows and draft_rows:
+                return self._psd_step(batch, verify_rows, draft_rows, on_publish, grammar_barrier)
+        return self._sequential_step(batch, on_publish, grammar_barrier)
+
+    def _prefill(self, batch: ScheduleBatch, on_publish) -> GenerationBatchResult:
+        result = self.target_worker.forward_batch_generation(batch)
+        new_seq_lens = batch.seq_lens.clone()
+        if on_publish is not None:
+            on_publish(new_seq_lens)
+        return GenerationBatchResult(
+            logits_output=result.logits_output,
+            next_token_ids=result.next_token_ids,
+            can_run_cuda_graph=result.can_run_cuda_graph,
+            accept_lens=torch.ones(len(batch.reqs), dtype=torch.int32, device=self.device),
+            new_seq_lens=new_seq_lens,
+            next_draft_input=MineDraftState(),
+            speculative_num_draft_tokens=self.speculative_num_draft_tokens,
+        )
+
+    def _sequential_step(self, batch, on_publish, grammar_barrier) -> GenerationBatchResult:
+        reqs = batch.reqs
+        t0 = time.monotonic()
+        drafts = self._draft(_draft_requests(reqs))
+        t1 = time.monotonic()
+        result = self._verify(batch, drafts, grammar_barrier)
+        t2 = time.monotonic()
+        self.tracer.step("sequential", (t0, t1), (t1, t2), len(reqs), len(reqs), result)
+        return self._finish(result, batch.seq_lens, None, on_publish)
+
+    def _psd_step(self, batch, verify_rows, draft_rows, on_publish, grammar_barrier):
+        reqs = batch.reqs
+        verify_reqs = [reqs[i] for i in verify_rows]
+        # Requests of the verified half whose drafts are missing or stale
+        # (e.g. moved by re-balancing) are drafted now, before the overlap.
+        missing = [r for r in verify_reqs if not self._has_drafts(r)]
+        if missing:
+            self._draft(_draft_requests(missing))
+        drafts = torch.stack([self.pending[r.rid].tokens for r in verify_reqs])
+        future: Future = self.executor.submit(
+            _timed, self._draft, _draft_requests([reqs[i] for i in draft_rows])
+        )
+        view = sub_batch_view(batch, verify_rows)
+        t0 = time.monotonic()
+        result = self._verify(view, drafts, grammar_barrier)
+        t1 = time.monotonic()
+        _, draft_interval = future.result()
+        self.tracer.step("psd", draft_interval, (t0, t1), len(verify_rows), len(draft_rows), result)
+        new_seq_lens = batch.seq_lens.clone()
+        new_seq_lens[torch.tensor(verify_rows, device=self.device)] = result.new_seq_lens
+        result.new_seq_lens = new_seq_lens
+        return self._finish(result, new_seq_lens, verify_rows, on_publish)
+
+    # --------------------------------------------------------------- helpers
+
+    def _has_drafts(self, req) -> bool:
+        d = self.pending.get(req.rid)
+        return d is not None and d.base_len == len(req.origin_input_ids) + len(req.output_ids)
+
+    def _draft(self, draft_reqs: Sequence[DraftRequest]) -> torch.Tensor:
+        """Draft ``draft_reqs`` on the drafter's device; remember and return
+        the tokens ([bs, k], drafter device)."""
+        out = self.drafter.draft(draft_reqs, self.speculative_num_steps)
+        for req, tokens in zip(draft_reqs, out.tokens):
+            self.pending[req.rid] = _Drafts(tokens, len(req))
+        return out.tokens
+
+    def _verify(self, batch: ScheduleBatch, drafts: torch.Tensor, grammar_barrier):
+        bonus = torch.tensor(
+            [req.output_ids[-1] for req in batch.reqs], dtype=torch.int32, device=self.device
+        )
+        for req in batch.reqs:
+            # Drafts are single-use: after this verify the request's length moves.
+            self.pending.pop(req.rid, None)
+        return verify_chain(
+            batch,
+            bonus,
+            drafts.to(self.device),
+            target_worker=self.target_worker,
+            req_to_token_pool=self.req_to_token_pool,
+            token_to_kv_pool_allocator=self.token_to_kv_pool_allocator,
+            grammar_barrier=grammar_barrier,
+        )
+
+    def _finish(self, result, new_seq_lens, verified_rows: Optional[list[int]], on_publish):
+        if on_publish is not None:
+            on_publish(new_seq_lens)
+        result.next_draft_input = MineDraftState()
+        # Read by hooks.process_batch_result_decode: which rows of the running
+        # batch these (compact) results belong to; None means all of them.
+        result.minedraft_rows = verified_rows
+        return result
+
+
+def _draft_requests(reqs) -> list[DraftRequest]:
+    return [DraftRequest(r.rid, r.origin_input_ids, list(r.output_ids)) for r in reqs]
+
+
+def _timed(fn, *args):
+    t0 = time.monotonic()
+    out = fn(*args)
+    return out, (t0, time.monotonic())
+
+
+def _split_cores(device: str) -> Optional[tuple[set[int], set[int]]]:
+    """(target cores, drafter core) when the drafter runs on a CPU with
+    cores to spare."""
+    if device != "cpu" or not hasattr(os, "sched_setaffinity"):
+        return None
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return None
+    return set(cores[:-1]), {cores[-1]}
+
+
+def _pin_drafter_thread(device: str) -> None:
+    """On CPU the drafter gets a core of its own so drafting and the
+    target's verify really run side by side (Linux sets affinity per thread)."""
+    split = _split_cores(device)
+    if split is not None:
+        os.sched_setaffinity(0, split[1])
