@@ -16,3 +16,17 @@ def process_batch_result_decode_around(original, processor, batch, result):
     from minedraft_sglang.verify import sub_batch_view
 
     return original(processor, sub_batch_view(batch, rows), result)
+
+
+def add_speculative_state_around(original, controller, state):
+    """``/server_info``'s internal state gains a ``minedraft`` entry: drafter
+    slots and pool free counts, which the leak tests read."""
+    original(controller, state)
+    scheduler = controller.scheduler
+    stats = getattr(scheduler.draft_worker, "minedraft_stats", None)
+    if stats is not None:
+        state["minedraft"] = {
+            **stats(),
+            "token_pool_available": int(scheduler.token_to_kv_pool_allocator.available_size()),
+            "req_pool_available": int(scheduler.req_to_token_pool.available_size()),
+        }

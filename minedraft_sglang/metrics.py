@@ -23,9 +23,18 @@ class StepTracer:
     def __init__(self, path: Optional[str]):
         self.path = path
         self.count = 0
+        self.mode_counts: dict[str, int] = {}
+        self.overlap_sum = 0.0
         self._lock = threading.Lock()
 
-    def step(self, mode, draft, verify, verify_bs, draft_bs, result) -> dict:
+    def summary(self) -> dict:
+        psd = self.mode_counts.get("psd", 0)
+        return {
+            "steps": dict(self.mode_counts),
+            "mean_overlap_ratio": self.overlap_sum / psd if psd else None,
+        }
+
+    def step(self, mode, draft, verify, verify_bs, draft_bs, draft_thread: str) -> dict:
         start = min(draft[0], verify[0])
         step = max(draft[1], verify[1]) - start
         record = {
@@ -37,8 +46,12 @@ class StepTracer:
             "verify_bs": verify_bs,
             "draft_bs": draft_bs,
             "overlap": overlap_ratio(draft, verify, step),
+            "draft_thread": draft_thread,
         }
         self.count += 1
+        self.mode_counts[mode] = self.mode_counts.get(mode, 0) + 1
+        if mode == "psd":
+            self.overlap_sum += record["overlap"]
         if self.path:
             with self._lock, open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")

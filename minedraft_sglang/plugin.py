@@ -64,6 +64,12 @@ def register() -> None:
         hooks.process_batch_result_decode_around,
         HookType.AROUND,
     )
+    HookRegistry.register(
+        "sglang.srt.managers.scheduler_components.internal_state."
+        "SchedulerInternalStateController._add_speculative",
+        hooks.add_speculative_state_around,
+        HookType.AROUND,
+    )
 
 
 def _worker_factory(server_args):
@@ -184,6 +190,24 @@ def _prepare_server_args_around(original, argv):
         if any(a.startswith("--minedraft-") for a in argv) or ENV_VAR not in os.environ:
             # Spawned scheduler processes inherit the environment.
             os.environ[ENV_VAR] = config.to_env()
-        return original(argv)
+        server_args = original(argv)
+        if (server_args.speculative_algorithm or "").upper() == ALGORITHM_NAME:
+            # SGLang runs these checks again while resolving the arguments,
+            # where a failure surfaces as a traceback; here it is one line.
+            validate_server_args(server_args)
+            handle_server_args(_Fields(server_args))
+        return server_args
     except MineDraftConfigError as e:
         sys.exit(f"error: {e}")
+
+
+class _Fields:
+    """A writable copy of the fields ``handle_server_args`` touches."""
+
+    def __init__(self, server_args):
+        for name in (
+            "speculative_eagle_topk",
+            "speculative_num_steps",
+            "speculative_num_draft_tokens",
+        ):
+            setattr(self, name, getattr(server_args, name))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional, Sequence
@@ -104,6 +105,7 @@ class MineDraftWorker(BaseSpecWorker):
             self.model_runner.model_config.context_len + self.speculative_num_draft_tokens
         )
         nbytes = self.drafter.allocate(max_requests, max_len)
+        self.drafter_slots = max_requests
         logger.info(
             "MineDraft: drafter KV cache on %s: %d requests x %d tokens = %.1f MiB",
             self.config.draft_device,
@@ -111,6 +113,18 @@ class MineDraftWorker(BaseSpecWorker):
             max_len,
             nbytes / 2**20,
         )
+
+    def minedraft_stats(self) -> dict:
+        return {
+            "mode": self.config.mode,
+            "draft_device": self.config.draft_device,
+            "drafter_free_slots": self.drafter.free_slots(),
+            "drafter_total_slots": self.drafter_slots,
+            "drafter_active_requests": len(self.drafter.active_rids()),
+            "pending_drafts": len(self.pending),
+            "sub_batch_sizes": self.sub_batches.sizes(),
+            **self.tracer.summary(),
+        }
 
     def note_request_finished(self, *, rid: str, natural_stop: bool) -> None:
         # Called between steps, when no draft is in flight.
@@ -163,7 +177,7 @@ class MineDraftWorker(BaseSpecWorker):
         t1 = time.monotonic()
         result = self._verify(batch, drafts, grammar_barrier)
         t2 = time.monotonic()
-        self.tracer.step("sequential", (t0, t1), (t1, t2), len(reqs), len(reqs), result)
+        self.tracer.step("sequential", (t0, t1), (t1, t2), len(reqs), len(reqs), threading.current_thread().name)
         return self._finish(result, batch.seq_lens, None, on_publish)
 
     def _psd_step(self, batch, verify_rows, draft_rows, on_publish, grammar_barrier):
@@ -182,8 +196,8 @@ class MineDraftWorker(BaseSpecWorker):
         t0 = time.monotonic()
         result = self._verify(view, drafts, grammar_barrier)
         t1 = time.monotonic()
-        _, draft_interval = future.result()
-        self.tracer.step("psd", draft_interval, (t0, t1), len(verify_rows), len(draft_rows), result)
+        _, draft_interval, draft_thread = future.result()
+        self.tracer.step("psd", draft_interval, (t0, t1), len(verify_rows), len(draft_rows), draft_thread)
         new_seq_lens = batch.seq_lens.clone()
         new_seq_lens[torch.tensor(verify_rows, device=self.device)] = result.new_seq_lens
         result.new_seq_lens = new_seq_lens
@@ -237,7 +251,7 @@ def _draft_requests(reqs) -> list[DraftRequest]:
 def _timed(fn, *args):
     t0 = time.monotonic()
     out = fn(*args)
-    return out, (t0, time.monotonic())
+    return out, (t0, time.monotonic()), threading.current_thread().name
 
 
 def _split_cores(device: str) -> Optional[tuple[set[int], set[int]]]:

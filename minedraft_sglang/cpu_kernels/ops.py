@@ -1,0 +1,510 @@
+"""Plain-PyTorch versions of the ``sgl_kernel`` CPU ops SGLang 0.5.23 calls.
+
+Each function mirrors one op of sgl-kernel's CPU build; ``register()`` exposes
+them as ``torch.ops.sgl_kernel.<name>`` with the schemas SGLang's call sites use
+(``sglang/srt/layers/attention/intel_amx_backend.py``,
+``sglang/kernels/ops/speculative/*.py``, ``sglang/srt/mem_cache/allocation.py``,
+``sglang/kernels/ops/kvcache/cache_move.py`` and the wrappers in
+``sgl_kernel/speculative.py`` and ``sgl_kernel/kvcacheio.py``).
+
+Written for clarity, not speed: per-request Python loops over small batches.
+"""
+
+import ctypes
+
+import torch
+
+NAMESPACE = "sgl_kernel"
+
+
+# ---------------------------------------------------------------------------
+# KV cache and request-to-token bookkeeping
+# ---------------------------------------------------------------------------
+
+
+def _rows_at_address(address: int, row_bytes: int, num_rows: int) -> torch.Tensor:
+    """A writable uint8 [num_rows, row_bytes] view of memory SGLang gave us by address."""
+    raw = (ctypes.c_uint8 * (row_bytes * num_rows)).from_address(address)
+    return torch.frombuffer(raw, dtype=torch.uint8).view(num_rows, row_bytes)
+
+
+def copy_all_layer_kv_cache_cpu(data_ptrs, strides, tgt_loc, src_loc):
+    """For every KV buffer (base address + row stride in bytes) copy rows src_loc to tgt_loc."""
+    if tgt_loc.numel() == 0:
+        return
+    tgt = tgt_loc.long()
+    src = src_loc.long()
+    # Only rows up to the largest index are touched, so the view need not cover the buffer.
+    num_rows = int(torch.maximum(tgt.max(), src.max())) + 1
+    for address, row_bytes in zip(data_ptrs.tolist(), strides.tolist()):
+        rows = _rows_at_address(address, row_bytes, num_rows)
+        # Indexing the right-hand side gathers first, so overlapping sets are safe.
+        rows[tgt] = rows[src]
+
+
+def _request_ranges(req_pool_indices, start_offset, end_offset):
+    """(pool row, start, end, offset into the packed slot list) per request."""
+    starts = start_offset.tolist()
+    ends = end_offset.tolist()
+    packed = 0
+    for row, start, end in zip(req_pool_indices.tolist(), starts, ends):
+        yield row, start, end, packed
+        packed += end - start
+
+
+def assign_req_to_token_pool_cpu(
+    req_pool_indices, req_to_token, start_offset, end_offset, out_cache_loc, pool_len
+):
+    """req_to_token[r, start:end] = the next (end - start) packed slots of out_cache_loc."""
+    table = req_to_token.view(-1, pool_len)
+    for row, start, end, packed in _request_ranges(req_pool_indices, start_offset, end_offset):
+        table[row, start:end] = out_cache_loc[packed : packed + end - start]
+
+
+def assign_extend_cache_locs_cpu(
+    req_pool_indices, req_to_token, start_offset, end_offset, out_cache_loc, pool_len
+):
+    """The inverse gather: out_cache_loc packs req_to_token[r, start:end] over requests."""
+    table = req_to_token.view(-1, pool_len)
+    for row, start, end, packed in _request_ranges(req_pool_indices, start_offset, end_offset):
+        out_cache_loc[packed : packed + end - start] = table[row, start:end]
+
+
+def assign_draft_cache_locs_contiguous_cpu(
+    req_pool_indices, req_to_token, seq_lens, out_cache_loc, pool_len, topk, num_steps
+):
+    """out_cache_loc[i*n:(i+1)*n] = req_to_token[r_i, seq_len_i : seq_len_i + n], n = topk*num_steps."""
+    table = req_to_token.view(-1, pool_len)
+    n = topk * num_steps
+    for i, (row, seq_len) in enumerate(zip(req_pool_indices.tolist(), seq_lens.tolist())):
+        out_cache_loc[i * n : (i + 1) * n] = table[row, seq_len : seq_len + n]
+
+
+def build_draft_decode_metadata_cpu(
+    req_to_token, req_pool_indices, seq_lens, topk, num_steps, pool_len
+):
+    """One req_to_token row per (request, draft branch): committed slots, then that branch's draft slots.
+
+    Branch k's draft slots sit at seq_len + k*num_steps in the request's row, the
+    layout assign_draft_cache_locs_contiguous_cpu hands out.
+    """
+    table = req_to_token.view(-1, pool_len)
+    rows = req_pool_indices.tolist()
+    out = torch.zeros((len(rows) * topk, pool_len), dtype=req_to_token.dtype)
+    for i, (row, seq_len) in enumerate(zip(rows, seq_lens.tolist())):
+        for branch in range(topk):
+            draft_start = seq_len + branch * num_steps
+            out[i * topk + branch, :seq_len] = table[row, :seq_len]
+            out[i * topk + branch, seq_len : seq_len + num_steps] = table[
+                row, draft_start : draft_start + num_steps
+            ]
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Speculative verification
+# ---------------------------------------------------------------------------
+
+
+def fill_bonus_tokens_cpu(accept_tokens, accept_lens, bonus_tokens, accept_stride):
+    """bonus_tokens[i] = the last accepted token of request i (accept_lens counts the bonus)."""
+    rows = torch.arange(accept_lens.numel())
+    flat_index = rows * accept_stride + accept_lens.long() - 1
+    bonus_tokens.copy_(accept_tokens.reshape(-1)[flat_index])
+
+
+def fill_accept_out_cache_loc_cpu(accept_index, out_cache_loc, accept_out_cache_loc):
+    """Pack the cache slots of the accepted draft tokens (accept_index > -1, in order) to the front."""
+    flat = accept_index.reshape(-1)
+    accepted = flat[flat > -1].long()
+    accept_out_cache_loc[: accepted.numel()] = out_cache_loc[accepted]
+
+
+def verify_tree_greedy_cpu(
+    predicts,
+    accept_index,
+    accept_token_num,
+    candidates,
+    retrive_index,
+    retrive_next_token,
+    retrive_next_sibling,
+    target_predict,
+):
+    """Greedy walk of each request's draft tree, accepting children the target agrees with.
+
+    From the root, look at the first child and then its siblings; a node is
+    accepted when its token equals the target's prediction at the last accepted
+    node, and the walk continues below it. predicts[i] gets the target's
+    prediction at every accepted node i (the last one supplies the bonus token).
+    """
+    num_steps = accept_index.shape[1]
+    targets = target_predict.reshape(-1).tolist()
+    tokens = candidates.tolist()
+    flat_index = retrive_index.tolist()
+    first_child = retrive_next_token.tolist()
+    next_sibling = retrive_next_sibling.tolist()
+
+    predict_at, predict_value, accept_counts = [], [], []
+    for b in range(candidates.shape[0]):
+        last = flat_index[b][0]
+        accepted_path = [last]
+        node = 0
+        for _ in range(1, num_steps):
+            child = first_child[b][node]
+            while child != -1 and tokens[b][child] != targets[last]:
+                child = next_sibling[b][child]
+            if child == -1:
+                break
+            predict_at.append(last)
+            predict_value.append(targets[last])
+            last = flat_index[b][child]
+            accepted_path.append(last)
+            node = child
+        predict_at.append(last)
+        predict_value.append(targets[last])
+        accept_index[b, : len(accepted_path)] = torch.tensor(accepted_path)
+        accept_counts.append(len(accepted_path) - 1)
+
+    predicts[torch.tensor(predict_at, dtype=torch.long)] = torch.tensor(
+        predict_value, dtype=predicts.dtype
+    )
+    accept_token_num.copy_(torch.tensor(accept_counts, dtype=torch.long))
+
+
+FULL_MASK, QLEN_ONLY = 0, 1  # sglang.srt.speculative.eagle_utils.TreeMaskMode
+
+
+def _parent_nodes(parents, selected, topk, draft_token_num):
+    """Parent node (0 = root) of each tree node 1..draft_token_num-1; None when it is missing.
+
+    Node i is draft candidate selected[i-1]; candidate c was expanded from the
+    node whose candidate is parents[c // topk] (c // topk == 0 means the root).
+    """
+    parent = [None] * draft_token_num
+    for node in range(1, draft_token_num):
+        expanded_from = selected[node - 1] // topk
+        if expanded_from == 0:
+            parent[node] = 0
+        elif parents[expanded_from] in selected:
+            parent[node] = selected.index(parents[expanded_from]) + 1
+    return parent
+
+
+def _ancestors(parent, node):
+    """node and its ancestors up to, not including, the root."""
+    chain = []
+    while node not in (0, None):
+        chain.append(node)
+        node = parent[node]
+    return chain
+
+
+def build_tree_kernel_efficient_cpu(
+    parent_list,
+    selected_index,
+    verified_seq_len,
+    tree_mask,
+    positions,
+    retrive_index,
+    retrive_next_token,
+    retrive_next_sibling,
+    topk,
+    depth,
+    draft_token_num,
+    tree_mask_mode,
+):
+    """Turn the draft's (parent_list, selected_index) into tree links, positions and a mask.
+
+    Per request: retrive_next_token/retrive_next_sibling give first child and
+    next sibling of each node (children linked newest-first, as the CUDA
+    kernel does), positions are seq_len + node depth, and the draft_token_num x
+    draft_token_num mask lets each node see itself and its ancestors. FULL_MASK
+    rows also carry seq_len prefix columns, which the caller has already set.
+    depth is implied by the tree and kept only for the op's signature.
+    """
+    if tree_mask_mode not in (FULL_MASK, QLEN_ONLY):
+        raise NotImplementedError(f"tree_mask_mode {tree_mask_mode} (only FULL_MASK and QLEN_ONLY)")
+    n = draft_token_num
+    seq_lens = verified_seq_len.tolist()
+    mask_offset = 0
+    for b, seq_len in enumerate(seq_lens):
+        parent = _parent_nodes(parent_list[b].tolist(), selected_index[b].tolist(), topk, n)
+
+        first_child, next_sibling = [-1] * n, [-1] * n
+        for node in range(n - 1, 0, -1):
+            if parent[node] is not None:
+                next_sibling[node] = first_child[parent[node]]
+                first_child[parent[node]] = node
+        retrive_index[b] = torch.arange(b * n, (b + 1) * n)
+        retrive_next_token[b] = torch.tensor(first_child)
+        retrive_next_sibling[b] = torch.tensor(next_sibling)
+
+        block = torch.zeros((n, n), dtype=torch.bool)
+        block[:, 0] = True
+        depths = [0] * n
+        for node in range(1, n):
+            chain = _ancestors(parent, node)
+            block[node, chain] = True
+            depths[node] = len(chain)
+        positions[b * n : (b + 1) * n] = torch.tensor(depths) + seq_len
+
+        if tree_mask_mode == FULL_MASK:
+            width = seq_len + n
+            tree_mask[mask_offset : mask_offset + n * width].view(n, width)[:, seq_len:] = block
+            mask_offset += n * width
+        else:
+            tree_mask[b * n * n : (b + 1) * n * n] = block.reshape(-1)
+
+
+# ---------------------------------------------------------------------------
+# Attention (intel_amx backend)
+# ---------------------------------------------------------------------------
+
+
+def _read_cache(buffer, slots, scale):
+    """Rows of a KV buffer; an fp8 cache stores value / scale, so undo that."""
+    rows = buffer[slots]
+    if buffer.dtype.is_floating_point and buffer.dtype.itemsize == 1:
+        return rows.float() * scale
+    return rows
+
+
+def _visible(query_pos, kv_len, prefix_len, is_causal, tree_block, window):
+    """[num_queries, kv_len] bool: which keys each query may attend to.
+
+    Prefix keys follow causality; keys of the new tokens follow tree_block when
+    given (speculative verify). window > 0 keeps only the last `window` positions.
+    """
+    key_pos = torch.arange(kv_len)
+    visible = torch.ones((len(query_pos), kv_len), dtype=torch.bool)
+    if is_causal:
+        visible = key_pos[None, :] <= query_pos[:, None]
+    if tree_block is not None:
+        visible[:, prefix_len:] = tree_block
+    if window > 0:
+        visible &= key_pos[None, :] > query_pos[:, None] - window
+    return visible
+
+
+def _attend(q, k, v, visible, sm_scale, logit_cap, sinks):
+    """Softmax attention in float32. q [Lq, H, D]; k, v [Lk, Hkv, *]; returns [Lq, H, Dv].
+
+    GQA repeats each KV head for its group of query heads; a sink is an extra
+    per-head logit that takes softmax mass but contributes no value.
+    """
+    group = q.shape[1] // k.shape[1]
+    q = q.float().transpose(0, 1)
+    k = k.float().transpose(0, 1).repeat_interleave(group, dim=0)
+    v = v.float().transpose(0, 1).repeat_interleave(group, dim=0)
+    scores = q @ k.transpose(1, 2) * sm_scale
+    if logit_cap > 0:
+        scores = logit_cap * torch.tanh(scores / logit_cap)
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    if sinks is None:
+        probs = torch.softmax(scores, dim=-1)
+    else:
+        sink = sinks.float().view(-1, 1, 1).expand(-1, scores.shape[1], 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    return (probs @ v).transpose(0, 1)
+
+
+def _reject_cross_attention(is_cross_attn, encoder_lens):
+    if is_cross_attn or encoder_lens is not None:
+        raise NotImplementedError("encoder-decoder attention is not supported by the pure-torch CPU ops")
+
+
+def decode_attention_cpu(
+    query,
+    k_cache,
+    v_cache,
+    k_scale,
+    v_scale,
+    output,
+    key,
+    value,
+    loc,
+    attn_logits,
+    req_to_token,
+    req_pool_indices,
+    seq_lens,
+    sm_scale,
+    logit_cap,
+    is_cross_attn,
+    sliding_window_size,
+    encoder_lens,
+    sinks,
+):
+    """Store the new key/value rows at loc, then one query per request over req_to_token[r, :seq_len].
+
+    attn_logits is the CUDA-style split-KV scratch buffer; nothing here needs it.
+    sliding_window_size counts visible positions including the query's own (0 = no window).
+    """
+    _reject_cross_attention(is_cross_attn, encoder_lens)
+    if key is not None:
+        k_cache[loc.long()] = key.to(k_cache.dtype)
+        v_cache[loc.long()] = value.to(v_cache.dtype)
+    for i, (row, seq_len) in enumerate(zip(req_pool_indices.tolist(), seq_lens.tolist())):
+        slots = req_to_token[row, :seq_len].long()
+        visible = None
+        if sliding_window_size > 0:
+            visible = _visible(torch.tensor([seq_len - 1]), seq_len, 0, True, None, sliding_window_size)
+        out = _attend(
+            query[i : i + 1],
+            _read_cache(k_cache, slots, k_scale),
+            _read_cache(v_cache, slots, v_scale),
+            visible,
+            sm_scale,
+            logit_cap,
+            sinks,
+        )
+        output[i] = out[0].to(output.dtype)
+
+
+def extend_attention_cpu(
+    q_extend,
+    k_extend,
+    v_extend,
+    o_extend,
+    k_buffer,
+    v_buffer,
+    k_scale,
+    v_scale,
+    req_to_token,
+    req_pool_indices,
+    seq_lens,
+    extend_seq_lens,
+    extend_start_loc,
+    max_len_extend,
+    sm_scale,
+    logit_cap,
+    is_cross_attn,
+    sliding_window_size,
+    encoder_lens,
+    sinks,
+    tree_mask,
+    is_causal,
+):
+    """Per request: its extend_len new queries over its cached prefix plus the new keys.
+
+    The prefix comes from the cache (req_to_token[r, :prefix_len]); the new
+    tokens' keys come from k_extend/v_extend, or from the cache when those are
+    None (layers that share another layer's KV). tree_mask, when given, is the
+    QLEN_ONLY verify mask: one extend_len x extend_len block per request.
+    max_len_extend only sizes the CUDA kernel's tiles.
+    """
+    _reject_cross_attention(is_cross_attn, encoder_lens)
+    mask_offset = 0
+    for i, (row, seq_len, extend_len, start) in enumerate(
+        zip(
+            req_pool_indices.tolist(),
+            seq_lens.tolist(),
+            extend_seq_lens.tolist(),
+            extend_start_loc.tolist(),
+        )
+    ):
+        prefix_len = seq_len - extend_len
+        new = slice(start, start + extend_len)
+        if k_extend is None:
+            slots = req_to_token[row, :seq_len].long()
+            keys = _read_cache(k_buffer, slots, k_scale)
+            values = _read_cache(v_buffer, slots, v_scale)
+        else:
+            slots = req_to_token[row, :prefix_len].long()
+            keys = torch.cat([_read_cache(k_buffer, slots, k_scale).float(), k_extend[new].float()])
+            values = torch.cat([_read_cache(v_buffer, slots, v_scale).float(), v_extend[new].float()])
+        tree_block = None
+        if tree_mask is not None:
+            size = extend_len * extend_len
+            tree_block = tree_mask[mask_offset : mask_offset + size].view(extend_len, extend_len).bool()
+            mask_offset += size
+        query_pos = torch.arange(prefix_len, seq_len)
+        visible = _visible(query_pos, seq_len, prefix_len, is_causal, tree_block, sliding_window_size)
+        out = _attend(q_extend[new], keys, values, visible, sm_scale, logit_cap, sinks)
+        o_extend[new] = out.to(o_extend.dtype)
+
+
+# ---------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------
+
+# Schemas follow SGLang's call sites; (a!)... marks the tensors an op writes.
+_SCHEMAS = {
+    copy_all_layer_kv_cache_cpu: (
+        "(Tensor data_ptrs, Tensor strides, Tensor tgt_loc, Tensor src_loc) -> ()"
+    ),
+    assign_req_to_token_pool_cpu: (
+        "(Tensor req_pool_indices, Tensor(a!) req_to_token, Tensor start_offset, "
+        "Tensor end_offset, Tensor out_cache_loc, int pool_len) -> ()"
+    ),
+    assign_extend_cache_locs_cpu: (
+        "(Tensor req_pool_indices, Tensor req_to_token, Tensor start_offset, "
+        "Tensor end_offset, Tensor(a!) out_cache_loc, int pool_len) -> ()"
+    ),
+    assign_draft_cache_locs_contiguous_cpu: (
+        "(Tensor req_pool_indices, Tensor req_to_token, Tensor seq_lens, "
+        "Tensor(a!) out_cache_loc, int pool_len, int topk, int num_steps) -> ()"
+    ),
+    build_draft_decode_metadata_cpu: (
+        "(Tensor req_to_token, Tensor req_pool_indices, Tensor seq_lens, "
+        "int topk, int num_steps, int pool_len) -> Tensor"
+    ),
+    fill_bonus_tokens_cpu: (
+        "(Tensor accept_tokens, Tensor accept_lens, Tensor(a!) bonus_tokens, int accept_stride) -> ()"
+    ),
+    fill_accept_out_cache_loc_cpu: (
+        "(Tensor accept_index, Tensor out_cache_loc, Tensor(a!) accept_out_cache_loc) -> ()"
+    ),
+    verify_tree_greedy_cpu: (
+        "(Tensor(a!) predicts, Tensor(b!) accept_index, Tensor(c!) accept_token_num, "
+        "Tensor candidates, Tensor retrive_index, Tensor retrive_next_token, "
+        "Tensor retrive_next_sibling, Tensor target_predict) -> ()"
+    ),
+    build_tree_kernel_efficient_cpu: (
+        "(Tensor parent_list, Tensor selected_index, Tensor verified_seq_len, "
+        "Tensor(a!) tree_mask, Tensor(b!) positions, Tensor(c!) retrive_index, "
+        "Tensor(d!) retrive_next_token, Tensor(e!) retrive_next_sibling, "
+        "int topk, int depth, int draft_token_num, int tree_mask_mode) -> ()"
+    ),
+    decode_attention_cpu: (
+        "(Tensor query, Tensor(a!) k_cache, Tensor(b!) v_cache, float k_scale, float v_scale, "
+        "Tensor(c!) output, Tensor? key, Tensor? value, Tensor? loc, Tensor attn_logits, "
+        "Tensor req_to_token, Tensor req_pool_indices, Tensor seq_lens, float sm_scale, "
+        "float logit_cap, bool is_cross_attn, int sliding_window_size, Tensor? encoder_lens, "
+        "Tensor? sinks) -> ()"
+    ),
+    extend_attention_cpu: (
+        "(Tensor q_extend, Tensor? k_extend, Tensor? v_extend, Tensor(a!) o_extend, "
+        "Tensor k_buffer, Tensor v_buffer, float k_scale, float v_scale, Tensor req_to_token, "
+        "Tensor req_pool_indices, Tensor seq_lens, Tensor extend_seq_lens, "
+        "Tensor extend_start_loc, int max_len_extend, float sm_scale, float logit_cap, "
+        "bool is_cross_attn, int sliding_window_size, Tensor? encoder_lens, Tensor? sinks, "
+        "Tensor? tree_mask, bool is_causal) -> ()"
+    ),
+}
+
+OP_NAMES = tuple(fn.__name__ for fn in _SCHEMAS)
+
+# torch.library drops an op's registrations when its Library object is collected.
+_library = None
+
+
+def _is_defined(name: str) -> bool:
+    return hasattr(getattr(torch.ops, NAMESPACE), name)
+
+
+def register() -> None:
+    """Expose every op as torch.ops.sgl_kernel.<name> (CPU). Safe to call again.
+
+    An op that already exists (a second call, or a real sgl-kernel CPU build)
+    is left as it is.
+    """
+    global _library
+    missing = [fn for fn in _SCHEMAS if not _is_defined(fn.__name__)]
+    if not missing:
+        return
+    if _library is None:
+        _library = torch.library.Library(NAMESPACE, "FRAGMENT")
+    for fn in missing:
+        _library.define(fn.__name__ + _SCHEMAS[fn])
+        _library.impl(fn.__name__, fn, "CPU")

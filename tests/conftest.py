@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny models and a pool of real SGLang servers on CPU.
+
+All servers a test session needs are started together on first use, so their
+slow startups overlap; each test then picks the ones it compares.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from minedraft_sglang import tiny_models
+from minedraft_sglang.launcher import Server, minedraft_args
+
+K = 3  # --speculative-num-steps used by the test servers
+
+
+def _specs(tmp: Path) -> dict[str, list[str]]:
+    m = {name: str(tiny_models.model_path(name)) for name in ("target", "draft", "bigram", "bigram-draft")}
+    trace = lambda name: ["--minedraft-trace-file", str(tmp / f"{name}.trace.jsonl")]  # noqa: E731
+    return {
+        "plain-target": ["--model-path", m["target"]],
+        "seq-target": minedraft_args(m["target"], m["draft"], "sequential", K, trace("seq-target")),
+        "psd-target": minedraft_args(m["target"], m["draft"], "psd", K, trace("psd-target")),
+        "plain-bigram": ["--model-path", m["bigram"]],
+        "seq-bigram": minedraft_args(m["bigram"], m["bigram-draft"], "sequential", K, trace("seq-bigram")),
+        "psd-bigram": minedraft_args(m["bigram"], m["bigram-draft"], "psd", K, trace("psd-bigram")),
+    }
+
+
+class ServerPool:
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.specs = _specs(tmp)
+        self.servers: dict[str, Server] = {}
+
+    def get(self, name: str) -> Server:
+        if not self.servers:
+            for key, args in self.specs.items():
+                self.servers[key] = Server(args, self.tmp / f"{key}.log")
+        return self.servers[name].wait_ready()
+
+    def trace_path(self, name: str) -> Path:
+        return self.tmp / f"{name}.trace.jsonl"
+
+    def close(self) -> None:
+        for server in self.servers.values():
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def pool(tmp_path_factory):
+    p = ServerPool(tmp_path_factory.mktemp("servers"))
+    yield p
+    p.close()
+
+
+@pytest.fixture(scope="session")
+def models() -> dict[str, str]:
+    return {name: str(path) for name, path in tiny_models.build_all().items()}
+
+
+def pytest_configure(config):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,0 +1,60 @@
+"""The standalone drafter against transformers' own greedy decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from minedraft_sglang import tiny_models
+from minedraft_sglang.drafters.base import DraftRequest
+from minedraft_sglang.drafters.standalone import StandaloneDrafter
+
+K = 4
+
+
+@pytest.fixture(scope="module")
+def path():
+    return str(tiny_models.model_path("target"))
+
+
+@pytest.fixture(scope="module")
+def hf(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def hf_greedy(hf, tokens, n):
+    tokens = list(tokens)
+    for _ in range(n):
+        tokens.append(int(hf(torch.tensor([tokens])).logits[0, -1].argmax()))
+    return tokens[-n:]
+
+
+def test_drafts_equal_transformers_greedy_through_accept_and_reject(path, hf):
+    drafter = StandaloneDrafter(path, "cpu", torch.float32)
+    drafter.allocate(max_requests=4, max_len=256)
+    g = torch.Generator().manual_seed(0)
+    seqs = {f"r{i}": torch.randint(3, 1000, (n,), generator=g).tolist() for i, n in enumerate((1, 5, 17, 40))}
+    for round_ in range(6):
+        reqs = [DraftRequest(rid, s[:1], s[1:]) for rid, s in seqs.items()]
+        out = drafter.draft(reqs, K)
+        assert out.tokens.shape == (4, K) and bool((out.probs > 0).all())
+        for (rid, s), drafted in zip(seqs.items(), out.tokens.tolist()):
+            assert drafted == hf_greedy(hf, s, K), (round_, rid)
+            # Vary acceptance per request and round: keep j drafts, then a
+            # token the draft did not propose (the target's correction).
+            j = (round_ + len(s)) % (K + 1)
+            s.extend(drafted[:j] + [(drafted[j] + 1) % 1000 + 3 if j < K else 7])
+    for rid in seqs:
+        drafter.release(rid)
+    assert drafter.free_slots() == 4 and not drafter.active_rids()
+
+
+def test_requests_beyond_the_cache_get_a_proposal_of_the_right_shape(path):
+    drafter = StandaloneDrafter(path, "cpu", torch.float32)
+    drafter.allocate(max_requests=1, max_len=16)
+    reqs = [DraftRequest("a", [5, 6, 7], []), DraftRequest("b", [5, 6], []), DraftRequest("c", list(range(3, 30)), [])]
+    out = drafter.draft(reqs, K)
+    assert out.tokens.shape == (3, K)
+    assert drafter.active_rids() == {"a"}

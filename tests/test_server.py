@@ -1,0 +1,198 @@
+"""End to end: stock sglang.launch_server with --speculative-algorithm MINEDRAFT
+on CPU, compared with a plain server on the same model (real HTTP, no mocks)."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+import requests
+
+from conftest import K
+
+pytestmark = pytest.mark.server
+
+PROMPTS = [
+    "hello",
+    "the cat sat on",
+    "once upon a time there was a",
+    "a b c d e f g h i j k l m n o p q r s t",
+    "In the morning the farmer walked to the old barn to feed the animals and",
+    "we",
+    "Numbers: 1 2 3 4 5 6 7 8 9 10 11 12",
+    "The garden was quiet; the birds had gone south for the winter, and the",
+    "x",
+    "Write a story about a dragon who learns to cook soup in a small village by the sea.",
+]
+
+
+def _ids(server, prompt, n, **extra):
+    return server.generate(prompt, n, **extra)["output_ids"]
+
+
+def _batched(server, prompts, n):
+    """One /generate call carrying a list of prompts (a single batched request)."""
+    out = server.generate(list(prompts), n)
+    return [o["output_ids"] for o in out]
+
+
+@pytest.mark.parametrize("mode", ["seq", "psd"])
+@pytest.mark.parametrize("model", ["target", "bigram"])
+def test_greedy_identical_to_plain_single_and_batched(pool, mode, model):
+    plain, spec = pool.get(f"plain-{model}"), pool.get(f"{mode}-{model}")
+    lengths = [1, 2, 5, 16, 33, 64]
+    for i, prompt in enumerate(PROMPTS):
+        n = lengths[i % len(lengths)]
+        assert _ids(spec, prompt, n) == _ids(plain, prompt, n), (prompt, n)
+    for n in (1, 7, 64):
+        assert _batched(spec, PROMPTS, n) == _batched(plain, PROMPTS, n), n
+
+
+def test_endpoints_answer(pool):
+    server = pool.get("seq-target")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    comp = client.completions.create(model="default", prompt="the cat", max_tokens=8, temperature=0)
+    assert comp.usage.completion_tokens == 8 and comp.choices[0].text
+    chat = client.chat.completions.create(
+        model="default", messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0
+    )
+    assert chat.usage.completion_tokens == 8 and chat.choices[0].message.content
+    plain = pool.get("plain-target")
+    plain_client = openai.OpenAI(base_url=plain.url + "/v1", api_key="none")
+    plain_comp = plain_client.completions.create(model="default", prompt="the cat", max_tokens=8, temperature=0)
+    assert comp.choices[0].text == plain_comp.choices[0].text
+
+
+def test_acceptance_close_to_k_plus_one_with_agreeing_draft(pool):
+    agree = [pool.get(f"{m}-bigram").generate(p, 64)["meta_info"] for m in ("seq", "psd") for p in PROMPTS[:4]]
+    unrelated = [pool.get("seq-target").generate(p, 64)["meta_info"] for p in PROMPTS[:4]]
+    for meta in agree:
+        # k + 1 per verify, except the last verify of a request may be cut by max_new_tokens.
+        assert meta["spec_accept_length"] >= K + 0.5, meta
+        assert meta["spec_verify_ct"] <= 64 // (K + 1) + 1
+    mean_unrelated = sum(m["spec_accept_length"] for m in unrelated) / len(unrelated)
+    assert 1.0 <= mean_unrelated < 2.0, unrelated
+
+
+def test_sglang_frontend_program_matches_plain(pool):
+    import sglang as sgl
+
+    @sgl.function
+    def program(s, topic):
+        s += "Here is a note about " + topic + ": "
+        s += sgl.gen("note", max_tokens=12, temperature=0)
+        s += " The mood is "
+        s += sgl.select("mood", choices=["happy", "sad", "calm"])
+
+    def run(server):
+        state = program.run(topic="the garden", backend=sgl.RuntimeEndpoint(server.url))
+        return state["note"], state["mood"]
+
+    assert run(pool.get("psd-target")) == run(pool.get("plain-target"))
+
+
+def _stream_with_stop(server, prompt, n, stop):
+    payload = {
+        "text": prompt,
+        "sampling_params": {"max_new_tokens": n, "temperature": 0, **stop},
+    }
+    r = requests.post(server.url + "/generate", json=payload, timeout=600)
+    r.raise_for_status()
+    out = r.json()
+    return out["text"], out["meta_info"]["finish_reason"]
+
+
+def test_psd_many_staggered_requests_match_plain(pool):
+    """>= 32 concurrent requests with mixed lengths, staggered arrivals, stop
+    strings and stop tokens that can fall inside a drafted span."""
+    plain, psd = pool.get("plain-target"), pool.get("psd-target")
+    rng = random.Random(1)
+    reference = _ids(plain, PROMPTS[4], 40)
+    jobs = []
+    for i in range(40):
+        prompt = PROMPTS[i % len(PROMPTS)] + " " * (i % 3)
+        n = rng.choice([1, 1, 3, 9, 17, 40, 64])
+        stop = {}
+        if i % 5 == 0:
+            stop = {"stop_token_ids": [reference[min(5, len(reference) - 1)]]}
+        elif i % 5 == 1:
+            stop = {"stop": [plain.generate(prompt, 12)["text"][4:7] or "zz"]}
+        jobs.append((prompt, n, stop, rng.random() * 2.0))
+
+    def run(server, job):
+        prompt, n, stop, delay = job
+        time.sleep(delay)
+        return _stream_with_stop(server, prompt, n, stop)
+
+    with ThreadPoolExecutor(len(jobs)) as ex:
+        got = list(ex.map(lambda j: run(psd, j), jobs))
+    want = [_stream_with_stop(plain, p, n, s) for p, n, s, _ in jobs]
+    assert got == want
+    steps = [json.loads(line) for line in pool.trace_path("psd-target").read_text().splitlines()]
+    assert any(s["mode"] == "psd" and s["verify_bs"] >= 8 for s in steps)
+
+
+def _server_info(server):
+    return requests.get(server.url + "/server_info", timeout=30).json()["internal_states"][0]["minedraft"]
+
+
+def test_psd_draft_and_verify_really_overlap(pool):
+    """Timestamps taken on both threads: in PSD steps the draft interval and
+    the verify interval intersect, on a thread other than the scheduler's; in
+    sequential steps they never do."""
+    psd, seq = pool.get("psd-target"), pool.get("seq-target")
+    for server in (psd, seq):
+        with ThreadPoolExecutor(16) as ex:
+            list(ex.map(lambda p: server.generate(p, 48), PROMPTS + PROMPTS[:6]))
+    psd_steps = [json.loads(l) for l in pool.trace_path("psd-target").read_text().splitlines()]
+    psd_steps = [s for s in psd_steps if s["mode"] == "psd"]
+    assert len(psd_steps) >= 10
+    overlapping = [
+        s for s in psd_steps if s["draft"][0] < s["verify"][1] and s["verify"][0] < s["draft"][1]
+    ]
+    assert len(overlapping) >= 0.8 * len(psd_steps)
+    assert all(s["draft_thread"].startswith("minedraft-drafter") for s in psd_steps)
+    seq_steps = [json.loads(l) for l in pool.trace_path("seq-target").read_text().splitlines()]
+    assert seq_steps and all(s["draft"][1] <= s["verify"][0] for s in seq_steps)
+    assert _server_info(psd)["mean_overlap_ratio"] > 0.3
+
+
+def test_no_leaks_after_aborts_and_completion(pool):
+    """Aborted requests lose nothing for the others; afterwards every drafter
+    slot and every target KV slot is free again."""
+    psd, plain = pool.get("psd-target"), pool.get("plain-target")
+    for server in (psd,):
+        requests.post(server.url + "/flush_cache", timeout=60)
+    start = _server_info(psd)
+
+    def aborted(prompt):
+        try:
+            requests.post(
+                psd.url + "/generate",
+                json={"text": prompt, "sampling_params": {"max_new_tokens": 500, "temperature": 0, "ignore_eos": True}},
+                timeout=0.5,
+            )
+        except requests.exceptions.ReadTimeout:
+            pass
+
+    with ThreadPoolExecutor(16) as ex:
+        kept = [ex.submit(psd.generate, p, 30) for p in PROMPTS]
+        for p in PROMPTS[:6]:
+            ex.submit(aborted, p)
+        got = [f.result()["output_ids"] for f in kept]
+    assert got == [_ids(plain, p, 30) for p in PROMPTS]
+    deadline = time.monotonic() + 60
+    while True:
+        requests.post(psd.url + "/flush_cache", timeout=60)
+        end = _server_info(psd)
+        if end["drafter_active_requests"] == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert end["drafter_free_slots"] == end["drafter_total_slots"] == start["drafter_total_slots"]
+    assert end["pending_drafts"] == 0
+    assert end["token_pool_available"] == start["token_pool_available"]
+    assert end["req_pool_available"] == start["req_pool_available"]
