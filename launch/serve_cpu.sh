@@ -13,6 +13,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/cpu_env.sh"
 #   decoding; the per-phase flags (not the deprecated --disable-cuda-graph)
 #   keep that overridable.
 # - The memory flags keep the KV pool small on a 24 GiB machine.
+# - --sleep-on-idle: an idle scheduler otherwise polls at full speed, and on a
+#   2-core machine two idle servers take a core away from a busy one.
 exec "${PYTHON:-python}" -m sglang.launch_server \
     --device cpu \
     --attention-backend torch_native \
@@ -22,4 +24,5 @@ exec "${PYTHON:-python}" -m sglang.launch_server \
     --max-total-tokens 16384 \
     --cuda-graph-backend-decode disabled \
     --cuda-graph-backend-prefill disabled \
+    --sleep-on-idle \
     "$@"

@@ -71,7 +71,10 @@ class MineDraftWorker(BaseSpecWorker):
             os.sched_setaffinity(0, split[0])
         self.sub_batches = SubBatches()
         self.pending: dict[str, _Drafts] = {}
-        self.tracer = metrics.StepTracer(self.config.trace_file)
+        self.tracer = metrics.StepTracer(
+            self.config.trace_file,
+            metrics.PrometheusMetrics(self.speculative_num_steps) if server_args.enable_metrics else None,
+        )
         # One thread owns the drafter: PSD drafts there while this (the
         # scheduler) thread runs the target's verify.
         self.executor = ThreadPoolExecutor(
@@ -177,7 +180,10 @@ class MineDraftWorker(BaseSpecWorker):
         t1 = time.monotonic()
         result = self._verify(batch, drafts, grammar_barrier)
         t2 = time.monotonic()
-        self.tracer.step("sequential", (t0, t1), (t1, t2), len(reqs), len(reqs), threading.current_thread().name)
+        self.tracer.step(
+            "sequential", (t0, t1), (t1, t2), len(reqs), len(reqs),
+            threading.current_thread().name, result.accept_lens.tolist(),
+        )
         return self._finish(result, batch.seq_lens, None, on_publish)
 
     def _psd_step(self, batch, verify_rows, draft_rows, on_publish, grammar_barrier):
@@ -197,7 +203,10 @@ class MineDraftWorker(BaseSpecWorker):
         result = self._verify(view, drafts, grammar_barrier)
         t1 = time.monotonic()
         _, draft_interval, draft_thread = future.result()
-        self.tracer.step("psd", draft_interval, (t0, t1), len(verify_rows), len(draft_rows), draft_thread)
+        self.tracer.step(
+            "psd", draft_interval, (t0, t1), len(verify_rows), len(draft_rows),
+            draft_thread, result.accept_lens.tolist(),
+        )
         new_seq_lens = batch.seq_lens.clone()
         new_seq_lens[torch.tensor(verify_rows, device=self.device)] = result.new_seq_lens
         result.new_seq_lens = new_seq_lens

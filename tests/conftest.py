@@ -1,7 +1,8 @@
 """Shared fixtures: tiny models and a pool of real SGLang servers on CPU.
 
-All servers a test session needs are started together on first use, so their
-slow startups overlap; each test then picks the ones it compares.
+Servers start on first use, one at a time (SGLang sizes its KV pool from the
+free memory it measures around model loading, which concurrent startups
+disturb), and stay up for the whole session.
 """
 
 from __future__ import annotations
@@ -23,7 +24,11 @@ def _specs(tmp: Path) -> dict[str, list[str]]:
     return {
         "plain-target": ["--model-path", m["target"]],
         "seq-target": minedraft_args(m["target"], m["draft"], "sequential", K, trace("seq-target")),
-        "psd-target": minedraft_args(m["target"], m["draft"], "psd", K, trace("psd-target")),
+        # Small prefill chunks: long prompts go through chunked prefill.
+        "psd-target": minedraft_args(
+            m["target"], m["draft"], "psd", K,
+            [*trace("psd-target"), "--enable-metrics", "--chunked-prefill-size", "32"],
+        ),
         "plain-bigram": ["--model-path", m["bigram"]],
         "seq-bigram": minedraft_args(m["bigram"], m["bigram-draft"], "sequential", K, trace("seq-bigram")),
         "psd-bigram": minedraft_args(m["bigram"], m["bigram-draft"], "psd", K, trace("psd-bigram")),
@@ -37,10 +42,9 @@ class ServerPool:
         self.servers: dict[str, Server] = {}
 
     def get(self, name: str) -> Server:
-        if not self.servers:
-            for key, args in self.specs.items():
-                self.servers[key] = Server(args, self.tmp / f"{key}.log")
-        return self.servers[name].wait_ready()
+        if name not in self.servers:
+            self.servers[name] = Server(self.specs[name], self.tmp / f"{name}.log").wait_ready()
+        return self.servers[name]
 
     def trace_path(self, name: str) -> Path:
         return self.tmp / f"{name}.trace.jsonl"

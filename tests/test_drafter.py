@@ -58,3 +58,22 @@ def test_requests_beyond_the_cache_get_a_proposal_of_the_right_shape(path):
     out = drafter.draft(reqs, K)
     assert out.tokens.shape == (3, K)
     assert drafter.active_rids() == {"a"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_draft_model_and_kv_live_on_the_named_gpu(path):
+    device = f"cuda:{torch.cuda.device_count() - 1}"
+    drafter = StandaloneDrafter(path, device, torch.bfloat16)
+    drafter.allocate(max_requests=2, max_len=64)
+    assert {p.device for p in drafter.model.parameters()} == {torch.device(device)}
+    assert drafter.k_cache.device == drafter.v_cache.device == torch.device(device)
+    out = drafter.draft([DraftRequest("a", [5, 6, 7], [])], K)
+    assert out.tokens.device == torch.device(device)
+
+
+def test_cpu_drafter_state_stays_on_cpu(path):
+    drafter = StandaloneDrafter(path, "cpu", torch.float32)
+    drafter.allocate(max_requests=2, max_len=64)
+    assert {p.device.type for p in drafter.model.parameters()} == {"cpu"}
+    assert drafter.k_cache.device.type == "cpu"

@@ -27,6 +27,8 @@ PROMPTS = [
     "The garden was quiet; the birds had gone south for the winter, and the",
     "x",
     "Write a story about a dragon who learns to cook soup in a small village by the sea.",
+    # Longer than the PSD server's prefill chunk (32 tokens).
+    " ".join(["The river ran past the mill and the baker counted loaves for the market."] * 6),
 ]
 
 
@@ -196,3 +198,16 @@ def test_no_leaks_after_aborts_and_completion(pool):
     assert end["pending_drafts"] == 0
     assert end["token_pool_available"] == start["token_pool_available"]
     assert end["req_pool_available"] == start["req_pool_available"]
+
+
+def test_prometheus_metrics(pool):
+    server = pool.get("psd-target")
+    with ThreadPoolExecutor(8) as ex:
+        list(ex.map(lambda p: server.generate(p, 24), PROMPTS))
+    text = requests.get(server.url + "/metrics", timeout=30).text
+    for name in ("minedraft_draft_seconds", "minedraft_verify_seconds", "minedraft_step_seconds",
+                 "minedraft_accept_length"):
+        count = [l for l in text.splitlines() if l.startswith(name + "_count")]
+        assert count and float(count[0].split()[-1]) > 0, name
+    gauge = [l for l in text.splitlines() if l.startswith("minedraft_overlap_ratio")]
+    assert gauge and 0.0 <= float(gauge[0].split()[-1]) <= 1.0
