@@ -18,7 +18,7 @@ from typing import List, Optional
 ENV_VAR = "SGLANG_MINEDRAFT_CONFIG"
 ALGORITHM_NAME = "MINEDRAFT"
 
-MODES = ("psd", "sequential")
+MODES = ("auto", "psd", "sequential")
 DRAFTERS = ("auto", "standalone")
 
 
@@ -28,7 +28,7 @@ class MineDraftConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class MineDraftConfig:
-    mode: str = "psd"
+    mode: str = "auto"
     draft_device: str = "cpu"
     drafter: str = "auto"
     # Largest number of tokens one request may hold in the drafter's KV cache;
@@ -106,8 +106,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "--minedraft-mode",
         choices=MODES,
         default=MineDraftConfig.mode,
-        help="psd: two sub-batches, drafting one while the target verifies the other. "
-        "sequential: draft then verify the whole batch (standard speculative decoding).",
+        help="psd: two sub-batches, drafting one while the target verifies the other "
+        "(sequential when one is empty). auto: psd, and with fewer than two running "
+        "requests draft ahead (PEARL) while the target verifies. sequential: draft "
+        "then verify the whole batch (standard speculative decoding).",
     )
     group.add_argument(
         "--minedraft-draft-device",

@@ -5,7 +5,10 @@ SGLang's scheduler keeps one running batch and calls
 splits that batch into two sub-batches and, in each step, verifies one on the
 target while the drafter drafts the other on its own device (its own thread
 on CPU); the roles swap every step. In ``sequential`` mode it drafts the whole
-batch, then verifies it: classic speculative decoding.
+batch, then verifies it: classic speculative decoding. In ``auto`` mode (the
+default) a step with only one non-empty half (e.g. a single running request)
+drafts ahead instead: while the target verifies, the drafter drafts the next
+step assuming the current drafts are all accepted (PEARL).
 
 A PSD step returns results for the verified sub-batch only; ``hooks.py``
 makes the scheduler's result processing look at just those rows.
@@ -41,13 +44,15 @@ MAX_DRAFT_REQUESTS = 256
 
 class _Drafts:
     """Draft tokens proposed for one request, valid while its length is
-    still the one they were drafted from."""
+    still the one they were drafted from (and, for a draft-ahead guess, while
+    its last token is the guessed ``anchor``)."""
 
-    __slots__ = ("tokens", "base_len")
+    __slots__ = ("tokens", "base_len", "anchor")
 
-    def __init__(self, tokens: torch.Tensor, base_len: int):
+    def __init__(self, tokens: torch.Tensor, base_len: int, anchor: Optional[int] = None):
         self.tokens = tokens
         self.base_len = base_len
+        self.anchor = anchor
 
 
 class MineDraftWorker(BaseSpecWorker):
@@ -67,7 +72,7 @@ class MineDraftWorker(BaseSpecWorker):
             self.config, spec.speculative_draft_model_path, self.model_runner.dtype
         )
         split = _split_cores(self.config.draft_device)
-        if split is not None and self.config.mode == "psd":
+        if split is not None and self.config.mode != "sequential":
             os.sched_setaffinity(0, split[0])
         self.sub_batches = SubBatches()
         self.pending: dict[str, _Drafts] = {}
@@ -152,11 +157,15 @@ class MineDraftWorker(BaseSpecWorker):
         for rid in self.drafter.active_rids() - set(rids):
             # Retracted (or aborted) requests: their drafts are stale.
             self._release(rid)
-        if self.config.mode == "psd":
-            verify_rows, draft_rows = self.sub_batches.split(rids)
-            if verify_rows and draft_rows:
-                return self._psd_step(batch, verify_rows, draft_rows, on_publish, grammar_barrier)
-        return self._sequential_step(batch, on_publish, grammar_barrier)
+        if self.config.mode == "sequential":
+            return self._step(batch, "sequential", list(range(len(rids))), [], on_publish, grammar_barrier)
+        verify_rows, draft_rows = self.sub_batches.split(rids)
+        if verify_rows and draft_rows:
+            return self._step(batch, "psd", verify_rows, draft_rows, on_publish, grammar_barrier)
+        # One half is empty (e.g. a single running request): nothing to
+        # overlap across sub-batches.
+        mode = "draft_ahead" if self.config.mode == "auto" else "sequential"
+        return self._step(batch, mode, list(range(len(rids))), [], on_publish, grammar_barrier)
 
     def _prefill(self, batch: ScheduleBatch, on_publish) -> GenerationBatchResult:
         result = self.target_worker.forward_batch_generation(batch)
@@ -173,40 +182,43 @@ class MineDraftWorker(BaseSpecWorker):
             speculative_num_draft_tokens=self.speculative_num_draft_tokens,
         )
 
-    def _sequential_step(self, batch, on_publish, grammar_barrier) -> GenerationBatchResult:
-        reqs = batch.reqs
-        t0 = time.monotonic()
-        drafts = self._draft(_draft_requests(reqs))
-        t1 = time.monotonic()
-        result = self._verify(batch, drafts, grammar_barrier)
-        t2 = time.monotonic()
-        self.tracer.step(
-            "sequential", (t0, t1), (t1, t2), len(reqs), len(reqs),
-            threading.current_thread().name, result.accept_lens.tolist(),
-        )
-        return self._finish(result, batch.seq_lens, None, on_publish)
-
-    def _psd_step(self, batch, verify_rows, draft_rows, on_publish, grammar_barrier):
+    def _step(self, batch, mode: str, verify_rows, draft_rows, on_publish, grammar_barrier):
+        """One engine step: verify ``verify_rows`` on the target while the
+        drafter works in the background on
+          psd:         the other sub-batch (``draft_rows``), for the next step;
+          draft_ahead: the verified requests themselves, assuming all their
+                       drafts get accepted (PEARL); kept only where that held;
+          sequential:  nothing (drafts were made before the verify).
+        """
         reqs = batch.reqs
         verify_reqs = [reqs[i] for i in verify_rows]
-        # Requests of the verified half whose drafts are missing or stale
-        # (e.g. moved by re-balancing) are drafted now, before the overlap.
+        t0 = time.monotonic()
         missing = [r for r in verify_reqs if not self._has_drafts(r)]
         if missing:
+            # Newcomers of the verified half, requests moved by re-balancing,
+            # failed draft-ahead guesses, or every request in sequential mode.
             self._draft(_draft_requests(missing))
-        drafts = torch.stack([self.pending[r.rid].tokens for r in verify_reqs])
-        future: Future = self.executor.submit(
-            _timed, self._draft, _draft_requests([reqs[i] for i in draft_rows])
-        )
-        view = sub_batch_view(batch, verify_rows)
-        t0 = time.monotonic()
-        result = self._verify(view, drafts, grammar_barrier)
+        drafts = torch.stack([self.pending.pop(r.rid).tokens for r in verify_reqs])
+        background: Optional[Future] = None
+        if mode == "psd":
+            background = self.executor.submit(_timed, self._draft, _draft_requests([reqs[i] for i in draft_rows]))
+        elif mode == "draft_ahead":
+            ahead = _draft_requests(verify_reqs, extra=drafts.tolist())
+            background = self.executor.submit(_timed, self._draft_ahead, ahead)
+        view = batch if len(verify_rows) == len(reqs) else sub_batch_view(batch, verify_rows)
         t1 = time.monotonic()
-        _, draft_interval, draft_thread = future.result()
+        result = self._verify(view, drafts, grammar_barrier)
+        t2 = time.monotonic()
+        if background is not None:
+            _, draft_interval, draft_thread = background.result()
+        else:
+            draft_interval, draft_thread = (t0, t1), threading.current_thread().name
         self.tracer.step(
-            "psd", draft_interval, (t0, t1), len(verify_rows), len(draft_rows),
+            mode, draft_interval, (t1, t2), len(verify_rows), len(draft_rows) or len(verify_rows),
             draft_thread, result.accept_lens.tolist(),
         )
+        if view is batch:
+            return self._finish(result, result.new_seq_lens, None, on_publish)
         new_seq_lens = batch.seq_lens.clone()
         new_seq_lens[torch.tensor(verify_rows, device=self.device)] = result.new_seq_lens
         result.new_seq_lens = new_seq_lens
@@ -216,23 +228,31 @@ class MineDraftWorker(BaseSpecWorker):
 
     def _has_drafts(self, req) -> bool:
         d = self.pending.get(req.rid)
-        return d is not None and d.base_len == len(req.origin_input_ids) + len(req.output_ids)
+        if d is None or d.base_len != len(req.origin_input_ids) + len(req.output_ids):
+            return False
+        # Draft-ahead guesses also bet on the bonus token.
+        return d.anchor is None or req.output_ids[-1] == d.anchor
 
-    def _draft(self, draft_reqs: Sequence[DraftRequest]) -> torch.Tensor:
-        """Draft ``draft_reqs`` on the drafter's device; remember and return
-        the tokens ([bs, k], drafter device)."""
+    def _draft(self, draft_reqs: Sequence[DraftRequest]) -> None:
+        """Draft ``draft_reqs`` on the drafter's device and remember the
+        tokens ([k] each, drafter device) until the request is verified."""
         out = self.drafter.draft(draft_reqs, self.speculative_num_steps)
         for req, tokens in zip(draft_reqs, out.tokens):
             self.pending[req.rid] = _Drafts(tokens, len(req))
-        return out.tokens
+
+    def _draft_ahead(self, draft_reqs: Sequence[DraftRequest]) -> None:
+        """``draft_reqs`` end with this step's drafts. Propose k + 1 more: the
+        first is a guess of the bonus token, the rest are next step's drafts,
+        valid if every draft and the guess turn out right."""
+        k = self.speculative_num_steps
+        out = self.drafter.draft(draft_reqs, k + 1)
+        for req, tokens in zip(draft_reqs, out.tokens):
+            self.pending[req.rid] = _Drafts(tokens[1:], len(req) + 1, anchor=int(tokens[0]))
 
     def _verify(self, batch: ScheduleBatch, drafts: torch.Tensor, grammar_barrier):
         bonus = torch.tensor(
             [req.output_ids[-1] for req in batch.reqs], dtype=torch.int32, device=self.device
         )
-        for req in batch.reqs:
-            # Drafts are single-use: after this verify the request's length moves.
-            self.pending.pop(req.rid, None)
         return verify_chain(
             batch,
             bonus,
@@ -253,8 +273,11 @@ class MineDraftWorker(BaseSpecWorker):
         return result
 
 
-def _draft_requests(reqs) -> list[DraftRequest]:
-    return [DraftRequest(r.rid, r.origin_input_ids, list(r.output_ids)) for r in reqs]
+def _draft_requests(reqs, extra: Optional[list[list[int]]] = None) -> list[DraftRequest]:
+    """Snapshots of the requests' tokens (plus ``extra`` tokens each) that the
+    drafter thread can read while the scheduler thread moves on."""
+    extra = extra or [[] for _ in reqs]
+    return [DraftRequest(r.rid, r.origin_input_ids, [*r.output_ids, *e]) for r, e in zip(reqs, extra)]
 
 
 def _timed(fn, *args):

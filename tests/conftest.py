@@ -31,7 +31,7 @@ def _specs(tmp: Path) -> dict[str, list[str]]:
         ),
         "plain-bigram": ["--model-path", m["bigram"]],
         "seq-bigram": minedraft_args(m["bigram"], m["bigram-draft"], "sequential", K, trace("seq-bigram")),
-        "psd-bigram": minedraft_args(m["bigram"], m["bigram-draft"], "psd", K, trace("psd-bigram")),
+        "auto-bigram": minedraft_args(m["bigram"], m["bigram-draft"], "auto", K, trace("auto-bigram")),
     }
 
 

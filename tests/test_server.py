@@ -42,8 +42,7 @@ def _batched(server, prompts, n):
     return [o["output_ids"] for o in out]
 
 
-@pytest.mark.parametrize("mode", ["seq", "psd"])
-@pytest.mark.parametrize("model", ["target", "bigram"])
+@pytest.mark.parametrize("mode, model", [("seq", "target"), ("psd", "target"), ("seq", "bigram"), ("auto", "bigram")])
 def test_greedy_identical_to_plain_single_and_batched(pool, mode, model):
     plain, spec = pool.get(f"plain-{model}"), pool.get(f"{mode}-{model}")
     lengths = [1, 2, 5, 16, 33, 64]
@@ -70,7 +69,7 @@ def test_endpoints_answer(pool):
 
 
 def test_acceptance_close_to_k_plus_one_with_agreeing_draft(pool):
-    agree = [pool.get(f"{m}-bigram").generate(p, 64)["meta_info"] for m in ("seq", "psd") for p in PROMPTS[:4]]
+    agree = [pool.get(f"{m}-bigram").generate(p, 64)["meta_info"] for m in ("seq", "auto") for p in PROMPTS[:4]]
     unrelated = [pool.get("seq-target").generate(p, 64)["meta_info"] for p in PROMPTS[:4]]
     for meta in agree:
         # k + 1 per verify, except the last verify of a request may be cut by max_new_tokens.
@@ -211,3 +210,24 @@ def test_prometheus_metrics(pool):
         assert count and float(count[0].split()[-1]) > 0, name
     gauge = [l for l in text.splitlines() if l.startswith("minedraft_overlap_ratio")]
     assert gauge and 0.0 <= float(gauge[0].split()[-1]) <= 1.0
+
+
+def test_auto_mode_switches_between_draft_ahead_and_psd(pool):
+    """One request alone, a burst of 16, one alone again: outputs equal plain
+    decoding, and the trace shows draft-ahead steps for the lone requests and
+    PSD steps for the burst."""
+    auto, plain = pool.get("auto-bigram"), pool.get("plain-bigram")
+    trace = pool.trace_path("auto-bigram")
+    trace.write_text("")
+    got = [_ids(auto, PROMPTS[0], 40)]
+    with ThreadPoolExecutor(16) as ex:
+        got += list(ex.map(lambda p: _ids(auto, p, 40), (PROMPTS * 2)[:16]))
+    got.append(_ids(auto, PROMPTS[1], 40))
+    want = [_ids(plain, p, 40) for p in [PROMPTS[0], *(PROMPTS * 2)[:16], PROMPTS[1]]]
+    assert got == want
+    modes = [json.loads(line)["mode"] for line in trace.read_text().splitlines()]
+    first_psd = modes.index("psd")
+    assert set(modes[:first_psd]) == {"draft_ahead"}
+    assert modes[-1] == "draft_ahead" and modes.count("psd") >= 5
+    steps = _server_info(auto)["steps"]
+    assert steps["psd"] >= 5 and steps["draft_ahead"] >= 10
