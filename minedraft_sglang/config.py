@@ -34,6 +34,10 @@ class MineDraftConfig:
     # Largest number of tokens one request may hold in the drafter's KV cache;
     # 0 means the target's context length.
     draft_max_len: int = 0
+    # TETRIS: draft k + tetris_extra tokens per request, verify the k x (batch
+    # size) most promising (request, position) pairs.
+    tetris: bool = False
+    tetris_extra: int = 2
     # Logs a timestamped draft/verify interval per step (used by the
     # concurrency test and the overlap timeline).
     trace_file: Optional[str] = None
@@ -48,6 +52,10 @@ class MineDraftConfig:
                 f"--minedraft-drafter {self.drafter!r} is not one of {', '.join(DRAFTERS)}"
             )
         validate_device(self.draft_device)
+        if self.tetris_extra < 0:
+            raise MineDraftConfigError(
+                f"--minedraft-tetris-extra must be >= 0, got {self.tetris_extra}"
+            )
         if self.draft_max_len < 0:
             raise MineDraftConfigError(
                 f"--minedraft-draft-max-len must be >= 0, got {self.draft_max_len}"
@@ -131,6 +139,19 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         help="Tokens per request in the drafter's KV cache (0: the target's context length).",
     )
     group.add_argument(
+        "--minedraft-tetris",
+        action="store_true",
+        help="TETRIS: draft k + N tokens per request (k = --speculative-num-steps) and "
+        "verify the k x sub-batch-size (request, position) pairs with the highest "
+        "cumulative draft probability, a different number per request.",
+    )
+    group.add_argument(
+        "--minedraft-tetris-extra",
+        type=int,
+        default=MineDraftConfig.tetris_extra,
+        help="N, the extra draft tokens per request TETRIS chooses from.",
+    )
+    group.add_argument(
         "--minedraft-trace-file",
         default=None,
         help="Append one JSON line per engine step with draft/verify timestamps.",
@@ -146,5 +167,7 @@ def config_from_argv(argv: List[str]) -> MineDraftConfig:
         draft_device=args.minedraft_draft_device,
         drafter=args.minedraft_drafter,
         draft_max_len=args.minedraft_draft_max_len,
+        tetris=args.minedraft_tetris,
+        tetris_extra=args.minedraft_tetris_extra,
         trace_file=args.minedraft_trace_file,
     ).validate()

@@ -30,3 +30,13 @@ def add_speculative_state_around(original, controller, state):
             "token_pool_available": int(scheduler.token_to_kv_pool_allocator.available_size()),
             "req_pool_available": int(scheduler.req_to_token_pool.available_size()),
         }
+
+
+def eagle_sample_around(original, verify_input, batch, logits_output, grammar_mask=None, *args, **kwargs):
+    """MINEDRAFT verifies of batches with sampled requests use our rejection
+    sampling (verify.sample_chain); everything else is SGLang's."""
+    from minedraft_sglang.verify import in_minedraft_verify, sample_chain
+
+    if in_minedraft_verify() and not batch.sampling_info.is_all_greedy and not batch.forward_mode.is_idle():
+        return sample_chain(verify_input, batch, logits_output, grammar_mask)
+    return original(verify_input, batch, logits_output, grammar_mask, *args, **kwargs)

@@ -81,7 +81,10 @@ class StepTracer:
             "mean_overlap_ratio": self.overlap_sum / psd if psd else None,
         }
 
-    def step(self, mode, draft, verify, verify_bs, draft_bs, draft_thread: str, accept_lens: Sequence[int]) -> dict:
+    def step(
+        self, mode, draft, verify, verify_bs, draft_bs, draft_thread: str,
+        accept_lens: Sequence[int], verified_drafts: int,
+    ) -> dict:
         start = min(draft[0], verify[0])
         step = max(draft[1], verify[1]) - start
         record = {
@@ -93,6 +96,7 @@ class StepTracer:
             "verify_bs": verify_bs,
             "draft_bs": draft_bs,
             "step_seconds": step,
+            "verified_drafts": verified_drafts,
             "overlap": overlap_ratio(draft, verify, step),
             "draft_thread": draft_thread,
         }

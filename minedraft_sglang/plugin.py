@@ -65,6 +65,11 @@ def register() -> None:
         HookType.AROUND,
     )
     HookRegistry.register(
+        "sglang.srt.speculative.eagle_worker_common.eagle_sample",
+        hooks.eagle_sample_around,
+        HookType.AROUND,
+    )
+    HookRegistry.register(
         "sglang.srt.managers.scheduler_components.internal_state."
         "SchedulerInternalStateController._add_speculative",
         hooks.add_speculative_state_around,
@@ -140,6 +145,12 @@ def handle_server_args(sa) -> None:
             f"--speculative-num-draft-tokens must be --speculative-num-steps + 1 "
             f"({window}) with MINEDRAFT, got {sa.speculative_num_draft_tokens}"
         )
+    config = MineDraftConfig.from_env()
+    if config.tetris:
+        # SGLang sizes the verify window and KV reserve for every draft slot;
+        # the worker recovers k as num_steps - tetris_extra.
+        sa.speculative_num_steps += config.tetris_extra
+        window = sa.speculative_num_steps + 1
     sa.speculative_num_draft_tokens = window
 
 

@@ -1,9 +1,16 @@
 """Target-side verification of chain drafts.
 
-The drafts come from our drafter; the verify forward, the acceptance walk and
-the KV commit are SGLang's own (``run_eagle_verify``), so verification runs
-through whatever attention backend the target uses (FlashInfer on GPU,
-intel_amx on CPU), with grammar, logprobs and SGLang's lossless sampling.
+The drafts come from our drafter; the verify forward and the KV commit are
+SGLang's own (``run_eagle_verify``), so verification runs through whatever
+attention backend the target uses (FlashInfer on GPU, intel_amx on CPU), with
+grammar and logprobs.
+
+Acceptance: all-greedy batches use SGLang's greedy walk. Batches with sampled
+requests use our rejection sampling (``acceptance.py``) instead of SGLang's,
+which on CPU silently falls back to greedy acceptance (its sampling kernel is
+CUDA-only) and so would change the output distribution. The drafter drafts
+greedily, so its proposal distribution q is one-hot at each draft token: only
+token ids cross from the drafter's device.
 """
 
 from __future__ import annotations
@@ -11,8 +18,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import threading
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from sglang.srt.managers.schedule_batch import ScheduleBatch
 from sglang.srt.speculative.eagle_utils import default_tree_mask_mode
@@ -21,6 +31,12 @@ from sglang.srt.speculative.eagle_worker_common import (
     run_eagle_verify,
 )
 from sglang.srt.speculative.spec_info import SpecInput, SpecInputType
+
+from minedraft_sglang.acceptance import rejection_sample
+
+# Set while a MINEDRAFT verify runs on this thread, so the eagle_sample hook
+# (hooks.py) handles only our verifies.
+_active = threading.local()
 
 
 class MineDraftState(SpecInput):
@@ -79,16 +95,20 @@ def verify_chain(
     bonus_tokens: torch.Tensor,  # [bs] the last committed token of each request
     draft_tokens: torch.Tensor,  # [bs, k] on the target device
     *,
+    num_drafts: Optional[torch.Tensor] = None,  # [bs]: verify only this many (TETRIS)
     target_worker,
     req_to_token_pool,
     token_to_kv_pool_allocator,
     grammar_barrier=None,
+    generator: Optional[torch.Generator] = None,
 ):
     """One target verify forward of ``[bonus, d_1..d_k]`` per request;
     returns SGLang's GenerationBatchResult (accept_lens include the bonus)."""
     bs, num_steps = draft_tokens.shape
     device = batch.device
     parents, scores = chain_topology(num_steps, bs, device)
+    _active.generator = generator
+    _active.num_drafts = num_drafts
     batch.spec_info = build_eagle_verify_input(
         batch,
         _BonusTokens(bonus_tokens),
@@ -103,17 +123,88 @@ def verify_chain(
         tree_mask_mode=default_tree_mask_mode(),
         device=device,
     )
-    return run_eagle_verify(
-        batch,
-        target_worker=target_worker,
-        req_to_token_pool=req_to_token_pool,
-        token_to_kv_pool_allocator=token_to_kv_pool_allocator,
-        plan_stream=None,
-        plan_stream_ctx=contextlib.nullcontext(),
-        topk=1,
-        num_draft_tokens=num_steps + 1,
-        device=device,
-        metadata_ready_pre_pad=False,
-        finalize_tree_path=True,
-        grammar_barrier=grammar_barrier,
+    if num_drafts is not None:
+        # Cut each chain after its selected drafts: SGLang's greedy walk
+        # stops there, and the sampling path reads num_drafts itself.
+        rows = torch.arange(bs, device=device)
+        batch.spec_info.retrieve_next_token[rows, num_drafts] = -1
+    _active.on = True
+    try:
+        return run_eagle_verify(
+            batch,
+            target_worker=target_worker,
+            req_to_token_pool=req_to_token_pool,
+            token_to_kv_pool_allocator=token_to_kv_pool_allocator,
+            plan_stream=None,
+            plan_stream_ctx=contextlib.nullcontext(),
+            topk=1,
+            num_draft_tokens=num_steps + 1,
+            device=device,
+            metadata_ready_pre_pad=False,
+            finalize_tree_path=True,
+            grammar_barrier=grammar_barrier,
+        )
+    finally:
+        _active.on = False
+
+
+def in_minedraft_verify() -> bool:
+    return getattr(_active, "on", False)
+
+
+def sample_chain(verify_input, batch: ScheduleBatch, logits_output, grammar_mask=None):
+    """Rejection-sample a chain verify; returns what SGLang's eagle_sample
+    returns: (predict [bs*W], accept_lens [bs], accept_index [bs, W])."""
+    sampling_info = batch.sampling_info
+    bs = len(batch.seq_lens)
+    width = verify_input.draft_token_num
+    logits = logits_output.next_token_logits
+    _apply_logit_adjustments(logits, sampling_info, width)
+    if grammar_mask is not None:
+        grammar_mask.apply(logits)
+    probs = target_probs(logits.view(bs, width, -1), sampling_info)
+    drafts = verify_input.draft_token.view(bs, width)[:, 1:].to(torch.int64)
+    q = F.one_hot(drafts, probs.shape[-1]).to(probs.dtype)
+    num_drafts = getattr(_active, "num_drafts", None)
+    if num_drafts is None:
+        num_drafts = torch.full((bs,), width - 1, dtype=torch.int64, device=probs.device)
+    out, accept_lens = rejection_sample(drafts, q, probs, num_drafts, getattr(_active, "generator", None))
+    predict = out.clamp_min(0).to(torch.int32).flatten()
+    cols = torch.arange(width, device=probs.device)
+    rows = torch.arange(bs, device=probs.device)[:, None] * width
+    accept_index = torch.where(cols[None, :] < accept_lens[:, None], rows + cols[None, :], -1)
+    return predict, accept_lens.to(torch.int32), accept_index.to(torch.int32)
+
+
+def _apply_logit_adjustments(logits, sampling_info, width: int) -> None:
+    """The penalties and logit bias SGLang's own verify applies, per row."""
+    from sglang.srt.sampling.penaltylib.repetition_penalty import apply_scaling_penalties
+
+    if sampling_info.acc_additive_penalties is not None:
+        logits.add_(torch.repeat_interleave(sampling_info.acc_additive_penalties, width, dim=0))
+    if sampling_info.acc_scaling_penalties is not None:
+        apply_scaling_penalties(
+            logits, torch.repeat_interleave(sampling_info.acc_scaling_penalties, width, dim=0)
+        )
+    if sampling_info.logit_bias is not None:
+        logits.add_(torch.repeat_interleave(sampling_info.logit_bias, width, dim=0))
+
+
+def target_probs(logits: torch.Tensor, sampling_info) -> torch.Tensor:
+    """[bs, W, V] logits -> the distributions the target samples from, with
+    each request's temperature, top-k, top-p and min-p (greedy requests have
+    top-k 1, so their distribution is one-hot at the argmax)."""
+    bs = logits.shape[0]
+    temps = sampling_info.temperatures.view(bs, 1, 1).to(logits.dtype)
+    probs = torch.softmax(logits.float() / temps, dim=-1)
+    top_k = sampling_info.top_ks.view(bs, 1, 1)
+    ranked, order = probs.sort(dim=-1, descending=True)
+    rank = torch.arange(probs.shape[-1], device=probs.device)
+    keep = (
+        (rank < top_k.clamp_min(1))
+        # Same rule as SGLang's sampler: drop a token once the mass before it exceeds top-p.
+        & ((ranked.cumsum(-1) - ranked) <= sampling_info.top_ps.view(bs, 1, 1))
+        & (ranked >= sampling_info.min_ps.view(bs, 1, 1) * ranked[..., :1])
     )
+    ranked = ranked * keep
+    return torch.zeros_like(probs).scatter_(-1, order, ranked / ranked.sum(-1, keepdim=True))

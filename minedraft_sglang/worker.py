@@ -35,6 +35,7 @@ from minedraft_sglang.config import MineDraftConfig
 from minedraft_sglang.drafters import create_drafter
 from minedraft_sglang.drafters.base import DraftRequest
 from minedraft_sglang.sub_batches import SubBatches
+from minedraft_sglang.tetris import tetris_select
 from minedraft_sglang.verify import MineDraftState, sub_batch_view, verify_chain
 
 logger = logging.getLogger(__name__)
@@ -47,10 +48,11 @@ class _Drafts:
     still the one they were drafted from (and, for a draft-ahead guess, while
     its last token is the guessed ``anchor``)."""
 
-    __slots__ = ("tokens", "base_len", "anchor")
+    __slots__ = ("tokens", "probs", "base_len", "anchor")
 
-    def __init__(self, tokens: torch.Tensor, base_len: int, anchor: Optional[int] = None):
+    def __init__(self, tokens, probs, base_len: int, anchor: Optional[int] = None):
         self.tokens = tokens
+        self.probs = probs
         self.base_len = base_len
         self.anchor = anchor
 
@@ -66,8 +68,11 @@ class MineDraftWorker(BaseSpecWorker):
         spec = get_spec()
         self.topk = 1
         self.speculative_num_steps = spec.speculative_num_steps
-        self.speculative_num_draft_tokens = spec.speculative_num_draft_tokens
         self.config = MineDraftConfig.from_env()
+        # k: drafts per request SD would verify. With TETRIS the drafter
+        # proposes k + extra and the budget is k per verified request.
+        self.k = self.speculative_num_steps - (self.config.tetris_extra if self.config.tetris else 0)
+        self.speculative_num_draft_tokens = spec.speculative_num_draft_tokens
         self.drafter = create_drafter(
             self.config, spec.speculative_draft_model_path, self.model_runner.dtype
         )
@@ -76,6 +81,7 @@ class MineDraftWorker(BaseSpecWorker):
             os.sched_setaffinity(0, split[0])
         self.sub_batches = SubBatches()
         self.pending: dict[str, _Drafts] = {}
+        self.drafter_failures = 0
         self.tracer = metrics.StepTracer(
             self.config.trace_file,
             metrics.PrometheusMetrics(self.speculative_num_steps) if server_args.enable_metrics else None,
@@ -130,6 +136,7 @@ class MineDraftWorker(BaseSpecWorker):
             "drafter_total_slots": self.drafter_slots,
             "drafter_active_requests": len(self.drafter.active_rids()),
             "pending_drafts": len(self.pending),
+            "drafter_failures": self.drafter_failures,
             "sub_batch_sizes": self.sub_batches.sizes(),
             **self.tracer.summary(),
         }
@@ -198,7 +205,12 @@ class MineDraftWorker(BaseSpecWorker):
             # Newcomers of the verified half, requests moved by re-balancing,
             # failed draft-ahead guesses, or every request in sequential mode.
             self._draft(_draft_requests(missing))
-        drafts = torch.stack([self.pending.pop(r.rid).tokens for r in verify_reqs])
+        taken = [self.pending.pop(r.rid) for r in verify_reqs]
+        drafts = torch.stack([d.tokens for d in taken])
+        num_drafts = None
+        if self.config.tetris:
+            logprobs = torch.stack([d.probs for d in taken]).clamp_min(1e-30).log()
+            num_drafts = tetris_select(logprobs, self.k * len(verify_reqs)).to(self.device)
         background: Optional[Future] = None
         if mode == "psd":
             background = self.executor.submit(_timed, self._draft, _draft_requests([reqs[i] for i in draft_rows]))
@@ -207,7 +219,7 @@ class MineDraftWorker(BaseSpecWorker):
             background = self.executor.submit(_timed, self._draft_ahead, ahead)
         view = batch if len(verify_rows) == len(reqs) else sub_batch_view(batch, verify_rows)
         t1 = time.monotonic()
-        result = self._verify(view, drafts, grammar_barrier)
+        result = self._verify(view, drafts, num_drafts, grammar_barrier)
         t2 = time.monotonic()
         if background is not None:
             _, draft_interval, draft_thread = background.result()
@@ -216,6 +228,7 @@ class MineDraftWorker(BaseSpecWorker):
         self.tracer.step(
             mode, draft_interval, (t1, t2), len(verify_rows), len(draft_rows) or len(verify_rows),
             draft_thread, result.accept_lens.tolist(),
+            verified_drafts=int(num_drafts.sum()) if num_drafts is not None else drafts.numel(),
         )
         if view is batch:
             return self._finish(result, result.new_seq_lens, None, on_publish)
@@ -235,21 +248,41 @@ class MineDraftWorker(BaseSpecWorker):
 
     def _draft(self, draft_reqs: Sequence[DraftRequest]) -> None:
         """Draft ``draft_reqs`` on the drafter's device and remember the
-        tokens ([k] each, drafter device) until the request is verified."""
-        out = self.drafter.draft(draft_reqs, self.speculative_num_steps)
-        for req, tokens in zip(draft_reqs, out.tokens):
-            self.pending[req.rid] = _Drafts(tokens, len(req))
+        tokens ([k] each) until the request is verified."""
+        tokens, probs = self._safe_draft(draft_reqs, self.speculative_num_steps)
+        for req, t, p in zip(draft_reqs, tokens, probs):
+            self.pending[req.rid] = _Drafts(t, p, len(req))
 
     def _draft_ahead(self, draft_reqs: Sequence[DraftRequest]) -> None:
         """``draft_reqs`` end with this step's drafts. Propose k + 1 more: the
         first is a guess of the bonus token, the rest are next step's drafts,
         valid if every draft and the guess turn out right."""
-        k = self.speculative_num_steps
-        out = self.drafter.draft(draft_reqs, k + 1)
-        for req, tokens in zip(draft_reqs, out.tokens):
-            self.pending[req.rid] = _Drafts(tokens[1:], len(req) + 1, anchor=int(tokens[0]))
+        tokens, probs = self._safe_draft(draft_reqs, self.speculative_num_steps + 1)
+        for req, t, p in zip(draft_reqs, tokens, probs):
+            self.pending[req.rid] = _Drafts(t[1:], p[1:], len(req) + 1, anchor=int(t[0]))
 
-    def _verify(self, batch: ScheduleBatch, drafts: torch.Tensor, grammar_barrier):
+    def _safe_draft(self, draft_reqs: Sequence[DraftRequest], num_tokens: int):
+        """The drafter's proposal, or, if the drafter fails, a placeholder
+        that the target verifies like any draft: the affected requests then
+        decode one token per step (plain decoding) and stay exact."""
+        try:
+            out = self.drafter.draft(draft_reqs, num_tokens)
+            return out.tokens, out.probs
+        except Exception as e:  # noqa: BLE001 - any drafter failure must not stop serving
+            self.drafter_failures += 1
+            logger.warning(
+                "MineDraft drafter failed (%s: %s); %d request(s) fall back to plain "
+                "decoding for this step (%d failures so far)",
+                type(e).__name__, e, len(draft_reqs), self.drafter_failures,
+            )
+            for req in draft_reqs:
+                # Its cache rows may be half written.
+                self.drafter.release(req.rid)
+            last = torch.tensor([req.token(len(req) - 1) for req in draft_reqs])
+            # Zero probability also tells TETRIS not to spend budget here.
+            return last[:, None].repeat(1, num_tokens), torch.zeros(len(draft_reqs), num_tokens)
+
+    def _verify(self, batch: ScheduleBatch, drafts: torch.Tensor, num_drafts, grammar_barrier):
         bonus = torch.tensor(
             [req.output_ids[-1] for req in batch.reqs], dtype=torch.int32, device=self.device
         )
@@ -257,6 +290,7 @@ class MineDraftWorker(BaseSpecWorker):
             batch,
             bonus,
             drafts.to(self.device),
+            num_drafts=num_drafts,
             target_worker=self.target_worker,
             req_to_token_pool=self.req_to_token_pool,
             token_to_kv_pool_allocator=self.token_to_kv_pool_allocator,

@@ -34,7 +34,7 @@ def test_bad_config_names_the_flag(kwargs, flag):
 
 
 def test_env_with_unknown_key_is_refused(monkeypatch):
-    monkeypatch.setenv("SGLANG_MINEDRAFT_CONFIG", '{"mode": "psd", "tetris": true}')
+    monkeypatch.setenv("SGLANG_MINEDRAFT_CONFIG", '{"mode": "psd", "speculate_harder": true}')
     with pytest.raises(MineDraftConfigError, match="unknown keys"):
         MineDraftConfig.from_env()
 
@@ -85,3 +85,30 @@ def test_overlap_ratio():
     assert overlap_ratio((0, 1), (0, 2), 2) == pytest.approx(1.0)
     assert overlap_ratio((0, 1), (1, 3), 3) == pytest.approx(0.0)
     assert overlap_ratio((0, 1), (0.5, 2.5), 2.5) == pytest.approx(0.5)
+
+
+def test_target_probs_follow_sglang_sampling_rules():
+    """Temperature, then top-k, top-p and min-p on the sorted distribution,
+    renormalised: the distribution SGLang's sampler draws from."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from minedraft_sglang.verify import target_probs
+
+    logits = torch.tensor([[[2.0, 1.0, 0.5, 0.0, -1.0]] * 2] * 4)  # [bs=4, W=2, V=5]
+    info = SimpleNamespace(
+        temperatures=torch.tensor([1.0, 2.0, 1.0, 1.0]),
+        top_ks=torch.tensor([1, 5, 2, 5]),
+        top_ps=torch.tensor([1.0, 1.0, 1.0, 0.7]),
+        min_ps=torch.tensor([0.0, 0.0, 0.0, 0.0]),
+    )
+    probs = target_probs(logits, info)
+    base = torch.softmax(logits[0, 0], -1)
+    assert torch.allclose(probs[0, 0], torch.tensor([1.0, 0, 0, 0, 0]))  # greedy: one-hot
+    assert torch.allclose(probs[1, 1], torch.softmax(logits[0, 0] / 2, -1))
+    two = base[:2] / base[:2].sum()
+    assert torch.allclose(probs[2, 0], torch.cat([two, torch.zeros(3)]))
+    # top-p 0.7: base = [.61, .22, ...]: the mass before token 1 is .61 <= .7, before token 2 .83 > .7.
+    assert torch.allclose(probs[3, 0], torch.cat([two, torch.zeros(3)]))
+    assert probs.shape == logits.shape and torch.allclose(probs.sum(-1), torch.ones(4, 2))

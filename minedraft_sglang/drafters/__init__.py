@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import random
+
 import torch
 
 from minedraft_sglang.config import MineDraftConfig
@@ -13,4 +16,40 @@ def create_drafter(config: MineDraftConfig, model_path: str, target_dtype: torch
 
     # Half precision is for accelerators; on CPU the drafter computes in fp32.
     dtype = torch.float32 if config.draft_device == "cpu" else target_dtype
-    return StandaloneDrafter(model_path, config.draft_device, dtype)
+    drafter = StandaloneDrafter(model_path, config.draft_device, dtype)
+    fault = os.environ.get(FAULT_ENV)
+    return FaultInjectingDrafter(drafter, fault) if fault else drafter
+
+
+# Test-only: "draft_raise:P" makes each draft call raise with probability P.
+FAULT_ENV = "MINEDRAFT_FAULT_INJECT"
+
+
+class FaultInjectingDrafter(Drafter):
+    """Wraps a drafter and fails some of its draft calls, for fault tests."""
+
+    def __init__(self, inner: Drafter, spec: str):
+        kind, _, prob = spec.partition(":")
+        if kind != "draft_raise":
+            raise ValueError(f"{FAULT_ENV}={spec!r}: expected draft_raise:P")
+        self.inner = inner
+        self.device = inner.device
+        self.prob = float(prob)
+        self.rng = random.Random(0)
+
+    def draft(self, reqs, num_tokens):
+        if self.rng.random() < self.prob:
+            raise RuntimeError(f"injected drafter fault ({FAULT_ENV})")
+        return self.inner.draft(reqs, num_tokens)
+
+    def allocate(self, max_requests, max_len):
+        return self.inner.allocate(max_requests, max_len)
+
+    def release(self, rid):
+        self.inner.release(rid)
+
+    def active_rids(self):
+        return self.inner.active_rids()
+
+    def free_slots(self):
+        return self.inner.free_slots()
