@@ -32,7 +32,7 @@ class MineDraftConfig:
     draft_device: str = "cpu"
     drafter: str = "auto"
     # Largest number of tokens one request may hold in the drafter's KV cache;
-    # 0 means the target's context length.
+    # 0 means the target's context length, at most 4096.
     draft_max_len: int = 0
     # TETRIS: draft k + tetris_extra tokens per request, verify the k x (batch
     # size) most promising (request, position) pairs.
@@ -136,7 +136,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "--minedraft-draft-max-len",
         type=int,
         default=MineDraftConfig.draft_max_len,
-        help="Tokens per request in the drafter's KV cache (0: the target's context length).",
+        help="Tokens per request in the drafter's KV cache (0: the target's context "
+        "length, at most 4096). Longer requests are verified without drafts.",
     )
     group.add_argument(
         "--minedraft-tetris",

@@ -1,7 +1,7 @@
 """The README's main job: a MINEDRAFT server on CPU with tiny models, one
 request through it, the reply and the acceptance printed.
 
-    python -m minedraft_sglang.quickstart [--mode psd|sequential]
+    python -m minedraft_sglang.quickstart [--mode auto|psd|sequential]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from minedraft_sglang.launcher import Server, minedraft_args
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", default="psd", choices=("psd", "sequential"))
+    parser.add_argument("--mode", default="auto", choices=("auto", "psd", "sequential"))
     parser.add_argument("--prompt", default="The farmer walked to the old barn and")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args()

@@ -41,6 +41,9 @@ from minedraft_sglang.verify import MineDraftState, sub_batch_view, verify_chain
 logger = logging.getLogger(__name__)
 
 MAX_DRAFT_REQUESTS = 256
+# Drafts need recent context, not the whole window; requests longer than
+# this are verified without drafts unless --minedraft-draft-max-len says more.
+DEFAULT_DRAFT_MAX_LEN = 4096
 
 
 class _Drafts:
@@ -95,11 +98,13 @@ class MineDraftWorker(BaseSpecWorker):
             initargs=(self.config.draft_device,),
         )
         logger.info(
-            "MineDraft: mode=%s drafter=%s on %s, k=%d",
+            "MineDraft: mode=%s drafter=%s on %s, k=%d, drafts per request=%d, tetris=%s",
             self.config.mode,
             type(self.drafter).__name__,
             self.config.draft_device,
+            self.k,
             self.speculative_num_steps,
+            self.config.tetris,
         )
 
     @property
@@ -115,13 +120,14 @@ class MineDraftWorker(BaseSpecWorker):
         # KV for all of them would not fit, so the drafter holds at most
         # MAX_DRAFT_REQUESTS (requests beyond it are verified without drafts).
         max_requests = min(self.model_runner.max_running_requests, MAX_DRAFT_REQUESTS)
-        max_len = self.config.draft_max_len or (
-            self.model_runner.model_config.context_len + self.speculative_num_draft_tokens
-        )
+        max_len = self.config.draft_max_len or min(
+            self.model_runner.model_config.context_len, DEFAULT_DRAFT_MAX_LEN
+        ) + self.speculative_num_draft_tokens
         nbytes = self.drafter.allocate(max_requests, max_len)
         self.drafter_slots = max_requests
         logger.info(
-            "MineDraft: drafter KV cache on %s: %d requests x %d tokens = %.1f MiB",
+            "MineDraft: drafter KV cache on %s (outside SGLang's memory pool): up to %d "
+            "requests x %d tokens = %.1f MiB, allocated as requests arrive",
             self.config.draft_device,
             max_requests,
             max_len,

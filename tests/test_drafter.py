@@ -77,3 +77,15 @@ def test_cpu_drafter_state_stays_on_cpu(path):
     drafter.allocate(max_requests=2, max_len=64)
     assert {p.device.type for p in drafter.model.parameters()} == {"cpu"}
     assert drafter.k_cache.device.type == "cpu"
+
+
+def test_cache_grows_with_concurrent_requests_and_keeps_state(path, hf):
+    drafter = StandaloneDrafter(path, "cpu", torch.float32)
+    drafter.allocate(max_requests=20, max_len=64)
+    reqs = [DraftRequest(f"r{i}", [5 + i, 6, 7], []) for i in range(12)]
+    out = drafter.draft(reqs[:3], K)  # fits the initial slots
+    out_all = drafter.draft(reqs, K)  # needs a resize mid-way through assignment
+    assert drafter.k_cache.shape[1] - 1 == 16 and drafter.free_slots() == 8
+    assert out_all.tokens[:3].tolist() == out.tokens.tolist()
+    for req, drafted in zip(reqs, out_all.tokens.tolist()):
+        assert drafted == hf_greedy(hf, list(req.prompt), K)

@@ -48,8 +48,9 @@ class Drafter(abc.ABC):
 
     @abc.abstractmethod
     def allocate(self, max_requests: int, max_len: int) -> int:
-        """Reserve KV memory for ``max_requests`` requests of ``max_len``
-        tokens on the drafter's device; returns the bytes reserved."""
+        """Size the KV cache for up to ``max_requests`` requests of
+        ``max_len`` tokens on the drafter's device; returns the bytes it
+        takes at that size."""
 
     @abc.abstractmethod
     def draft(self, reqs: Sequence[DraftRequest], num_tokens: int) -> DraftOutput:

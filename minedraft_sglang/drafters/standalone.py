@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 
+# Request slots allocated up front; the cache doubles when they run out.
+INITIAL_SLOTS = 8
+
 
 class _Slot:
     __slots__ = ("index", "cached", "committed")
@@ -71,14 +74,33 @@ class StandaloneDrafter(Drafter):
         self.max_len = 0
 
     def allocate(self, max_requests: int, max_len: int) -> int:
-        num_layers = len(self.model.model.layers)
-        # One extra slot absorbs the writes of padding tokens.
-        shape = (num_layers, max_requests + 1, max_len, self.num_kv_heads, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.scratch = max_requests
-        self.free = list(range(max_requests))
+        """Set the limits; memory grows with the number of requests that
+        hold draft state at once (doubling, up to ``max_requests``)."""
+        self.max_requests = max_requests
         self.max_len = max_len
+        self._resize(min(INITIAL_SLOTS, max_requests))
+        num_layers = len(self.model.model.layers)
+        per_slot = 2 * num_layers * max_len * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+        return per_slot * (max_requests + 1)
+
+    def _resize(self, capacity: int) -> None:
+        # Slots keep their index; the last index is a scratch slot that
+        # absorbs the writes of padding tokens.
+        num_layers = len(self.model.model.layers)
+        shape = (num_layers, capacity + 1, self.max_len, self.num_kv_heads, self.head_dim)
+        k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        if self.k_cache is not None:
+            old = self.k_cache.shape[1] - 1
+            k[:, :old] = self.k_cache[:, :old]
+            v[:, :old] = self.v_cache[:, :old]
+            self.free.extend(range(old, capacity))
+        else:
+            self.free = list(range(capacity))
+        self.k_cache, self.v_cache = k, v
+        self.scratch = capacity
+
+    def kv_bytes(self) -> int:
         return 2 * self.k_cache.numel() * self.k_cache.element_size()
 
     def release(self, rid: str) -> None:
@@ -90,11 +112,13 @@ class StandaloneDrafter(Drafter):
         return set(self.slots)
 
     def free_slots(self) -> int:
-        return len(self.free)
+        return len(self.free) + self.max_requests - self.scratch
 
     def _slot(self, rid: str) -> _Slot:
         slot = self.slots.get(rid)
         if slot is None:
+            if not self.free and self.scratch < self.max_requests:
+                self._resize(min(2 * self.scratch, self.max_requests))
             # A full cache gets a slot that is never stored: it drafts
             # nothing useful and holds no state.
             index = self.free.pop() if self.free else self.scratch
