@@ -167,10 +167,10 @@ class StandaloneDrafter(Drafter):
         out_tokens = torch.zeros(bs, num_tokens, dtype=torch.long, device=self.device)
         out_probs = torch.zeros(bs, num_tokens, dtype=torch.float32, device=self.device)
         slot_index = slot_index.to(self.device)
-        logits = self._forward(
+        hidden = self._forward(
             tokens.to(self.device), positions.to(self.device), valid.to(self.device), slot_index
         )
-        logits = logits[torch.arange(bs, device=self.device), last.to(self.device)]
+        logits = self._logits(hidden[torch.arange(bs, device=self.device), last.to(self.device)])
         positions = positions.to(self.device).gather(1, last.to(self.device)[:, None])
         live = ~torch.tensor(overflow, device=self.device)[:, None]
         for step in range(num_tokens):
@@ -179,7 +179,7 @@ class StandaloneDrafter(Drafter):
             if step + 1 == num_tokens:
                 break
             positions = positions + 1
-            logits = self._forward(out_tokens[:, step : step + 1], positions, live, slot_index)[:, 0]
+            logits = self._logits(self._forward(out_tokens[:, step : step + 1], positions, live, slot_index)[:, 0])
 
         drafted = out_tokens[:, : num_tokens - 1].tolist()
         for i, (s, f) in enumerate(zip(slots, feeds)):
@@ -195,6 +195,7 @@ class StandaloneDrafter(Drafter):
         valid: torch.Tensor,  # [bs, T] or broadcastable: False rows write to scratch
         slot_index: torch.Tensor,  # [bs]
     ) -> torch.Tensor:
+        """Hidden states [bs, T, H] before the final norm; writes the KV rows."""
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         model = self.model.model
@@ -228,4 +229,9 @@ class StandaloneDrafter(Drafter):
             )
             h = h + attn.o_proj(o.transpose(1, 2).reshape(bs, T, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return self.model.lm_head(model.norm(h))
+        return h
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # Only the positions that propose a token: with a 150k-token vocabulary
+        # the LM head over a whole prompt would cost more than the layers.
+        return self.model.lm_head(self.model.model.norm(hidden))
