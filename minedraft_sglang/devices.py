@@ -1,0 +1,187 @@
+"""Where the drafter runs, and how much memory it takes there.
+
+Pure functions (torch is imported only to count GPUs), so startup validation,
+the launch scripts and the tests share one set of rules:
+
+* ``--minedraft-draft-device`` is ``cpu``, ``cuda`` (the target's own GPU) or
+  ``cuda:N``. A drafter on another GPU is the two-device layout PSD was
+  designed for; one on the target's GPU runs on its own CUDA stream and the
+  target must leave it memory.
+* The drafter's KV cache lives outside SGLang's memory pool, so on a shared
+  GPU ``--mem-fraction-static`` has to shrink by the drafter's weights and
+  worst-case KV cache.
+
+``python -m minedraft_sglang.devices --draft-model-path DIR`` prints the
+``--mem-fraction-static`` to give a target that shares its GPU with that
+drafter (``launch/serve_gpu_single.sh`` uses it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+FLAG = "--minedraft-draft-device"
+
+# SGLang's own choice on an 80 GB GPU is about 0.87 (all but ~10 GiB of
+# activation headroom); a little lower leaves room for the drafter's
+# activations and CUDA context, which no estimate below counts.
+DEFAULT_BASE_FRACTION = 0.85
+# Below this the target's KV pool is too small to be worth serving.
+MIN_TARGET_FRACTION = 0.2
+
+_DEVICE_RE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
+_DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
+
+
+class DeviceError(ValueError):
+    """A bad drafter placement; the message is one line naming the flag."""
+
+
+@dataclass(frozen=True)
+class DraftDevice:
+    kind: str  # "cpu" or "cuda"
+    index: Optional[int]  # None for "cpu" and for a bare "cuda" (the target's GPU)
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: str  # torch device string the drafter uses, e.g. "cuda:1"
+    shares_target_gpu: bool  # same GPU as the target: own stream, and the target leaves it memory
+
+    @property
+    def two_device(self) -> bool:
+        return not self.shares_target_gpu and self.device != "cpu"
+
+
+def parse_draft_device(text: str) -> DraftDevice:
+    m = _DEVICE_RE.match(text)
+    if m is None or (m.group(1) == "cpu" and m.group(2) is not None):
+        raise DeviceError(f"{FLAG} {text!r} is not 'cpu', 'cuda' or 'cuda:N'")
+    index = None if m.group(2) is None else int(m.group(2))
+    return DraftDevice(m.group(1), index)
+
+
+def place_drafter(text: str, target_gpu: Optional[int], device_count: int) -> Placement:
+    """``target_gpu`` is the target's CUDA index, None when the target runs on CPU."""
+    dev = parse_draft_device(text)
+    if dev.kind == "cpu":
+        return Placement("cpu", False)
+    if device_count == 0:
+        raise DeviceError(f"{FLAG} {text!r}: this machine has no CUDA device")
+    index = dev.index if dev.index is not None else (target_gpu or 0)
+    if index >= device_count:
+        plural = "s" if device_count != 1 else ""
+        raise DeviceError(
+            f"{FLAG} {text!r}: no such device (this machine has {device_count} CUDA device{plural})"
+        )
+    return Placement(f"cuda:{index}", index == target_gpu)
+
+
+def cuda_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+# ---------------------------------------------------------------- memory
+
+def _text_config(hf_config: dict) -> dict:
+    # Multimodal configs (Gemma 3, Llama 4, ...) nest the language model.
+    return hf_config.get("text_config", hf_config)
+
+
+def _head_dim(cfg: dict) -> int:
+    return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+
+
+def dtype_bytes(hf_config: dict, default: int = 2) -> int:
+    """Bytes per weight/KV element from the config's dtype (transformers 5
+    writes ``dtype``, older versions ``torch_dtype``)."""
+    cfg = _text_config(hf_config)
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or hf_config.get("dtype") or hf_config.get("torch_dtype")
+    return _DTYPE_BYTES.get(str(name).removeprefix("torch."), default)
+
+
+def kv_bytes_per_token(hf_config: dict, elem_bytes: int) -> int:
+    """K and V of one token across all layers."""
+    cfg = _text_config(hf_config)
+    kv_heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    return 2 * cfg["num_hidden_layers"] * kv_heads * _head_dim(cfg) * elem_bytes
+
+
+def param_count(hf_config: dict) -> int:
+    """Parameters of a Llama-style decoder (attention, SwiGLU MLP, RMSNorms,
+    embeddings, LM head unless tied). Exact for Llama; biases (Qwen2's qkv)
+    are left out, well under 0.1% of any real model."""
+    cfg = _text_config(hf_config)
+    hidden, heads, d = cfg["hidden_size"], cfg["num_attention_heads"], _head_dim(cfg)
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    attn = hidden * heads * d * 2 + hidden * kv_heads * d * 2
+    mlp = 3 * hidden * cfg["intermediate_size"]
+    layer = attn + mlp + 2 * hidden
+    embed = cfg["vocab_size"] * hidden
+    lm_head = 0 if cfg.get("tie_word_embeddings", hf_config.get("tie_word_embeddings", False)) else embed
+    return cfg["num_hidden_layers"] * layer + embed + lm_head + hidden
+
+
+def drafter_bytes(hf_config: dict, max_requests: int, max_len: int, elem_bytes: int) -> int:
+    """Weights plus the drafter's largest KV cache: ``max_requests`` slots of
+    ``max_len`` tokens and one scratch slot (the standalone drafter's layout)."""
+    kv = kv_bytes_per_token(hf_config, elem_bytes) * max_len * (max_requests + 1)
+    return param_count(hf_config) * elem_bytes + kv
+
+
+def target_mem_fraction(
+    drafter_total: int, gpu_bytes: int, base_fraction: float = DEFAULT_BASE_FRACTION
+) -> float:
+    """``--mem-fraction-static`` for a target sharing its GPU with a drafter
+    that needs ``drafter_total`` bytes there."""
+    fraction = base_fraction - drafter_total / gpu_bytes
+    if fraction < MIN_TARGET_FRACTION:
+        raise DeviceError(
+            f"{FLAG}: the drafter needs {drafter_total / 2**30:.1f} GiB of the target GPU's "
+            f"{gpu_bytes / 2**30:.1f} GiB, leaving the target {max(fraction, 0):.2f} of it; lower "
+            "--minedraft-draft-max-len or --max-running-requests, or put the drafter on another GPU"
+        )
+    return round(fraction, 3)
+
+
+def _gpu_bytes(index: int) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise DeviceError("no CUDA device to measure; pass --gpu-bytes")
+    return torch.cuda.get_device_properties(index).total_memory
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m minedraft_sglang.devices",
+        description="Print --mem-fraction-static for a target sharing its GPU with the drafter.",
+    )
+    p.add_argument("--draft-model-path", required=True)
+    p.add_argument("--gpu", type=int, default=0, help="the shared GPU's index")
+    p.add_argument("--gpu-bytes", type=int, help="its memory (default: measured)")
+    # The worker's defaults: at most 256 requests hold draft state, each up to
+    # 4096 tokens plus a verify window.
+    p.add_argument("--max-requests", type=int, default=256)
+    p.add_argument("--max-len", type=int, default=4096 + 16)
+    p.add_argument("--base-fraction", type=float, default=DEFAULT_BASE_FRACTION)
+    args = p.parse_args(argv)
+    try:
+        hf_config = json.loads((Path(args.draft_model_path) / "config.json").read_text())
+        need = drafter_bytes(hf_config, args.max_requests, args.max_len, dtype_bytes(hf_config))
+        gpu = args.gpu_bytes or _gpu_bytes(args.gpu)
+        print(target_mem_fraction(need, gpu, args.base_fraction))
+    except (OSError, KeyError, json.JSONDecodeError, DeviceError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

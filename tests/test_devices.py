@@ -1,0 +1,122 @@
+"""Drafter placement and memory accounting (pure functions, no GPU needed)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from minedraft_sglang import devices
+from minedraft_sglang.devices import DeviceError, Placement
+
+
+@pytest.mark.parametrize(
+    "text,kind,index",
+    [("cpu", "cpu", None), ("cuda", "cuda", None), ("cuda:0", "cuda", 0), ("cuda:12", "cuda", 12)],
+)
+def test_parse_valid(text, kind, index):
+    assert devices.parse_draft_device(text) == devices.DraftDevice(kind, index)
+
+
+@pytest.mark.parametrize("text", ["gpu1", "cuda:", "cuda:-1", "cpu:0", "CUDA:1", " cuda:1", "cuda:1 ", "mps", ""])
+def test_parse_invalid_names_the_flag(text):
+    with pytest.raises(DeviceError) as e:
+        devices.parse_draft_device(text)
+    msg = str(e.value)
+    assert msg.startswith("--minedraft-draft-device") and repr(text) in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    "text,target_gpu,count,expected",
+    [
+        ("cpu", 0, 2, Placement("cpu", False)),
+        ("cpu", None, 0, Placement("cpu", False)),
+        ("cuda:1", 0, 2, Placement("cuda:1", False)),
+        ("cuda:0", 0, 1, Placement("cuda:0", True)),
+        ("cuda", 0, 2, Placement("cuda:0", True)),
+        ("cuda", 3, 4, Placement("cuda:3", True)),  # bare 'cuda' follows the target
+        ("cuda:0", 3, 4, Placement("cuda:0", False)),
+        ("cuda:0", None, 1, Placement("cuda:0", False)),  # target on CPU
+    ],
+)
+def test_place_drafter(text, target_gpu, count, expected):
+    placement = devices.place_drafter(text, target_gpu, count)
+    assert placement == expected
+    assert placement.two_device == (expected.device != "cpu" and not expected.shares_target_gpu)
+
+
+@pytest.mark.parametrize(
+    "text,count,needle",
+    [
+        ("cuda:1", 1, "no such device (this machine has 1 CUDA device)"),
+        ("cuda:2", 2, "no such device (this machine has 2 CUDA devices)"),
+        ("cuda:0", 0, "this machine has no CUDA device"),
+        ("cuda", 0, "this machine has no CUDA device"),
+    ],
+)
+def test_place_drafter_missing_device(text, count, needle):
+    with pytest.raises(DeviceError) as e:
+        devices.place_drafter(text, 0, count)
+    msg = str(e.value)
+    assert msg.startswith(f"--minedraft-draft-device {text!r}") and needle in msg and "\n" not in msg
+
+
+LLAMA_1B = {  # Llama 3.2 1B's published shape
+    "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+    "vocab_size": 128256, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+}
+
+
+def test_kv_bytes_per_token():
+    assert devices.kv_bytes_per_token(LLAMA_1B, 2) == 2 * 16 * 8 * 64 * 2
+    # No head_dim or kv heads given: hidden / heads, and plain multi-head attention.
+    mha = {"hidden_size": 512, "num_attention_heads": 8, "num_hidden_layers": 3}
+    assert devices.kv_bytes_per_token(mha, 4) == 2 * 3 * 8 * 64 * 4
+    assert devices.kv_bytes_per_token({"text_config": mha}, 4) == 2 * 3 * 8 * 64 * 4
+
+
+def test_dtype_bytes():
+    assert devices.dtype_bytes(LLAMA_1B) == 2
+    assert devices.dtype_bytes({"dtype": "float32"}) == 4
+    assert devices.dtype_bytes({"text_config": {"torch_dtype": "torch.float32"}}) == 4
+    assert devices.dtype_bytes({}) == 2
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_param_count_matches_transformers(tied):
+    transformers = pytest.importorskip("transformers")
+    cfg = dict(LLAMA_1B, num_hidden_layers=2, vocab_size=1000, tie_word_embeddings=tied)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))
+    expected = sum(p.numel() for p in model.parameters())
+    assert devices.param_count(cfg) == expected
+
+
+def test_param_count_llama_3_2_1b():
+    # Published size: 1.24B parameters.
+    assert 1.23e9 < devices.param_count(LLAMA_1B) < 1.25e9
+
+
+def test_drafter_bytes_and_mem_fraction():
+    need = devices.drafter_bytes(LLAMA_1B, max_requests=7, max_len=100, elem_bytes=2)
+    assert need == devices.param_count(LLAMA_1B) * 2 + 32768 * 100 * 8
+    gpu = 80 * 2**30
+    fraction = devices.target_mem_fraction(need, gpu, base_fraction=0.85)
+    assert fraction == round(0.85 - need / gpu, 3)
+    with pytest.raises(DeviceError) as e:
+        devices.target_mem_fraction(70 * 2**30, gpu, base_fraction=0.85)
+    assert "70.0 GiB of the target GPU's 80.0 GiB" in str(e.value)
+
+
+def test_cli(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_1B))
+    gpu = 80 * 2**30
+    cmd = [sys.executable, "-m", "minedraft_sglang.devices", "--draft-model-path", str(tmp_path),
+           "--gpu-bytes", str(gpu), "--max-requests", "16", "--max-len", "1000"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    need = devices.drafter_bytes(LLAMA_1B, 16, 1000, 2)
+    assert float(out) == devices.target_mem_fraction(need, gpu)
+    bad = subprocess.run(cmd[:4] + [str(tmp_path / "missing")] + cmd[5:], capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.startswith("error:")
