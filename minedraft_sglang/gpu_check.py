@@ -480,7 +480,8 @@ def cuda_graph(fn: Callable[[], object], device: torch.device, notes: list[str],
         return fn
 
     def replay():
-        graph.replay()
+        with torch.cuda.device(device):  # the caller's current device may be the target's
+            graph.replay()
         return out
 
     return replay

@@ -1,8 +1,10 @@
 """Drafter placement and memory accounting (pure functions, no GPU needed)."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,3 +122,64 @@ def test_cli(tmp_path):
     assert float(out) == devices.target_mem_fraction(need, gpu)
     bad = subprocess.run(cmd[:4] + [str(tmp_path / "missing")] + cmd[5:], capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.startswith("error:")
+
+
+# ---------------------------------------------------------------- launch scripts
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _launch(script, tmp_path, env, *args):
+    """Run a launch script with a stand-in interpreter that prints the
+    sglang.launch_server command line and runs anything else for real."""
+    fake = tmp_path / "python"
+    fake.write_text(
+        f'#!/bin/sh\nif [ "$2" = sglang.launch_server ]; then shift 2; printf "%s\\n" "$@"; exit 0; fi\n'
+        f'exec {sys.executable} "$@"\n'
+    )
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "MINEDRAFT_CACHE_DIR": "/models", **env}
+    return subprocess.run(["bash", str(REPO / "launch" / script), *args], capture_output=True, text=True, env=env)
+
+
+def _flags(stdout):
+    lines = stdout.split("\n")
+    return {a: b for a, b in zip(lines, lines[1:]) if a.startswith("--")}
+
+
+def test_serve_gpu_two(tmp_path):
+    result = _launch("serve_gpu_two.sh", tmp_path, {}, "--port", "31000")
+    assert result.returncode == 0, result.stderr
+    flags = _flags(result.stdout)
+    assert flags["--model-path"] == "/models/qwen2.5-coder-1.5b"
+    assert flags["--speculative-draft-model-path"] == "/models/qwen2.5-coder-0.5b"
+    assert flags["--speculative-algorithm"] == "MINEDRAFT"
+    assert flags["--minedraft-draft-device"] == "cuda:1"
+    assert flags["--attention-backend"] == "flashinfer"
+    assert 0 < float(flags["--mem-fraction-static"]) < 1
+    assert result.stdout.split("\n")[-3:-1] == ["--port", "31000"]  # caller's flags last: they win
+
+
+def test_serve_gpu_single(tmp_path):
+    result = _launch("serve_gpu_single.sh", tmp_path, {"MEM_FRACTION": "0.6", "TARGET": "/t", "DRAFT": "/d", "K": "3"})
+    assert result.returncode == 0, result.stderr
+    flags = _flags(result.stdout)
+    assert (flags["--model-path"], flags["--speculative-draft-model-path"]) == ("/t", "/d")
+    assert flags["--speculative-num-steps"] == "3"
+    assert flags["--minedraft-draft-device"] == "cuda:0"
+    assert flags["--mem-fraction-static"] == "0.6"
+
+
+def test_serve_gpu_single_computes_mem_fraction(tmp_path):
+    (tmp_path / "draft").mkdir()
+    (tmp_path / "draft" / "config.json").write_text(json.dumps(LLAMA_1B))
+    result = _launch("serve_gpu_single.sh", tmp_path, {"DRAFT": str(tmp_path / "draft"), "DRAFT_MAX_LEN": "512"})
+    if torch.cuda.is_available():
+        gpu = torch.cuda.get_device_properties(0).total_memory
+        expected = devices.target_mem_fraction(devices.drafter_bytes(LLAMA_1B, 256, 512, 2), gpu)
+        assert float(_flags(result.stdout)["--mem-fraction-static"]) == expected
+        assert _flags(result.stdout)["--minedraft-draft-max-len"] == "512"
+    else:
+        # The estimate needs the GPU's size; without one the script stops before SGLang.
+        assert result.returncode != 0 and "no CUDA device to measure" in result.stderr
+        assert "--model-path" not in result.stdout
