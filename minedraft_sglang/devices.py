@@ -67,11 +67,14 @@ def parse_draft_device(text: str) -> DraftDevice:
     return DraftDevice(m.group(1), index)
 
 
-def place_drafter(text: str, target_gpu: Optional[int], device_count: int) -> Placement:
-    """``target_gpu`` is the target's CUDA index, None when the target runs on CPU."""
+def place_drafter(text: str, target_gpu: Optional[int], device_count: Optional[int] = None) -> Placement:
+    """``target_gpu`` is the target's CUDA index, None when the target runs on
+    CPU; ``device_count`` defaults to this machine's."""
     dev = parse_draft_device(text)
     if dev.kind == "cpu":
         return Placement("cpu", False)
+    if device_count is None:
+        device_count = cuda_device_count()
     if device_count == 0:
         raise DeviceError(f"{FLAG} {text!r}: this machine has no CUDA device")
     index = dev.index if dev.index is not None else (target_gpu or 0)

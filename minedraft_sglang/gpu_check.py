@@ -39,7 +39,6 @@ Benchmark (B = --batch, the sub-batch size; k = --k; prefixes ragged in
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import itertools
 import json

@@ -183,3 +183,11 @@ def test_serve_gpu_single_computes_mem_fraction(tmp_path):
         # The estimate needs the GPU's size; without one the script stops before SGLang.
         assert result.returncode != 0 and "no CUDA device to measure" in result.stderr
         assert "--model-path" not in result.stdout
+
+
+def test_place_drafter_counts_this_machines_gpus():
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count:
+        assert devices.place_drafter(f"cuda:{count - 1}", 0) == Placement(f"cuda:{count - 1}", count == 1)
+    with pytest.raises(DeviceError, match="no such device" if count else "no CUDA device"):
+        devices.place_drafter(f"cuda:{count}", 0)
