@@ -238,7 +238,7 @@ class Llama:
             return torch.randn(fan_in, fan_out, generator=gen, device=device, dtype=dtype).mul_(fan_in**-0.5)
 
         ones = lambda: torch.ones(s.dim, device=device, dtype=dtype)  # noqa: E731
-        self.embed = w(s.vocab, s.dim).mul_(s.vocab**0.5)
+        self.embed = torch.randn(s.vocab, s.dim, generator=gen, device=device, dtype=dtype)
         self.layers = [
             Layer(w(s.dim, (s.heads + 2 * s.kv_heads) * s.head_dim), w(s.heads * s.head_dim, s.dim),
                   w(s.dim, 2 * s.ffn), w(s.ffn, s.dim), ones(), ones())
