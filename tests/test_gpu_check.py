@@ -2,6 +2,7 @@
 run, its import promise; the real checks on a GPU (marked ``gpu``)."""
 
 import ast
+import inspect
 import json
 import math
 import os
@@ -99,6 +100,60 @@ def test_contiguous_pages_view_a_cache_row():
 
 
 TINY = gc.SHAPES["tiny"]
+
+
+class _FlashInferOnCPU:
+    """Stands in for FlashInfer's BatchPrefillWithPagedKVCacheWrapper on CPU:
+    every call must bind to the real signature, and run() computes what the
+    documented layout means (CSR pages, bottom-right causal) with the
+    reference attention."""
+
+    real = None
+
+    def __init__(self, *args, **kwargs):
+        inspect.signature(self.real.__init__).bind(self, *args, **kwargs)
+        assert kwargs.get("kv_layout", args[1] if len(args) > 1 else "NHD") == "NHD"
+
+    def plan(self, *args, **kwargs):
+        bound = inspect.signature(self.real.plan).bind(self, *args, **kwargs).arguments
+        assert bound["causal"] is True
+        self.plan_args = bound
+
+    def run(self, q, paged_kv_cache, *args, **kwargs):
+        inspect.signature(self.real.run).bind(self, q, paged_kv_cache, *args, **kwargs)
+        a, (k_pool, v_pool) = self.plan_args, paged_kv_cache
+        qo = a["qo_indptr"].tolist()
+        out = torch.empty_like(q)
+        for i in range(len(qo) - 1):
+            walk = lambda pool: _walk_flashinfer_pages(  # noqa: E731
+                pool, a["paged_kv_indptr"], a["paged_kv_indices"], a["paged_kv_last_page_len"], a["page_size"], i)
+            k, v = walk(k_pool), walk(v_pool)
+            out[qo[i]:qo[i + 1]] = gc.reference_attention(q[None, qo[i]:qo[i + 1]], k[None], v[None],
+                                                          torch.tensor([len(k)]))[0]
+        return out
+
+
+def test_flashinfer_verify_calls_match_flashinfer_api(monkeypatch):
+    """FlashInferVerify's plan/run arguments and its view of a model's cache
+    rows as pages, checked on CPU against a stand-in for FlashInfer: a Llama
+    verify forward with it equals one with SDPA."""
+    flashinfer = pytest.importorskip("flashinfer")
+    monkeypatch.setattr(_FlashInferOnCPU, "real", flashinfer.BatchPrefillWithPagedKVCacheWrapper)
+    monkeypatch.setattr(flashinfer, "BatchPrefillWithPagedKVCacheWrapper", _FlashInferOnCPU)
+    model = gc.Llama(TINY, torch.float32, torch.device("cpu"))
+    bs, k, max_len = 3, 4, 64
+    start = torch.tensor([3, 30, 59])
+    tokens = torch.randint(0, TINY.vocab, (bs, k + 1), generator=torch.Generator().manual_seed(6))
+    attn = gc.model_attention("flashinfer", model, (start + k + 1).tolist(), max_len, k + 1)
+    assert isinstance(attn.wrapper, _FlashInferOnCPU)
+    logits = []
+    for a in (attn, gc.sdpa_attention):
+        cache = model.new_cache(bs, max_len)
+        fill = torch.Generator().manual_seed(7)
+        for t in cache.k + cache.v:
+            t.copy_(torch.randn(t.shape, generator=fill))
+        logits.append(model.forward(tokens, start, cache, a))
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("attn", [gc.sdpa_attention, gc.reference_attention], ids=["sdpa", "reference"])
