@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Side-by-side benchmark on CPU: plain vs sequential SD vs PSD, same models and prompts.
-#   launch/bench_cpu.sh [--quick] [--pair tiny|tiny-agree] [--out FILE.json] [...]
+# Side-by-side benchmark on CPU: plain, STANDALONE, sequential SD, PSD; same models and prompts.
+#   launch/bench_cpu.sh [--quick] [--pair tiny|tiny-agree] [--variants tetris] [--out FILE.json] [...]
 # (all flags: launch/bench_cpu.sh --help). Interpreter: $PYTHON, else the repo's .venv.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
