@@ -150,8 +150,8 @@ class RunSpec:
 
     @property
     def sub_batch_size(self) -> int:
-        # PSD verifies one of its two halves per step.
-        return self.concurrency // 2 if self.engine == "psd" else self.concurrency
+        # PSD verifies one of its two halves per step (the bigger one).
+        return (self.concurrency + 1) // 2 if self.engine == "psd" else self.concurrency
 
 
 def base_runs(B: int) -> list[RunSpec]:
@@ -368,11 +368,14 @@ def _span(interval) -> float:
 
 
 def stage_times(steps: list[dict]) -> dict:
-    """Mean draft, verify and whole-step time (ms) and batch sizes of ``steps``."""
+    """Mean draft, verify and whole-step time (ms), batch sizes, and the
+    tokens committed per second of step time (the rate while decoding:
+    prefill and scheduler gaps between steps left out) of ``steps``."""
     if not steps:
         return {"t_draft_step_ms": None, "t_verify_ms": None, "t_step_ms": None,
-                "mean_verify_bs": None, "mean_draft_bs": None}
+                "mean_verify_bs": None, "mean_draft_bs": None, "in_step_tok_s": None}
     return {
+        "in_step_tok_s": sum(sum(s["accept_lens"]) for s in steps) / sum(s["step_seconds"] for s in steps),
         "t_draft_step_ms": 1000 * mean(_span(s["draft"]) for s in steps),
         "t_verify_ms": 1000 * mean(_span(s["verify"]) for s in steps),
         "t_step_ms": 1000 * mean(max(s["draft"][1], s["verify"][1]) - min(s["draft"][0], s["verify"][0])
@@ -664,7 +667,7 @@ def predictions(runs: list[dict], inputs: dict, env: dict) -> list[dict]:
         cases = []
         if r["engine"] in ("sequential", "standalone"):
             cases.append(("sd", False, (1.0, 1.0)))
-        elif r["mode"] == "psd":
+        elif r["mode"] == "psd" and c >= 2:  # one request alone runs sequentially
             cases.append(("psd isolated", True, (1.0, 1.0)))
             if inputs["slowdown"]:
                 cases.append(("psd contention", True, inputs["slowdown"]))
@@ -679,6 +682,9 @@ def predictions(runs: list[dict], inputs: dict, env: dict) -> list[dict]:
                 "predicted_tok_s": tput, "measured_tok_s": r["throughput_tok_s"],
                 "error": cost_model.relative_error(tput, r["throughput_tok_s"]),
                 "steady_state_tok_s": b * cost_model.accept_length(alpha, k) / step,
+                "measured_in_step_tok_s": r["in_step_tok_s"],
+                "steady_state_error": cost_model.relative_error(b * cost_model.accept_length(alpha, k) / step,
+                                                                r["in_step_tok_s"]),
                 "predicted_step_ms": 1000 * step,
                 "measured_step_ms": r["t_step_ms"],
                 "step_error": cost_model.relative_error(step, measured_step),
@@ -722,10 +728,12 @@ def print_report(args, runs: list[dict], s: dict, cm: dict, diffs: dict[str, lis
     print(f"cost model: alpha {cm['alpha']:.3f}; ideal psd speedup (k*t_d + t_v) / max(k*t_d, t_v) at b={B}: "
           f"{fmt(cm['ideal_psd_speedup'])}x")
     for p in cm["predictions"]:
-        print(f"  {p['run']:<14} {p['model']:<15} predicted {p['predicted_tok_s']:.1f} tok/s, "
-              f"measured {p['measured_tok_s']:.1f} ({p['error']:+.0%}); steady state "
-              f"{p['steady_state_tok_s']:.1f} tok/s; step {p['predicted_step_ms']:.2f} ms "
-              f"vs {fmt(p['measured_step_ms'])} ms measured")
+        in_step = "" if p["steady_state_error"] is None else (
+            f" vs {p['measured_in_step_tok_s']:.1f} in steps ({p['steady_state_error']:+.0%})")
+        print(f"  {p['run']:<14} {p['model']:<15} run {p['predicted_tok_s']:.1f} tok/s vs "
+              f"{p['measured_tok_s']:.1f} measured ({p['error']:+.0%}); steady state "
+              f"{p['steady_state_tok_s']:.1f}{in_step}; step {p['predicted_step_ms']:.2f} ms "
+              f"vs {fmt(p['measured_step_ms'])}")
     print("plan (two devices that share nothing), python -m minedraft_sglang.cost_model --from OUT for more:")
     print(cost_model.format_plan(cm["plan_isolated"]))
     if s["outputs_identical"]:

@@ -85,7 +85,9 @@ class Linear:
     def fit(points: Sequence[tuple[float, float]]) -> "Linear":
         """Least squares through (x, y) points; a constant when the x values
         do not vary. A negative slope (noise) is clamped to 0 so that bigger
-        batches never get cheaper."""
+        batches never get cheaper, and a negative intercept to 0 (a line
+        through the origin) so that small batches never cost less than
+        nothing."""
         if not points:
             raise ValueError("no points to fit")
         n = len(points)
@@ -97,6 +99,8 @@ class Linear:
         slope = sum((x - mx) * (y - my) for x, y in points) / sxx
         if slope < 0:
             return Linear(my)
+        if my - slope * mx < 0:
+            return Linear(0.0, sum(x * y for x, y in points) / sum(x * x for x, _ in points))
         return Linear(my - slope * mx, slope)
 
 
@@ -236,7 +240,8 @@ def measured_slowdown(runs: list[dict]) -> Optional[tuple[float, float]]:
     whose batch is the psd sub-batch size; None without such a pair."""
     seq = {r["concurrency"]: r for r in runs if r["engine"] == "sequential" and r.get("t_draft_step_ms")}
     for r in runs:
-        if r["mode"] == "psd" and r.get("t_draft_step_ms") and r["sub_batch_size"] in seq:
+        # Reports written before run modes existed name the engine only.
+        if r.get("mode", r["engine"]) == "psd" and r.get("t_draft_step_ms") and r["sub_batch_size"] in seq:
             base = seq[r["sub_batch_size"]]
             return r["t_draft_step_ms"] / base["t_draft_step_ms"], r["t_verify_ms"] / base["t_verify_ms"]
     return None

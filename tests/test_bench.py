@@ -49,7 +49,7 @@ def _reply(ids, ttft, latency, verify_ct=None, accept=None):
 def _step(i, mode, draft, verify, bs=2, thread="MainThread"):
     return {"step": i, "mode": mode, "draft": list(draft), "verify": list(verify), "verify_bs": bs,
             "draft_bs": bs, "overlap": 1.0 if mode == "psd" else 0.0, "draft_thread": thread,
-            "accept_lens": [2] * bs}
+            "accept_lens": [2] * bs, "step_seconds": max(draft[1], verify[1]) - min(draft[0], verify[0])}
 
 
 def test_run_record_means_over_repeats():
@@ -67,6 +67,8 @@ def test_run_record_means_over_repeats():
     # draft 10 and 30 ms, verify 20 ms: means over repeats
     assert r["t_draft_step_ms"] == pytest.approx(20) and r["t_verify_ms"] == pytest.approx(20)
     assert r["t_step_ms"] == pytest.approx(40) and r["overlap"] == 0.0
+    # 2 requests x 2 tokens in 30 ms, then in 50 ms
+    assert r["in_step_tok_s"] == pytest.approx((4 / 0.03 + 4 / 0.05) / 2)
     assert r["makespan_per_request_ms"] == pytest.approx(375)
 
 
@@ -129,6 +131,7 @@ def test_bench_quick_reports_every_field(tmp_path):
             continue
         assert r["steps"] > 0, name
         assert r["t_draft_step_ms"] > 0 and r["t_verify_ms"] > 0 and r["t_step_ms"] > 0, name
+        assert 0 < r["in_step_tok_s"] < math.inf, name
         assert 0 <= r["overlap"] <= 1, name
     assert runs["seq@B"]["overlap"] == runs["seq@2B"]["overlap"] == 0
     # PSD's sub-batch is B: each step verifies one half of the 2B running requests.
@@ -150,6 +153,8 @@ def test_bench_quick_reports_every_field(tmp_path):
     for p in cm["predictions"]:
         assert 0 < p["predicted_tok_s"] <= p["steady_state_tok_s"], p
         assert p["predicted_step_ms"] > 0 and p["error"] > -1, p
+        if p["run"].startswith(("seq", "psd")):
+            assert p["steady_state_error"] > -1, p
     assert all(s > 0 for s in cm["slowdown"])
     for mode in ("sd", "psd"):
         assert 1 <= cm["plan_isolated"][mode]["k"] <= 8 and cm["plan_isolated"][mode]["in_flight"] <= 2 * B

@@ -41,6 +41,9 @@ def test_linear_fit():
     # One x value: the mean; noise that makes bigger batches cheaper: the mean.
     assert cm.Linear.fit([(2, 5), (2, 7)]) == cm.Linear(6.0)
     assert cm.Linear.fit([(1, 7), (3, 5)]) == cm.Linear(6.0)
+    # Steeper than proportional ((1, 1), (3, 5): intercept -1): through the
+    # origin instead, slope (1*1 + 3*5) / (1 + 9) = 1.6.
+    assert cm.Linear.fit([(1, 1), (3, 5)]) == cm.Linear(0.0, pytest.approx(1.6))
     with pytest.raises(ValueError):
         cm.Linear.fit([])
 
