@@ -33,10 +33,13 @@ def add_speculative_state_around(original, controller, state):
 
 
 def eagle_sample_around(original, verify_input, batch, logits_output, grammar_mask=None, *args, **kwargs):
-    """MINEDRAFT verifies of batches with sampled requests use our rejection
-    sampling (verify.sample_chain); everything else is SGLang's."""
-    from minedraft_sglang.verify import in_minedraft_verify, sample_chain
+    """MINEDRAFT verifies apply exact per-position penalties, and batches with
+    sampled requests use our rejection sampling (verify.sample_chain);
+    everything else is SGLang's."""
+    from minedraft_sglang.verify import apply_chain_penalties, in_minedraft_verify, sample_chain
 
-    if in_minedraft_verify() and not batch.sampling_info.is_all_greedy and not batch.forward_mode.is_idle():
-        return sample_chain(verify_input, batch, logits_output, grammar_mask)
+    if in_minedraft_verify() and not batch.forward_mode.is_idle():
+        apply_chain_penalties(logits_output.next_token_logits)
+        if not batch.sampling_info.is_all_greedy:
+            return sample_chain(verify_input, batch, logits_output, grammar_mask)
     return original(verify_input, batch, logits_output, grammar_mask, *args, **kwargs)

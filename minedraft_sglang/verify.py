@@ -75,7 +75,12 @@ def sub_batch_view(batch: ScheduleBatch, rows: list[int]) -> ScheduleBatch:
     view = copy.copy(batch)
     view.spec_info = None
     view.sampling_info = dataclasses.replace(
-        batch.sampling_info, penalizer_orchestrator=_KeepPenalties()
+        batch.sampling_info,
+        penalizer_orchestrator=_KeepPenalties(),
+        # Whole-batch tensors that filter_batch does not slice; MINEDRAFT
+        # verifies compute penalties themselves (chain_penalties).
+        acc_additive_penalties=None,
+        acc_scaling_penalties=None,
     )
     view.filter_batch(keep_indices=rows)
     view.sampling_info.penalizer_orchestrator = None
@@ -109,6 +114,12 @@ def verify_chain(
     parents, scores = chain_topology(num_steps, bs, device)
     _active.generator = generator
     _active.num_drafts = num_drafts
+    _active.penalties = chain_penalties(batch.reqs, draft_tokens)
+    # SGLang's speculative penalties are "relaxed" (one vector for the whole
+    # chain, counting only the last token of each step); ours replace them.
+    batch.sampling_info = dataclasses.replace(
+        batch.sampling_info, acc_additive_penalties=None, acc_scaling_penalties=None
+    )
     batch.spec_info = build_eagle_verify_input(
         batch,
         _BonusTokens(bonus_tokens),
@@ -152,6 +163,73 @@ def in_minedraft_verify() -> bool:
     return getattr(_active, "on", False)
 
 
+def _is_penalized(params) -> bool:
+    return (
+        params.frequency_penalty != 0.0
+        or params.presence_penalty != 0.0
+        or params.repetition_penalty != 1.0
+        or params.min_new_tokens > 0
+    )
+
+
+def _stop_token_ids(req) -> set[int]:
+    """The tokens min_new_tokens holds back: SGLang's own set (see
+    BatchedMinNewTokensPenalizer)."""
+    tokenizer = req.tokenizer
+    ids = (req.sampling_params.stop_token_ids or set()) | (req.eos_token_ids or set())
+    if tokenizer is not None:
+        ids |= getattr(tokenizer, "additional_stop_token_ids", None) or set()
+        if tokenizer.eos_token_id is not None:
+            ids |= {tokenizer.eos_token_id}
+    return {t for t in ids if t is not None}
+
+
+def chain_penalties(reqs, drafts: torch.Tensor):
+    """Exact frequency/presence/repetition penalties and min_new_tokens at
+    every position of each chain: position j follows the request's output
+    plus drafts 1..j, so it is penalised exactly as plain decoding would
+    penalise that token. Returns a function that applies them to [bs*W, V]
+    logits (additive first, then scaling, as SGLang does), or None when no
+    request has a penalty."""
+    if not any(_is_penalized(r.sampling_params) for r in reqs):
+        return None
+    bs, k = drafts.shape
+    width = k + 1
+
+    def apply(logits: torch.Tensor) -> None:
+        vocab, device = logits.shape[-1], logits.device
+        counts = torch.zeros(bs, vocab, device=device)
+        for i, req in enumerate(reqs):
+            if req.output_ids:
+                counts[i] = torch.bincount(torch.tensor(req.output_ids, device=device), minlength=vocab)[:vocab]
+        steps = F.one_hot(drafts.to(device, torch.int64), vocab).float().cumsum(1)
+        counts = counts[:, None, :] + F.pad(steps, (0, 0, 1, 0))  # [bs, W, V]
+        seen = counts > 0
+
+        def per_req(name):
+            return torch.tensor([float(getattr(r.sampling_params, name)) for r in reqs], device=device).view(bs, 1, 1)
+
+        additive = -per_req("frequency_penalty") * counts - per_req("presence_penalty") * seen
+        out_lens = torch.tensor([len(r.output_ids) for r in reqs], device=device).view(bs, 1)
+        held = (out_lens + torch.arange(width, device=device)) < per_req("min_new_tokens").view(bs, 1)
+        for i, req in enumerate(reqs):
+            if held[i].any():
+                stops = torch.tensor(sorted(_stop_token_ids(req)), dtype=torch.int64, device=device)
+                stops = stops[stops < vocab]
+                additive[i, :, stops] = torch.where(held[i, :, None], float("-inf"), additive[i, :, stops])
+        logits.add_(additive.view(bs * width, vocab))
+        scaling = torch.where(seen, per_req("repetition_penalty"), 1.0).view(bs * width, vocab)
+        logits.copy_(torch.where(logits < 0, logits * scaling, logits / scaling))
+
+    return apply
+
+
+def apply_chain_penalties(logits: torch.Tensor) -> None:
+    penalties = getattr(_active, "penalties", None)
+    if penalties is not None:
+        penalties(logits)
+
+
 def sample_chain(verify_input, batch: ScheduleBatch, logits_output, grammar_mask=None):
     """Rejection-sample a chain verify; returns what SGLang's eagle_sample
     returns: (predict [bs*W], accept_lens [bs], accept_index [bs, W])."""
@@ -177,15 +255,8 @@ def sample_chain(verify_input, batch: ScheduleBatch, logits_output, grammar_mask
 
 
 def _apply_logit_adjustments(logits, sampling_info, width: int) -> None:
-    """The penalties and logit bias SGLang's own verify applies, per row."""
-    from sglang.srt.sampling.penaltylib.repetition_penalty import apply_scaling_penalties
-
-    if sampling_info.acc_additive_penalties is not None:
-        logits.add_(torch.repeat_interleave(sampling_info.acc_additive_penalties, width, dim=0))
-    if sampling_info.acc_scaling_penalties is not None:
-        apply_scaling_penalties(
-            logits, torch.repeat_interleave(sampling_info.acc_scaling_penalties, width, dim=0)
-        )
+    """What SGLang's own verify adds besides penalties (ours are applied by
+    the eagle_sample hook before this runs)."""
     if sampling_info.logit_bias is not None:
         logits.add_(torch.repeat_interleave(sampling_info.logit_bias, width, dim=0))
 

@@ -5,7 +5,6 @@ test rejects a server with a wrong acceptance rule."""
 
 from __future__ import annotations
 
-import itertools
 from collections import Counter
 
 import pytest
