@@ -16,6 +16,7 @@ import sys
 from minedraft_sglang import hooks
 from minedraft_sglang.config import (
     ALGORITHM_NAME,
+    DRAFTER_FOR_ARCHITECTURE,
     ENV_VAR,
     MineDraftConfig,
     MineDraftConfigError,
@@ -156,7 +157,7 @@ def handle_server_args(sa) -> None:
 
 def validate_server_args(sa) -> None:
     """Startup checks that need the model paths; each failure is one line."""
-    MineDraftConfig.from_env()
+    config = MineDraftConfig.from_env()
     draft = sa.speculative_draft_model_path
     if not draft:
         raise MineDraftConfigError(
@@ -166,10 +167,12 @@ def validate_server_args(sa) -> None:
         raise MineDraftConfigError(
             f"--speculative-draft-model-path {draft!r}: no such directory"
         )
-    draft_vocab = _vocab_size(draft, "--speculative-draft-model-path")
+    draft_config = _read_config(draft, "--speculative-draft-model-path")
+    _check_drafter_kind(draft, draft_config, config.drafter)
+    draft_vocab = _vocab_size(draft_config, draft, "--speculative-draft-model-path")
     target = sa.model_path
     if os.path.isdir(target):
-        target_vocab = _vocab_size(target, "--model-path")
+        target_vocab = _vocab_size(_read_config(target, "--model-path"), target, "--model-path")
         if draft_vocab != target_vocab:
             raise MineDraftConfigError(
                 f"--speculative-draft-model-path {draft!r} has vocabulary size {draft_vocab}, "
@@ -177,13 +180,30 @@ def validate_server_args(sa) -> None:
             )
 
 
-def _vocab_size(path: str, flag: str) -> int:
-    config_file = os.path.join(path, "config.json")
+def _read_config(path: str, flag: str) -> dict:
     try:
-        with open(config_file) as f:
-            config = json.load(f)
+        with open(os.path.join(path, "config.json")) as f:
+            return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise MineDraftConfigError(f"{flag} {path!r}: cannot read config.json ({e})") from None
+
+
+def _check_drafter_kind(path: str, config: dict, drafter: str) -> None:
+    arch = (config.get("architectures") or ["(none)"])[0]
+    kind = DRAFTER_FOR_ARCHITECTURE.get(arch)
+    if kind is None:
+        raise MineDraftConfigError(
+            f"--speculative-draft-model-path {path!r}: architecture {arch} is not supported "
+            f"(supported: {', '.join(DRAFTER_FOR_ARCHITECTURE)})"
+        )
+    if drafter not in ("auto", kind):
+        raise MineDraftConfigError(
+            f"--minedraft-drafter {drafter} cannot run {path!r}: its architecture {arch} "
+            f"needs --minedraft-drafter {kind} (or auto)"
+        )
+
+
+def _vocab_size(config: dict, path: str, flag: str) -> int:
     vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
     if not vocab:
         raise MineDraftConfigError(f"{flag} {path!r}: config.json has no vocab_size")
