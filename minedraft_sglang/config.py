@@ -12,14 +12,21 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 from typing import List, Optional
 
 ENV_VAR = "SGLANG_MINEDRAFT_CONFIG"
 ALGORITHM_NAME = "MINEDRAFT"
 
 MODES = ("auto", "psd", "sequential")
-DRAFTERS = ("auto", "standalone")
+DRAFTERS = ("auto", "standalone", "eagle", "eagle3")
+# Draft checkpoint architecture -> the drafter that runs it ("auto" picks it).
+DRAFTER_FOR_ARCHITECTURE = {
+    "LlamaForCausalLM": "standalone",
+    "Qwen2ForCausalLM": "standalone",
+    "MistralForCausalLM": "standalone",
+    "LlamaForCausalLMEagle": "eagle",
+    "LlamaForCausalLMEagle3": "eagle3",
+}
 
 
 class MineDraftConfigError(ValueError):
@@ -83,25 +90,14 @@ class MineDraftConfig:
         return cls(**values).validate()
 
 
-_DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
-
-
 def validate_device(device: str) -> None:
     """Fail early for a device this machine does not have."""
-    if not _DEVICE_RE.match(device):
-        raise MineDraftConfigError(
-            f"--minedraft-draft-device {device!r} is not 'cpu' or 'cuda:N'"
-        )
-    if device.startswith("cuda"):
-        import torch
+    from minedraft_sglang import devices
 
-        index = int(device.split(":")[1]) if ":" in device else 0
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if index >= count:
-            raise MineDraftConfigError(
-                f"--minedraft-draft-device {device!r}: no such device "
-                f"(this machine has {count} CUDA device{'s' if count != 1 else ''})"
-            )
+    try:
+        devices.place_drafter(device, None)
+    except devices.DeviceError as e:
+        raise MineDraftConfigError(str(e)) from None
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -129,8 +125,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "--minedraft-drafter",
         choices=DRAFTERS,
         default=MineDraftConfig.drafter,
-        help="Drafter kind. auto: follow the draft model's architecture "
-        "(a causal LM runs as a standalone drafter).",
+        help="Drafter kind. auto: follow the draft model's architecture (a causal LM "
+        "runs as a standalone drafter, LlamaForCausalLMEagle as eagle, "
+        "LlamaForCausalLMEagle3 as eagle3; EAGLE heads read the target's hidden states).",
     )
     group.add_argument(
         "--minedraft-draft-max-len",

@@ -9,6 +9,8 @@ Models (all share one tokenizer of VOCAB_SIZE tokens, float32 safetensors):
   draft           2 layers, hidden 128, random weights unrelated to target
   bigram          target-shaped; next token depends only on the current token
   bigram-draft    1 layer; the same greedy next token as bigram for every token
+  bigram-mixed-draft  bigram-draft, but after a third of the tokens ("hard")
+                  it guesses wrong with low confidence (TETRIS's test case)
   mismatch-vocab  draft-shaped with a different vocab_size (must be rejected)
 
 Built once into $MINEDRAFT_CACHE_DIR (default ~/.cache/minedraft_sglang/tiny-models),
@@ -45,7 +47,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 
-MODELS = ("target", "draft", "bigram", "bigram-draft", "mismatch-vocab")
+MODELS = ("target", "draft", "bigram", "bigram-draft", "bigram-mixed-draft", "mismatch-vocab")
 
 TARGET_SHAPE = dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4,
                     num_key_value_heads=2, intermediate_size=512)
@@ -88,7 +90,7 @@ def build_all() -> dict[str, Path]:
         tokenizer = _train_tokenizer()
         built = _build_models(tokenizer)
         for name in missing:
-            _save_atomically(built[name], tokenizer, paths[name])
+            save_atomically(lambda tmp, m=built[name]: (m.save_pretrained(tmp), tokenizer.save_pretrained(tmp)), paths[name])
     return paths
 
 
@@ -194,7 +196,7 @@ def _sharpened(model: LlamaForCausalLM, scale: float = 30.0) -> LlamaForCausalLM
     return model
 
 
-def _text_token_ids(tokenizer_vocab: dict[str, int]) -> list[int]:
+def text_token_ids(tokenizer_vocab: dict[str, int]) -> list[int]:
     # Only tokens that decode to printable text on their own may be emitted by
     # the bigram, so streamed output never holds back a partial UTF-8 byte.
     byte_decoder = decoders.ByteLevel()
@@ -262,7 +264,7 @@ def _bigram_pair(tokenizer: PreTrainedTokenizerFast, seed: int) -> tuple[LlamaFo
     model = _random_llama(TARGET_SHAPE, seed)
     # The designed map is one cycle through every printable token, so greedy
     # text never settles into a short loop; other tokens feed into the cycle.
-    text_ids = torch.tensor(_text_token_ids(tokenizer.get_vocab()))
+    text_ids = torch.tensor(text_token_ids(tokenizer.get_vocab()))
     gen = torch.Generator().manual_seed(seed)
     order = text_ids[torch.randperm(len(text_ids), generator=gen)]
     want = text_ids[torch.randint(len(text_ids), (VOCAB_SIZE,), generator=gen)]
@@ -301,9 +303,33 @@ def _bigram_pair(tokenizer: PreTrainedTokenizerFast, seed: int) -> tuple[LlamaFo
     return model, draft
 
 
+def _mixed_draft(bigram: LlamaForCausalLM, draft: LlamaForCausalLM, seed: int) -> LlamaForCausalLM:
+    """A copy of ``draft`` whose embedding of every third token is random:
+    after such a token its hidden state points nowhere, so its top guess is
+    noise (almost always wrong) with a small probability, while after the
+    other tokens it agrees with ``bigram`` confidently."""
+    mixed = LlamaForCausalLM(draft.config).eval()
+    mixed.load_state_dict(draft.state_dict())
+    gen = torch.Generator().manual_seed(seed)
+    hard = torch.arange(VOCAB_SIZE)[torch.randperm(VOCAB_SIZE, generator=gen)[: VOCAB_SIZE // 3]]
+    with torch.no_grad():
+        emb = mixed.model.embed_tokens.weight
+        emb[hard] = torch.randn(len(hard), emb.shape[1], generator=gen) * emb.std()
+        probs = torch.softmax(mixed.lm_head(_final_hidden(mixed)), dim=-1)
+        agree = probs.argmax(-1) == greedy_successors(bigram)
+    easy = torch.ones(VOCAB_SIZE, dtype=torch.bool)
+    easy[hard] = False
+    if not bool(agree[easy].all()) or float(agree[hard].float().mean()) > 0.05:
+        raise RuntimeError("bigram-mixed-draft: easy tokens must agree with bigram and hard ones not")
+    if float(probs.max(-1).values[hard].max()) > float(probs.max(-1).values[easy].min()):
+        raise RuntimeError("bigram-mixed-draft: hard guesses must be less confident than easy ones")
+    return mixed
+
+
 def _build_models(tokenizer: PreTrainedTokenizerFast) -> dict[str, LlamaForCausalLM]:
     bigram, bigram_draft = _bigram_pair(tokenizer, seed=2)
     return {
+        "bigram-mixed-draft": _mixed_draft(bigram, bigram_draft, seed=4),
         "target": _sharpened(_random_llama(TARGET_SHAPE, seed=0)),
         "draft": _random_llama(DRAFT_SHAPE, seed=1),
         "bigram": bigram,
@@ -312,14 +338,14 @@ def _build_models(tokenizer: PreTrainedTokenizerFast) -> dict[str, LlamaForCausa
     }
 
 
-def _save_atomically(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, path: Path) -> None:
+def save_atomically(write, path: Path) -> None:
+    """``write(folder)`` fills a fresh folder that then becomes ``path``."""
     # Built beside its final name and renamed in one step: readers see a
     # complete folder or none, whatever other builders or interruptions do.
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        model.save_pretrained(tmp)  # config, generation_config, safetensors
-        tokenizer.save_pretrained(tmp)
+        write(tmp)
         try:
             os.rename(tmp, path)
         except OSError:

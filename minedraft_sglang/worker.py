@@ -27,10 +27,11 @@ import torch
 
 from sglang.srt.managers.schedule_batch import ScheduleBatch
 from sglang.srt.managers.utils import GenerationBatchResult
+from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode
 from sglang.srt.runtime_context import get_spec
 from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
 
-from minedraft_sglang import metrics
+from minedraft_sglang import devices, metrics
 from minedraft_sglang.config import MineDraftConfig
 from minedraft_sglang.drafters import create_drafter
 from minedraft_sglang.drafters.base import DraftRequest
@@ -76,10 +77,20 @@ class MineDraftWorker(BaseSpecWorker):
         # proposes k + extra and the budget is k per verified request.
         self.k = self.speculative_num_steps - (self.config.tetris_extra if self.config.tetris else 0)
         self.speculative_num_draft_tokens = spec.speculative_num_draft_tokens
-        self.drafter = create_drafter(
-            self.config, spec.speculative_draft_model_path, self.model_runner.dtype
+        placement = devices.place_drafter(
+            self.config.draft_device,
+            self.model_runner.gpu_id if torch.device(self.device).type == "cuda" else None,
         )
-        split = _split_cores(self.config.draft_device)
+        self.draft_device = placement.device
+        self.drafter = create_drafter(
+            self.config, placement.device, spec.speculative_draft_model_path, server_args.model_path,
+            self.model_runner.dtype,
+        )
+        if self.drafter.aux_layer_ids is not None:
+            # EAGLE-3: the target returns these layers' outputs side by side
+            # as its hidden states.
+            self.model_runner.model.set_eagle3_layers_to_capture(self.drafter.aux_layer_ids)
+        split = _split_cores(self.draft_device)
         if split is not None and self.config.mode != "sequential":
             os.sched_setaffinity(0, split[0])
         self.sub_batches = SubBatches()
@@ -94,14 +105,14 @@ class MineDraftWorker(BaseSpecWorker):
         self.executor = ThreadPoolExecutor(
             max_workers=1,
             thread_name_prefix="minedraft-drafter",
-            initializer=_pin_drafter_thread,
-            initargs=(self.config.draft_device,),
+            initializer=_init_drafter_thread,
+            initargs=(self.draft_device,),
         )
         logger.info(
             "MineDraft: mode=%s drafter=%s on %s, k=%d, drafts per request=%d, tetris=%s",
             self.config.mode,
             type(self.drafter).__name__,
-            self.config.draft_device,
+            self.draft_device,
             self.k,
             self.speculative_num_steps,
             self.config.tetris,
@@ -128,7 +139,7 @@ class MineDraftWorker(BaseSpecWorker):
         logger.info(
             "MineDraft: drafter KV cache on %s (outside SGLang's memory pool): up to %d "
             "requests x %d tokens = %.1f MiB, allocated as requests arrive",
-            self.config.draft_device,
+            self.draft_device,
             max_requests,
             max_len,
             nbytes / 2**20,
@@ -137,7 +148,7 @@ class MineDraftWorker(BaseSpecWorker):
     def minedraft_stats(self) -> dict:
         return {
             "mode": self.config.mode,
-            "draft_device": self.config.draft_device,
+            "draft_device": self.draft_device,
             "drafter_free_slots": self.drafter.free_slots(),
             "drafter_total_slots": self.drafter_slots,
             "drafter_active_requests": len(self.drafter.active_rids()),
@@ -181,7 +192,14 @@ class MineDraftWorker(BaseSpecWorker):
         return self._step(batch, mode, list(range(len(rids))), [], on_publish, grammar_barrier)
 
     def _prefill(self, batch: ScheduleBatch, on_publish) -> GenerationBatchResult:
-        result = self.target_worker.forward_batch_generation(batch)
+        if not self.drafter.needs_target_features:
+            result = self.target_worker.forward_batch_generation(batch)
+        else:
+            result = self.target_worker.forward_batch_generation(batch, capture_hidden_mode=CaptureHiddenMode.FULL)
+            features = result.logits_output.hidden_states.split(list(batch.extend_lens))
+            for req, start, f in zip(batch.reqs, batch.prefix_lens, features):
+                self.drafter.observe(req.rid, start, f)
+            self._features_copied()
         new_seq_lens = batch.seq_lens.clone()
         if on_publish is not None:
             on_publish(new_seq_lens)
@@ -231,6 +249,9 @@ class MineDraftWorker(BaseSpecWorker):
             _, draft_interval, draft_thread = background.result()
         else:
             draft_interval, draft_thread = (t0, t1), threading.current_thread().name
+        if self.drafter.needs_target_features:
+            # After the background draft: the drafter is this thread's now.
+            self._observe_verified(view.reqs, result)
         self.tracer.step(
             mode, draft_interval, (t1, t2), len(verify_rows), len(draft_rows) or len(verify_rows),
             draft_thread, result.accept_lens.tolist(),
@@ -303,6 +324,22 @@ class MineDraftWorker(BaseSpecWorker):
             grammar_barrier=grammar_barrier,
         )
 
+    def _observe_verified(self, reqs, result) -> None:
+        """Hand the drafter the target's features of the accepted positions:
+        the last committed token's and each accepted draft's."""
+        width = self.speculative_num_draft_tokens
+        features = result.logits_output.hidden_states.view(len(reqs), width, -1)
+        for req, f, n in zip(reqs, features, result.accept_lens.tolist()):
+            start = len(req.origin_input_ids) + len(req.output_ids) - 1
+            self.drafter.observe(req.rid, start, f[:n])
+        self._features_copied()
+
+    def _features_copied(self) -> None:
+        # Features were copied on this thread's stream; the drafter's thread
+        # reads them on its own.
+        if self.draft_device.startswith("cuda"):
+            torch.cuda.synchronize(self.draft_device)
+
     def _finish(self, result, new_seq_lens, verified_rows: Optional[list[int]], on_publish):
         if on_publish is not None:
             on_publish(new_seq_lens)
@@ -323,6 +360,9 @@ def _draft_requests(reqs, extra: Optional[list[list[int]]] = None) -> list[Draft
 def _timed(fn, *args):
     t0 = time.monotonic()
     out = fn(*args)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # The scheduler thread reads the drafts next, from another stream.
+        torch.cuda.current_stream().synchronize()
     return out, (t0, time.monotonic()), threading.current_thread().name
 
 
@@ -337,9 +377,14 @@ def _split_cores(device: str) -> Optional[tuple[set[int], set[int]]]:
     return set(cores[:-1]), {cores[-1]}
 
 
-def _pin_drafter_thread(device: str) -> None:
-    """On CPU the drafter gets a core of its own so drafting and the
-    target's verify really run side by side (Linux sets affinity per thread)."""
+def _init_drafter_thread(device: str) -> None:
+    """The drafter's thread gets its own CUDA stream (PSD drafting must not
+    queue behind the target's verify kernels on a shared GPU) or, on CPU, a
+    core of its own (Linux sets affinity per thread)."""
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+        torch.cuda.set_stream(torch.cuda.Stream(device))
+        return
     split = _split_cores(device)
     if split is not None:
         os.sched_setaffinity(0, split[1])

@@ -14,14 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from minedraft_sglang import tiny_models
+from minedraft_sglang import tiny_eagle, tiny_models
 from minedraft_sglang.launcher import Server, minedraft_args
 
 K = 3  # --speculative-num-steps used by the test servers
 
 
 def _specs(tmp: Path) -> dict[str, list[str]]:
-    m = {name: str(tiny_models.model_path(name)) for name in ("target", "draft", "bigram", "bigram-draft")}
+    m = {
+        name: str(tiny_models.model_path(name))
+        for name in ("target", "draft", "bigram", "bigram-draft", "bigram-mixed-draft")
+    }
     trace = lambda name: ["--minedraft-trace-file", str(tmp / f"{name}.trace.jsonl")]  # noqa: E731
     return {
         "plain-target": ["--model-path", m["target"]],
@@ -44,9 +47,24 @@ def _specs(tmp: Path) -> dict[str, list[str]]:
             m["target"], m["target"], "psd", K,
             [*trace("tetris-target"), "--minedraft-tetris", "--minedraft-tetris-extra", "2"],
         ),
+        # EAGLE heads trained on the target's own text (tiny_eagle.py).
+        **{
+            f"{head}-{mode}": minedraft_args(
+                m["target"], str(tiny_eagle.model_path(head)), mode, K, trace(f"{head}-{mode}")
+            )
+            for head in tiny_eagle.HEADS
+            for mode in ("sequential", "auto")
+        },
         "plain-bigram": ["--model-path", m["bigram"]],
         "seq-bigram": minedraft_args(m["bigram"], m["bigram-draft"], "sequential", K, trace("seq-bigram")),
         "auto-bigram": minedraft_args(m["bigram"], m["bigram-draft"], "auto", K, trace("auto-bigram")),
+        # A draft that is right and confident after two thirds of the tokens,
+        # wrong and unsure after the rest: with and without TETRIS.
+        "psd-mixed": minedraft_args(m["bigram"], m["bigram-mixed-draft"], "psd", K, trace("psd-mixed")),
+        "tetris-mixed": minedraft_args(
+            m["bigram"], m["bigram-mixed-draft"], "psd", K,
+            [*trace("tetris-mixed"), "--minedraft-tetris", "--minedraft-tetris-extra", "2"],
+        ),
     }
 
 

@@ -67,7 +67,7 @@ def test_draft_model_and_kv_live_on_the_named_gpu(path):
     drafter = StandaloneDrafter(path, device, torch.bfloat16)
     drafter.allocate(max_requests=2, max_len=64)
     assert {p.device for p in drafter.model.parameters()} == {torch.device(device)}
-    assert drafter.k_cache.device == drafter.v_cache.device == torch.device(device)
+    assert drafter.cache.k.device == drafter.cache.v.device == torch.device(device)
     out = drafter.draft([DraftRequest("a", [5, 6, 7], [])], K)
     assert out.tokens.device == torch.device(device)
 
@@ -76,7 +76,7 @@ def test_cpu_drafter_state_stays_on_cpu(path):
     drafter = StandaloneDrafter(path, "cpu", torch.float32)
     drafter.allocate(max_requests=2, max_len=64)
     assert {p.device.type for p in drafter.model.parameters()} == {"cpu"}
-    assert drafter.k_cache.device.type == "cpu"
+    assert drafter.cache.k.device.type == "cpu"
 
 
 def test_cache_grows_with_concurrent_requests_and_keeps_state(path, hf):
@@ -85,7 +85,7 @@ def test_cache_grows_with_concurrent_requests_and_keeps_state(path, hf):
     reqs = [DraftRequest(f"r{i}", [5 + i, 6, 7], []) for i in range(12)]
     out = drafter.draft(reqs[:3], K)  # fits the initial slots
     out_all = drafter.draft(reqs, K)  # needs a resize mid-way through assignment
-    assert drafter.k_cache.shape[1] - 1 == 16 and drafter.free_slots() == 8
+    assert drafter.cache.k.shape[1] - 1 == 16 and drafter.free_slots() == 8
     assert out_all.tokens[:3].tolist() == out.tokens.tolist()
     for req, drafted in zip(reqs, out_all.tokens.tolist()):
         assert drafted == hf_greedy(hf, list(req.prompt), K)

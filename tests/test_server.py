@@ -226,7 +226,30 @@ def test_tetris_greedy_identical_and_within_budget(pool):
     assert any(max(s["accept_lens"]) > K + 1 for s in steps)
 
 
-# ---- the agreeing (bigram) pair: plain-bigram, seq-bigram, auto-bigram
+# ---- the agreeing (bigram) pair: plain-bigram, seq-bigram, auto-bigram,
+# and the bigram-mixed-draft that is right only after some tokens
+
+
+def _accepted_per_verified_draft(trace) -> float:
+    steps = [json.loads(l) for l in trace.read_text().splitlines()]
+    psd = [s for s in steps if s["mode"] == "psd"]
+    assert psd, "no PSD steps"
+    for s in psd:
+        assert s["verified_drafts"] <= K * s["verify_bs"], s
+    return sum(a - 1 for s in psd for a in s["accept_lens"]) / sum(s["verified_drafts"] for s in psd)
+
+
+def test_tetris_spends_the_verify_budget_where_drafts_get_accepted(pool):
+    """Mixed easy/hard positions: TETRIS verifies the confident drafts of
+    every request and skips the unsure ones, so more of the verified drafts
+    are accepted than when each request gets k; outputs stay exact."""
+    plain = pool.get("plain-bigram")
+    want = _batched(plain, PROMPTS, 48)
+    ratios = {}
+    for name in ("psd-mixed", "tetris-mixed"):
+        assert _batched(pool.get(name), PROMPTS, 48) == want, name
+        ratios[name] = _accepted_per_verified_draft(pool.trace_path(name))
+    assert ratios["tetris-mixed"] > ratios["psd-mixed"], ratios
 
 
 @pytest.mark.parametrize("mode", ["seq", "auto"])

@@ -165,19 +165,18 @@ def test_losing_a_build_race_keeps_the_winner(tmp_path, models, tokenizer):
     winner = tmp_path / "bigram-x"
     winner.mkdir()
     (winner / "marker").touch()
-    tiny_models._save_atomically(models["bigram"], tokenizer, winner)
+    tiny_models.save_atomically(models["bigram"].save_pretrained, winner)
     assert [p.name for p in tmp_path.iterdir()] == ["bigram-x"]
     assert [p.name for p in winner.iterdir()] == ["marker"]
 
 
-def test_interrupted_build_leaves_nothing(tmp_path, tokenizer):
-    class Interrupted:
-        def save_pretrained(self, folder):
-            (Path(folder) / "model.safetensors").write_bytes(b"half")
-            raise KeyboardInterrupt
+def test_interrupted_build_leaves_nothing(tmp_path):
+    def interrupted(folder):
+        (Path(folder) / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        tiny_models._save_atomically(Interrupted(), tokenizer, tmp_path / "target-x")
+        tiny_models.save_atomically(interrupted, tmp_path / "target-x")
     assert list(tmp_path.iterdir()) == []
 
 

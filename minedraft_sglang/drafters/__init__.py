@@ -7,16 +7,28 @@ import random
 
 import torch
 
-from minedraft_sglang.config import MineDraftConfig
+from minedraft_sglang.config import DRAFTER_FOR_ARCHITECTURE, MineDraftConfig
 from minedraft_sglang.drafters.base import Drafter
 
 
-def create_drafter(config: MineDraftConfig, model_path: str, target_dtype: torch.dtype) -> Drafter:
-    from minedraft_sglang.drafters.standalone import StandaloneDrafter
+def create_drafter(
+    config: MineDraftConfig, device: str, model_path: str, target_path: str, target_dtype: torch.dtype
+) -> Drafter:
+    """The drafter for the draft checkpoint's architecture (validated at
+    startup by plugin.validate_server_args), on ``device``."""
+    from transformers import AutoConfig
 
     # Half precision is for accelerators; on CPU the drafter computes in fp32.
-    dtype = torch.float32 if config.draft_device == "cpu" else target_dtype
-    drafter = StandaloneDrafter(model_path, config.draft_device, dtype)
+    dtype = torch.float32 if device == "cpu" else target_dtype
+    arch = AutoConfig.from_pretrained(model_path).architectures[0]
+    if DRAFTER_FOR_ARCHITECTURE[arch] == "standalone":
+        from minedraft_sglang.drafters.standalone import StandaloneDrafter
+
+        drafter = StandaloneDrafter(model_path, device, dtype)
+    else:
+        from minedraft_sglang.drafters.eagle import EagleDrafter
+
+        drafter = EagleDrafter(model_path, target_path, device, dtype)
     fault = os.environ.get(FAULT_ENV)
     return FaultInjectingDrafter(drafter, fault) if fault else drafter
 
@@ -34,6 +46,8 @@ class FaultInjectingDrafter(Drafter):
             raise ValueError(f"{FAULT_ENV}={spec!r}: expected draft_raise:P")
         self.inner = inner
         self.device = inner.device
+        self.needs_target_features = inner.needs_target_features
+        self.aux_layer_ids = inner.aux_layer_ids
         self.prob = float(prob)
         self.rng = random.Random(0)
 
@@ -44,6 +58,9 @@ class FaultInjectingDrafter(Drafter):
 
     def allocate(self, max_requests, max_len):
         return self.inner.allocate(max_requests, max_len)
+
+    def observe(self, rid, start, features):
+        self.inner.observe(rid, start, features)
 
     def release(self, rid):
         self.inner.release(rid)

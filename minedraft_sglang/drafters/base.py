@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -45,6 +45,15 @@ class DraftOutput:
 
 class Drafter(abc.ABC):
     device: torch.device
+    # EAGLE-style drafters read the target's hidden states (observe); the
+    # target then captures them in prefill and verify. EAGLE-3 names the
+    # target layers whose outputs it reads.
+    needs_target_features = False
+    aux_layer_ids: Optional[list[int]] = None
+
+    def observe(self, rid: str, start: int, features: torch.Tensor) -> None:
+        """The target's features of positions ``start``.. of a request (a
+        prefill chunk, or the accepted positions of a verify)."""
 
     @abc.abstractmethod
     def allocate(self, max_requests: int, max_len: int) -> int:

@@ -20,16 +20,11 @@ import logging
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from minedraft_sglang.drafters.base import DraftOutput, Drafter, DraftRequest
+from minedraft_sglang.drafters.kv_cache import SlotKVCache
 
 logger = logging.getLogger(__name__)
-
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
-
-# Request slots allocated up front; the cache doubles when they run out.
-INITIAL_SLOTS = 8
 
 
 class _Slot:
@@ -46,86 +41,35 @@ class _Slot:
 
 class StandaloneDrafter(Drafter):
     def __init__(self, model_path: str, device: str, dtype: torch.dtype):
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
-        config = AutoConfig.from_pretrained(model_path)
-        arch = (config.architectures or ["?"])[0]
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"draft model architecture {arch} is not supported by the standalone "
-                f"drafter (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
-            )
         self.device = torch.device(device)
-        self.dtype = dtype
         self.model = (
             AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
             .to(self.device)
             .eval()
         )
-        self.config = self.model.config
-        self.vocab_size = self.config.vocab_size
-        attn = self.model.model.layers[0].self_attn
-        self.head_dim = attn.head_dim
-        self.num_heads = self.config.num_attention_heads
-        self.num_kv_heads = self.config.num_key_value_heads
-        self.slots: dict[str, _Slot] = {}
-        self.free: list[int] = []
-        self.k_cache = self.v_cache = None
-        self.max_len = 0
+        config = self.model.config
+        self.cache = SlotKVCache(
+            config.num_hidden_layers,
+            config.num_key_value_heads,
+            self.model.model.layers[0].self_attn.head_dim,
+            dtype,
+            self.device,
+            _Slot,
+        )
 
     def allocate(self, max_requests: int, max_len: int) -> int:
-        """Set the limits; memory grows with the number of requests that
-        hold draft state at once (doubling, up to ``max_requests``)."""
-        self.max_requests = max_requests
-        self.max_len = max_len
-        self._resize(min(INITIAL_SLOTS, max_requests))
-        num_layers = len(self.model.model.layers)
-        per_slot = 2 * num_layers * max_len * self.num_kv_heads * self.head_dim * self.dtype.itemsize
-        return per_slot * (max_requests + 1)
-
-    def _resize(self, capacity: int) -> None:
-        # Slots keep their index; the last index is a scratch slot that
-        # absorbs the writes of padding tokens.
-        num_layers = len(self.model.model.layers)
-        shape = (num_layers, capacity + 1, self.max_len, self.num_kv_heads, self.head_dim)
-        k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        v = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        if self.k_cache is not None:
-            old = self.k_cache.shape[1] - 1
-            k[:, :old] = self.k_cache[:, :old]
-            v[:, :old] = self.v_cache[:, :old]
-            self.free.extend(range(old, capacity))
-        else:
-            self.free = list(range(capacity))
-        self.k_cache, self.v_cache = k, v
-        self.scratch = capacity
-
-    def kv_bytes(self) -> int:
-        return 2 * self.k_cache.numel() * self.k_cache.element_size()
+        return self.cache.allocate(max_requests, max_len)
 
     def release(self, rid: str) -> None:
-        slot = self.slots.pop(rid, None)
-        if slot is not None:
-            self.free.append(slot.index)
+        self.cache.release(rid)
 
     def active_rids(self) -> set[str]:
-        return set(self.slots)
+        return self.cache.active_rids()
 
     def free_slots(self) -> int:
-        return len(self.free) + self.max_requests - self.scratch
-
-    def _slot(self, rid: str) -> _Slot:
-        slot = self.slots.get(rid)
-        if slot is None:
-            if not self.free and self.scratch < self.max_requests:
-                self._resize(min(2 * self.scratch, self.max_requests))
-            # A full cache gets a slot that is never stored: it drafts
-            # nothing useful and holds no state.
-            index = self.free.pop() if self.free else self.scratch
-            slot = _Slot(index)
-            if index != self.scratch:
-                self.slots[rid] = slot
-        return slot
+        return self.cache.free_slots()
 
     def _sync(self, slot: _Slot, req: DraftRequest) -> list[int]:
         """Keep the cached rows that match the real tokens; return the tokens
@@ -143,12 +87,12 @@ class StandaloneDrafter(Drafter):
     @torch.inference_mode()
     def draft(self, reqs: Sequence[DraftRequest], num_tokens: int) -> DraftOutput:
         bs = len(reqs)
-        slots = [self._slot(r.rid) for r in reqs]
+        slots = [self.cache.slot(r.rid) for r in reqs]
         feeds = [self._sync(s, r) for s, r in zip(slots, reqs)]
         # Requests that outgrew the cache still get a (useless) proposal of
         # the right shape: the target rejects it, so output stays exact.
         overflow = [
-            s.index == self.scratch or len(s.cached) + len(f) + num_tokens > self.max_len
+            self.cache.is_scratch(s) or len(s.cached) + len(f) + num_tokens > self.cache.max_len
             for s, f in zip(slots, feeds)
         ]
         width = max(len(f) for f in feeds)
@@ -196,38 +140,13 @@ class StandaloneDrafter(Drafter):
         slot_index: torch.Tensor,  # [bs]
     ) -> torch.Tensor:
         """Hidden states [bs, T, H] before the final norm; writes the KV rows."""
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
         model = self.model.model
-        bs, T = tokens.shape
-        valid = valid.expand(bs, T)
-        write_slot = torch.where(valid, slot_index[:, None], self.scratch)
-        write_pos = positions.clamp(max=self.max_len - 1)
-        flat_write = (write_slot * self.max_len + write_pos).reshape(-1)
-        kv_len = min(int(positions.max()) + 1, self.max_len)
-        # Query t of a row sees its own slot's rows up to its own position.
-        key_pos = torch.arange(kv_len, device=self.device)
-        mask = (key_pos[None, None, :] <= positions[:, :, None])[:, None]
-
         h = model.embed_tokens(tokens)
-        cos, sin = model.rotary_emb(h, positions)
+        cos_sin = model.rotary_emb(h, positions)
         for layer_id, layer in enumerate(model.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(bs, T, self.num_heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(bs, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(bs, T, self.num_kv_heads, self.head_dim)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            k_cache = self.k_cache[layer_id].view(-1, self.num_kv_heads, self.head_dim)
-            v_cache = self.v_cache[layer_id].view(-1, self.num_kv_heads, self.head_dim)
-            k_cache[flat_write] = k.transpose(1, 2).reshape(-1, self.num_kv_heads, self.head_dim)
-            v_cache[flat_write] = v.reshape(-1, self.num_kv_heads, self.head_dim)
-            keys = self.k_cache[layer_id, slot_index, :kv_len].transpose(1, 2)
-            values = self.v_cache[layer_id, slot_index, :kv_len].transpose(1, 2)
-            o = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True
+            h = h + self.cache.attention(
+                layer_id, layer.self_attn, layer.input_layernorm(h), cos_sin, positions, valid, slot_index
             )
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(bs, T, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return h
 

@@ -1,0 +1,337 @@
+"""EAGLE and EAGLE-3 heads as drafters, on their own device.
+
+The checkpoints are the ones SGLang's EAGLE workers load
+(``LlamaForCausalLMEagle``, ``LlamaForCausalLMEagle3``); the computation
+matches SGLang's ``llama_eagle.py`` / ``llama_eagle3.py``:
+
+  EAGLE    x = fc([embed(token), feature]); one decoder layer whose attention
+           reads x directly (no input norm); no final norm; the target's LM
+           head. The feature is the target's last hidden state (after its
+           final norm).
+  EAGLE-3  feature = fc(target's low/mid/high layer outputs) when it comes
+           from the target; attention reads [input_norm(embed), hidden_norm(
+           feature)] (2H wide); final norm; its own LM head over a draft
+           vocabulary mapped to target ids by ``d2t``.
+
+Both take the target's embedding (EAGLE also its LM head), as SGLang does.
+
+Position t of the head's cache holds the pair (token t+1, feature of t), like
+SGLang's draft extend. Features of the target arrive per request through
+``observe`` (prefill chunks, then the accepted positions of each verify) and
+turn into cache rows at the next draft call; rows fed with the head's own
+features (while drafting, or for draft-ahead guesses) are overwritten later.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minedraft_sglang.drafters.base import DraftOutput, Drafter, DraftRequest
+from minedraft_sglang.drafters.kv_cache import SlotKVCache, project_qkv
+
+EAGLE_ARCHITECTURES = {"LlamaForCausalLMEagle": 1, "LlamaForCausalLMEagle3": 3}
+
+
+def aux_layer_ids(config) -> list[int]:
+    """The target layers whose outputs feed an EAGLE-3 head (SGLang's rule:
+    the draft config's ``eagle_aux_hidden_state_layer_ids``)."""
+    eagle_config = getattr(config, "eagle_config", None) or {}
+    ids = eagle_config.get("eagle_aux_hidden_state_layer_ids") or getattr(
+        config, "eagle_aux_hidden_state_layer_ids", None
+    )
+    if not ids:
+        raise ValueError(
+            "EAGLE-3 draft config names no eagle_aux_hidden_state_layer_ids "
+            "(eagle_config.eagle_aux_hidden_state_layer_ids)"
+        )
+    return list(ids)
+
+
+class EagleHead(nn.Module):
+    def __init__(self, config, version: int, embed: nn.Embedding, lm_head: Optional[nn.Linear]):
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
+
+        super().__init__()
+        if config.num_hidden_layers != 1:
+            raise ValueError(f"EAGLE heads with {config.num_hidden_layers} layers are not supported (1 expected)")
+        self.version = version
+        hidden = config.hidden_size
+        self.embed = embed
+        self.layer = LlamaDecoderLayer(config, layer_idx=0)
+        self.rotary_emb = LlamaRotaryEmbedding(config)
+        if version == 1:
+            del self.layer.input_layernorm  # as in SGLang: attention reads fc's output
+            self.fc = nn.Linear(2 * hidden, hidden, bias=True)
+            self.lm_head = lm_head
+            self.d2t = None
+            return
+        attn = self.layer.self_attn
+        for name in ("q_proj", "k_proj", "v_proj"):
+            proj = getattr(attn, name)
+            setattr(attn, name, nn.Linear(2 * hidden, proj.out_features, bias=proj.bias is not None))
+        self.hidden_norm = LlamaRMSNorm(hidden, eps=config.rms_norm_eps)
+        self.norm = LlamaRMSNorm(hidden, eps=config.rms_norm_eps)
+        target_hidden = getattr(config, "target_hidden_size", None) or hidden
+        self.fc = nn.Linear(len(aux_layer_ids(config)) * target_hidden, hidden, bias=getattr(config, "bias", False))
+        draft_vocab = getattr(config, "draft_vocab_size", None) or config.vocab_size
+        self.lm_head = lm_head if lm_head is not None else nn.Linear(hidden, draft_vocab, bias=False)
+        self.register_buffer("d2t", torch.zeros(draft_vocab, dtype=torch.long))
+
+    def step(self, tokens, feature, cos_sin, attend: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass of the head over [bs, T] (token, feature) pairs; returns
+        (the feature for the next position, the LM head's input)."""
+        layer = self.layer
+        embeds = self.embed(tokens)
+        if self.version == 1:
+            x = self.fc(torch.cat([embeds, feature], dim=-1))
+            h = x + attend(layer.self_attn, x, cos_sin)
+            out = h + layer.mlp(layer.post_attention_layernorm(h))
+            return out, out
+        if feature.shape[-1] != embeds.shape[-1]:
+            feature = self.fc(feature)  # the target's fused layer outputs
+        x = torch.cat([layer.input_layernorm(embeds), self.hidden_norm(feature)], dim=-1)
+        h = feature + attend(layer.self_attn, x, cos_sin)
+        out = h + layer.mlp(layer.post_attention_layernorm(h))
+        return out, self.norm(out)
+
+    def logits(self, head_input: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(head_input)
+
+    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        return draft_ids if self.d2t is None else draft_ids + self.d2t[draft_ids]
+
+
+def causal_attention(attn, x, cos_sin):
+    """Attention over the sequence itself (training, reference checks)."""
+    q, k, v = project_qkv(attn, x, cos_sin)
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=True)
+    return attn.o_proj(o.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+
+
+def _safetensors(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise ValueError(f"{path}: no *.safetensors weights")
+    weights = {}
+    for f in files:
+        weights.update(load_file(f))
+    return weights
+
+
+def target_embed_and_head(target_path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's input embedding and LM head weights, read from its
+    checkpoint (the drafter's device is not the target's)."""
+    from safetensors import safe_open
+
+    with open(os.path.join(target_path, "config.json")) as f:
+        tied = json.load(f).get("tie_word_embeddings", False)
+    found = {}
+    for file in sorted(glob.glob(os.path.join(target_path, "*.safetensors"))):
+        with safe_open(file, "pt") as st:
+            for name in ("model.embed_tokens.weight", "lm_head.weight"):
+                if name in st.keys():
+                    found[name] = st.get_tensor(name)
+    embed = found.get("model.embed_tokens.weight")
+    if embed is None:
+        raise ValueError(f"{target_path}: no model.embed_tokens.weight in its safetensors")
+    return embed, embed if tied else found["lm_head.weight"]
+
+
+def load_eagle_head(model_path: str, target_path: str) -> EagleHead:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    version = EAGLE_ARCHITECTURES[config.architectures[0]]
+    embed_w, head_w = target_embed_and_head(target_path)
+    embed = nn.Embedding.from_pretrained(embed_w, freeze=True)
+    weights = {
+        _canonical_name(name): w for name, w in _safetensors(model_path).items() if name != "t2d"
+    }
+    own_head = "lm_head.weight" in weights
+    lm_head = None
+    if version == 1 or not own_head:
+        lm_head = nn.Linear(head_w.shape[1], head_w.shape[0], bias=False)
+        lm_head.weight = nn.Parameter(head_w, requires_grad=False)
+    head = EagleHead(config, version, embed, lm_head)
+    weights.pop("embed_tokens.weight", None)  # SGLang uses the target's
+    if version == 1:
+        weights.pop("lm_head.weight", None)
+    missing, unexpected = head.load_state_dict(weights, strict=False)
+    missing = [m for m in missing if not m.startswith(("embed.", "rotary_emb."))]
+    if version == 1 or not own_head:
+        missing = [m for m in missing if not m.startswith("lm_head.")]
+    if version == 3 and "d2t" not in weights:
+        missing = [m for m in missing if m != "d2t"]
+    if missing or unexpected:
+        raise ValueError(f"{model_path}: EAGLE weights do not match (missing {missing}, unexpected {unexpected})")
+    return head.eval()
+
+
+# Checkpoint names (SGLang's loader and the EAGLE repos) -> this module's.
+_RENAMES = (
+    ("midlayer.hidden_norm.", "hidden_norm."),
+    ("midlayer.", "layer."),
+    ("layers.0.hidden_norm.", "hidden_norm."),
+    ("layers.0.", "layer."),
+)
+
+
+def _canonical_name(name: str) -> str:
+    name = name.removeprefix("model.")
+    for old, new in _RENAMES:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def save_eagle_head(head: EagleHead, config, path: str) -> None:
+    """Write ``head`` as an SGLang-loadable EAGLE checkpoint (without the
+    target's embedding and, for EAGLE, LM head)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    shared = ("embed.", "rotary_emb.") + (("lm_head.",) if head.version == 1 else ())
+    state = {}
+    for name, tensor in head.state_dict().items():
+        if name.startswith(shared):
+            continue
+        layer_prefix = "midlayer." if head.version == 3 else "layers.0."
+        if name.startswith("layer."):
+            name = layer_prefix + name[len("layer."):]
+        elif name.startswith("hidden_norm."):
+            name = layer_prefix + name  # SGLang keeps it inside the layer
+        state[name] = tensor.contiguous()
+    save_file(state, os.path.join(path, "model.safetensors"))
+    config.save_pretrained(path)
+
+
+class _Slot:
+    __slots__ = ("index", "start", "cached", "features", "known")
+
+    def __init__(self, index: int):
+        self.index = index
+        self.start = 0  # first position with a cache row (prefix-cache hits start later)
+        # Rows [start, cached) hold target-feature pairs. The last known
+        # position is fed again at every draft call (its output starts the
+        # proposals), so ``features`` keeps it: features of [cached, known).
+        self.cached = 0
+        self.features: list[torch.Tensor] = []
+        self.known = 0
+
+    def reset(self, start: int) -> None:
+        self.start = self.cached = self.known = start
+        self.features = []
+
+
+class EagleDrafter(Drafter):
+    needs_target_features = True
+
+    def __init__(self, model_path: str, target_path: str, device: str, dtype: torch.dtype):
+        self.device = torch.device(device)
+        self.head = load_eagle_head(model_path, target_path).to(self.device, dtype)
+        self.dtype = dtype
+        config = self.head.layer.self_attn.config
+        self.aux_layer_ids = aux_layer_ids(config) if self.head.version == 3 else None
+        self.cache = SlotKVCache(1, config.num_key_value_heads, self.head.layer.self_attn.head_dim, dtype, self.device, _Slot)
+
+    def allocate(self, max_requests: int, max_len: int) -> int:
+        return self.cache.allocate(max_requests, max_len)
+
+    def release(self, rid: str) -> None:
+        self.cache.release(rid)
+
+    def active_rids(self) -> set[str]:
+        return self.cache.active_rids()
+
+    def free_slots(self) -> int:
+        return self.cache.free_slots()
+
+    def observe(self, rid: str, start: int, features: torch.Tensor) -> None:
+        slot = self.cache.slot(rid)
+        if self.cache.is_scratch(slot) or start + len(features) > self.cache.max_len:
+            return
+        if slot.known != start:
+            # A new (or re-prefilled) request; ``start`` > 0 when SGLang's
+            # prefix cache skipped the prompt's beginning, whose features the
+            # head then never sees.
+            slot.reset(start)
+        slot.features.append(features.to(self.device, self.dtype, non_blocking=True))
+        slot.known += len(features)
+
+    @torch.inference_mode()
+    def draft(self, reqs: Sequence[DraftRequest], num_tokens: int) -> DraftOutput:
+        """Feed each request's new target features, then run the head
+        autoregressively: first over the request's tokens that have no target
+        feature yet (draft-ahead guesses), then ``num_tokens`` proposals."""
+        bs = len(reqs)
+        slots = [self.cache.slot(r.rid) for r in reqs]
+        live = [
+            not self.cache.is_scratch(s) and s.known > s.start and len(r) + num_tokens <= self.cache.max_len
+            for s, r in zip(slots, reqs)
+        ]
+        slot_index = torch.tensor([s.index for s in slots], device=self.device)
+        start = torch.tensor([s.start for s in slots], device=self.device)
+        width = max([s.known - s.cached for s, ok in zip(slots, live) if ok], default=1)
+        hidden_width = self.head.fc.in_features if self.head.version == 3 else self.head.fc.in_features // 2
+        tokens = torch.zeros(bs, width, dtype=torch.long)
+        positions = torch.zeros(bs, width, dtype=torch.long)
+        valid = torch.zeros(bs, width, dtype=torch.bool)
+        features = torch.zeros(bs, width, hidden_width, dtype=self.dtype, device=self.device)
+        last = torch.zeros(bs, dtype=torch.long)
+        for i, (s, r) in enumerate(zip(slots, reqs)):
+            n = s.known - s.cached
+            if not live[i]:
+                continue
+            features[i, :n] = torch.cat(s.features)
+            tokens[i, :n] = torch.tensor(r.tokens(s.cached + 1)[:n])
+            positions[i] = s.cached + torch.arange(width)
+            valid[i, :n] = True
+            last[i] = n - 1
+        out_feature, head_input = self._run(tokens, features, positions, valid, slot_index, start)
+        rows = torch.arange(bs, device=self.device)
+        last = last.to(self.device)
+        feature, head_input = out_feature[rows, last][:, None], head_input[rows, last]
+        position = positions.to(self.device)[rows, last][:, None]
+        for i, (s, ok) in enumerate(zip(slots, live)):
+            if ok:
+                s.cached, s.features = s.known - 1, [features[i, last[i] : last[i] + 1].clone()]
+
+        # Tokens past the last target feature: known (draft-ahead) or proposed.
+        forced = [r.tokens(s.known + 1) if ok else [] for s, r, ok in zip(slots, reqs, live)]
+        steps = max(len(f) for f in forced) + num_tokens
+        live_t = torch.tensor(live, device=self.device)[:, None]
+        out_tokens = torch.zeros(bs, steps, dtype=torch.long, device=self.device)
+        out_probs = torch.zeros(bs, steps, dtype=torch.float32, device=self.device)
+        for step in range(steps):
+            probs = torch.softmax(self.head.logits(head_input).float(), dim=-1)
+            p, ids = probs.max(dim=-1)
+            out_probs[:, step], out_tokens[:, step] = p, self.head.to_target_ids(ids)
+            if step + 1 == steps:
+                break
+            token = out_tokens[:, step].clone()
+            for i, f in enumerate(forced):
+                if step < len(f):
+                    token[i] = f[step]
+            position = position + 1
+            feature, head_input = self._run(token[:, None], feature, position, live_t, slot_index, start)
+            head_input = head_input[:, 0]
+        take = torch.tensor([len(f) for f in forced], device=self.device)[:, None] + torch.arange(num_tokens, device=self.device)
+        return DraftOutput(tokens=out_tokens.gather(1, take), probs=out_probs.gather(1, take) * live_t)
+
+    def _run(self, tokens, features, positions, valid, slot_index, start):
+        tokens, positions, valid = tokens.to(self.device), positions.to(self.device), valid.to(self.device)
+        cos_sin = self.head.rotary_emb(features, positions)
+
+        def attend(attn, x, cs):
+            return self.cache.attention(0, attn, x, cs, positions, valid, slot_index, start)
+
+        return self.head.step(tokens, features, cos_sin, attend)
