@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minedraft_sglang.drafters.base import DraftOutput, Drafter, DraftRequest
-from minedraft_sglang.drafters.kv_cache import SlotKVCache, project_qkv
+from minedraft_sglang.drafters.base import DraftOutput, DraftRequest
+from minedraft_sglang.drafters.kv_cache import CachedDrafter, SlotKVCache, project_qkv
 
 EAGLE_ARCHITECTURES = {"LlamaForCausalLMEagle": 1, "LlamaForCausalLMEagle3": 3}
 
@@ -232,7 +232,7 @@ class _Slot:
         self.features = []
 
 
-class EagleDrafter(Drafter):
+class EagleDrafter(CachedDrafter):
     needs_target_features = True
 
     def __init__(self, model_path: str, target_path: str, device: str, dtype: torch.dtype):
@@ -242,18 +242,6 @@ class EagleDrafter(Drafter):
         config = self.head.layer.self_attn.config
         self.aux_layer_ids = aux_layer_ids(config) if self.head.version == 3 else None
         self.cache = SlotKVCache(1, config.num_key_value_heads, self.head.layer.self_attn.head_dim, dtype, self.device, _Slot)
-
-    def allocate(self, max_requests: int, max_len: int) -> int:
-        return self.cache.allocate(max_requests, max_len)
-
-    def release(self, rid: str) -> None:
-        self.cache.release(rid)
-
-    def active_rids(self) -> set[str]:
-        return self.cache.active_rids()
-
-    def free_slots(self) -> int:
-        return self.cache.free_slots()
 
     def observe(self, rid: str, start: int, features: torch.Tensor) -> None:
         slot = self.cache.slot(rid)

@@ -13,6 +13,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from minedraft_sglang.drafters.base import Drafter
+
 # Request slots allocated up front; the cache doubles when they run out.
 INITIAL_SLOTS = 8
 
@@ -114,6 +116,24 @@ class SlotKVCache:
         values = self.v[layer_id, slot_index, :kv_len].transpose(1, 2)
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None], scale=attn.scaling, enable_gqa=True)
         return attn.o_proj(o.transpose(1, 2).reshape(bs, T, -1))
+
+
+class CachedDrafter(Drafter):
+    """A drafter whose per-request state lives in the slots of ``self.cache``."""
+
+    cache: SlotKVCache
+
+    def allocate(self, max_requests: int, max_len: int) -> int:
+        return self.cache.allocate(max_requests, max_len)
+
+    def release(self, rid: str) -> None:
+        self.cache.release(rid)
+
+    def active_rids(self) -> set[str]:
+        return self.cache.active_rids()
+
+    def free_slots(self) -> int:
+        return self.cache.free_slots()
 
 
 def project_qkv(attn, x: torch.Tensor, cos_sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -21,8 +21,8 @@ from typing import Sequence
 
 import torch
 
-from minedraft_sglang.drafters.base import DraftOutput, Drafter, DraftRequest
-from minedraft_sglang.drafters.kv_cache import SlotKVCache
+from minedraft_sglang.drafters.base import DraftOutput, DraftRequest
+from minedraft_sglang.drafters.kv_cache import CachedDrafter, SlotKVCache
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class _Slot:
         self.committed = 0
 
 
-class StandaloneDrafter(Drafter):
+class StandaloneDrafter(CachedDrafter):
     def __init__(self, model_path: str, device: str, dtype: torch.dtype):
         from transformers import AutoModelForCausalLM
 
@@ -58,18 +58,6 @@ class StandaloneDrafter(Drafter):
             self.device,
             _Slot,
         )
-
-    def allocate(self, max_requests: int, max_len: int) -> int:
-        return self.cache.allocate(max_requests, max_len)
-
-    def release(self, rid: str) -> None:
-        self.cache.release(rid)
-
-    def active_rids(self) -> set[str]:
-        return self.cache.active_rids()
-
-    def free_slots(self) -> int:
-        return self.cache.free_slots()
 
     def _sync(self, slot: _Slot, req: DraftRequest) -> list[int]:
         """Keep the cached rows that match the real tokens; return the tokens
