@@ -91,8 +91,10 @@ class ServerPool:
         return self.tmp / f"{name}.trace.jsonl"
 
     def close(self) -> None:
+        """Stop every server (they start again on demand)."""
         for server in self.servers.values():
             server.stop()
+        self.servers.clear()
 
 
 @pytest.fixture(scope="session")
