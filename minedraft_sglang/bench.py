@@ -59,12 +59,18 @@ with R > 1, the mean over repeats):
     overlap      mean trace "overlap" over psd steps (0 = back to back, 1 = the
                  shorter stage fully hidden); 0 for sequential runs
     x plain, x SA   throughput over plain's / STANDALONE's at the same concurrency
+    (JSON only)  medians of the stage and step times, which leave out the
+                 drafter's prefill of newly joined prompts (it lands in their
+                 first draft); that prefill per request (drafting beyond the
+                 median); in_step_tok_s, tokens committed per second of step time
 
 Cost model (minedraft_sglang/cost_model.py): fitted to the sequential runs'
-stage times and acceptance; its predicted throughput is printed next to each
-measured speculative run with the relative error. For psd two predictions:
-"isolated" (stage times as measured alone: two devices that share nothing)
-and "contention" (with the slowdown each stage showed in the psd run).
+median stage times, drafter prefill and acceptance; its predicted throughput
+and step are printed next to each measured speculative run with the relative
+error. For psd two predictions: "isolated" (stage times as measured alone:
+two devices that share nothing) and "contention" (with the slowdown each
+stage showed in the psd run). --rescore REPORT recomputes the trace figures
+and the cost model of a written report from the Chrome trace next to it.
 
 Figures (--plot-dir, default next to --out): throughput vs concurrency per
 mode, a timeline of draft/verify intervals per thread for a few steps of each
@@ -94,7 +100,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from statistics import mean, pstdev
+from statistics import mean, median, pstdev
 from typing import Callable, Optional
 
 import requests
@@ -220,6 +226,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--plot-dir", help="write the PNGs and the Chrome trace here (default: --out's folder)")
     p.add_argument("--timeline-steps", type=int, default=6, help="steps per run in the timeline PNG (default 6)")
+    p.add_argument("--rescore", metavar="REPORT",
+                   help="run nothing: recompute REPORT's trace metrics and cost model from the trace.chrome.json "
+                        "next to it (after a cost-model change), print them, write them to --out if given")
     args = p.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     for name, value in sizes.items():
@@ -372,9 +381,15 @@ def stage_times(steps: list[dict]) -> dict:
     tokens committed per second of step time (the rate while decoding:
     prefill and scheduler gaps between steps left out) of ``steps``."""
     if not steps:
-        return {"t_draft_step_ms": None, "t_verify_ms": None, "t_step_ms": None,
-                "mean_verify_bs": None, "mean_draft_bs": None, "in_step_tok_s": None}
+        return {"t_draft_step_ms": None, "t_verify_ms": None, "t_step_ms": None, "t_draft_median_ms": None,
+                "t_verify_median_ms": None, "t_step_median_ms": None, "mean_verify_bs": None, "mean_draft_bs": None,
+                "in_step_tok_s": None}
     return {
+        # Medians: the per-token cost without the drafter's prompt prefill,
+        # which lands in the first draft after a request joins.
+        "t_draft_median_ms": 1000 * median(_span(s["draft"]) for s in steps),
+        "t_verify_median_ms": 1000 * median(_span(s["verify"]) for s in steps),
+        "t_step_median_ms": 1000 * median(s["step_seconds"] for s in steps),
         "in_step_tok_s": sum(sum(s["accept_lens"]) for s in steps) / sum(s["step_seconds"] for s in steps),
         "t_draft_step_ms": 1000 * mean(_span(s["draft"]) for s in steps),
         "t_verify_ms": 1000 * mean(_span(s["verify"]) for s in steps),
@@ -385,16 +400,28 @@ def stage_times(steps: list[dict]) -> dict:
     }
 
 
-def trace_metrics(spec: RunSpec, steps: list[dict]) -> dict:
+def draft_prefill_seconds(steps: list[dict]) -> float:
+    """Drafting time beyond the median draft of steps of the same mode and
+    draft batch size: the drafter's prefill of newly joined prompts."""
+    groups: dict[tuple, list[float]] = {}
+    for s in steps:
+        groups.setdefault((s["mode"], s["draft_bs"]), []).append(_span(s["draft"]))
+    return sum(max(0.0, d - median(ds)) for ds in groups.values() for d in ds)
+
+
+def trace_metrics(spec: RunSpec, steps: list[dict], n_requests: int) -> dict:
     if spec.engine in ("plain", "standalone"):
-        return {"steps": None, "fallback_steps": None, **stage_times([]), "overlap": None}
+        return {"steps": None, "fallback_steps": None, **stage_times([]), "overlap": None,
+                "draft_prefill_ms_per_request": None}
+    prefill = {"draft_prefill_ms_per_request": 1000 * draft_prefill_seconds(steps) / n_requests}
     if spec.engine == "sequential":
         # Steps that verified a full batch: the start-up and the tail of a run
         # verify fewer requests and would blur the stage times at size b.
         full = [s for s in steps if s["verify_bs"] == spec.concurrency] or steps
-        return {"steps": len(steps), "fallback_steps": 0, **stage_times(full), "overlap": 0.0}
+        return {"steps": len(steps), "fallback_steps": 0, **stage_times(full), "overlap": 0.0, **prefill}
     psd = [s for s in steps if s["mode"] == "psd"]
     return {
+        **prefill,
         "steps": len(psd),
         # Steps where one sub-batch was empty (start-up, the tail) ran the
         # whole batch sequentially; they are left out of the stage times.
@@ -576,7 +603,8 @@ def run_all(args, plan: list[RunSpec], target: str, draft: str, prompts: list[st
 
 def run_record(spec: RunSpec, samples: list[dict]) -> dict:
     """Means over repeats of every metric, and each repeat's throughput."""
-    per = [{**request_metrics(x["replies"], x["makespan"]), **trace_metrics(spec, x["steps"])} for x in samples]
+    per = [{**request_metrics(x["replies"], x["makespan"]), **trace_metrics(spec, x["steps"], len(x["replies"]))}
+           for x in samples]
     record = {}
     for key in per[0]:
         values = [p[key] for p in per if p[key] is not None]
@@ -658,7 +686,7 @@ def predictions(runs: list[dict], inputs: dict, env: dict) -> list[dict]:
     """Cost-model throughput (the finite run and the steady state) and step
     time for every speculative run the model covers (SD-like runs, plain
     psd), next to the measurement. Prefill per wave: plain decoding's TTFT at
-    the same concurrency."""
+    the same concurrency; the drafter's, per request, from the sequential runs."""
     times, alpha, k = inputs["times"], inputs["alpha"], inputs["k"]
     ttft = {r["concurrency"]: r["ttft_ms"] / 1000 for r in runs if r["engine"] == "plain"}
     out = []
@@ -674,19 +702,17 @@ def predictions(runs: list[dict], inputs: dict, env: dict) -> list[dict]:
         for model, psd, slowdown in cases:
             step = cost_model.psd_step(times, b, k, *slowdown) if psd else cost_model.sd_step(times, b, k)
             seconds = cost_model.makespan(times, k, alpha, env["N"], env["max_new_tokens"], c, psd,
-                                          ttft.get(c, 0.0), *slowdown)
+                                          ttft.get(c, 0.0), *slowdown, draft_prefill_s=inputs["draft_prefill_s"])
             tput = env["N"] * env["max_new_tokens"] / seconds
-            measured_step = r["t_step_ms"] / 1000 if r["t_step_ms"] else None
+            # The model's step has no prompt prefill in it: the median step.
+            measured_step = r["t_step_median_ms"] / 1000 if r.get("t_step_median_ms") else None
             out.append({
                 "run": r["name"], "model": model,
                 "predicted_tok_s": tput, "measured_tok_s": r["throughput_tok_s"],
                 "error": cost_model.relative_error(tput, r["throughput_tok_s"]),
                 "steady_state_tok_s": b * cost_model.accept_length(alpha, k) / step,
-                "measured_in_step_tok_s": r["in_step_tok_s"],
-                "steady_state_error": cost_model.relative_error(b * cost_model.accept_length(alpha, k) / step,
-                                                                r["in_step_tok_s"]),
                 "predicted_step_ms": 1000 * step,
-                "measured_step_ms": r["t_step_ms"],
+                "measured_median_step_ms": r.get("t_step_median_ms"),
                 "step_error": cost_model.relative_error(step, measured_step),
             })
     return out
@@ -706,6 +732,7 @@ def cost_model_report(report: dict, concurrency: int) -> dict:
         "t_draft_token_ms": {"intercept": 1000 * times.draft.intercept, "per_request": 1000 * times.draft.slope},
         "t_verify_ms": {"intercept": 1000 * times.verify.intercept, "per_token": 1000 * times.verify.slope},
         "slowdown": inputs["slowdown"],
+        "draft_prefill_s_per_request": inputs["draft_prefill_s"],
         "ideal_psd_speedup": cost_model.ideal_speedup(times, report["env"]["B"], inputs["k"]),
         "predictions": preds,
         "plan_isolated": cost_model.plan(times, inputs["alpha"], concurrency),
@@ -725,23 +752,48 @@ def print_report(args, runs: list[dict], s: dict, cm: dict, diffs: dict[str, lis
     print(f"at concurrency {2 * B} over plain: psd {fmt(s['psd_over_plain_same_concurrency'])}x, "
           f"seq {fmt(s['seq_over_plain_same_concurrency'])}x, "
           f"STANDALONE {fmt(s['standalone_over_plain_same_concurrency'])}x")
-    print(f"cost model: alpha {cm['alpha']:.3f}; ideal psd speedup (k*t_d + t_v) / max(k*t_d, t_v) at b={B}: "
-          f"{fmt(cm['ideal_psd_speedup'])}x")
-    for p in cm["predictions"]:
-        in_step = "" if p["steady_state_error"] is None else (
-            f" vs {p['measured_in_step_tok_s']:.1f} in steps ({p['steady_state_error']:+.0%})")
-        print(f"  {p['run']:<14} {p['model']:<15} run {p['predicted_tok_s']:.1f} tok/s vs "
-              f"{p['measured_tok_s']:.1f} measured ({p['error']:+.0%}); steady state "
-              f"{p['steady_state_tok_s']:.1f}{in_step}; step {p['predicted_step_ms']:.2f} ms "
-              f"vs {fmt(p['measured_step_ms'])}")
-    print("plan (two devices that share nothing), python -m minedraft_sglang.cost_model --from OUT for more:")
-    print(cost_model.format_plan(cm["plan_isolated"]))
+    print_cost_model(cm, B)
     if s["outputs_identical"]:
         print(f"greedy outputs identical across all {len(runs)} runs x {args.repeats} repeats "
               f"({args.num_prompts} prompts x {args.max_new_tokens} tokens)")
     for name, d in diffs.items():
         if d:
             print(f"MISMATCH: {name} differs from the reference plain run on prompts {d}")
+
+
+def print_cost_model(cm: dict, B: int) -> None:
+    fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+    print(f"cost model: alpha {cm['alpha']:.3f}, drafter prefill {cm['draft_prefill_s_per_request']:.2f} s "
+          f"per request; ideal psd speedup (k*t_d + t_v) / max(k*t_d, t_v) at b={B}: "
+          f"{fmt(cm['ideal_psd_speedup'])}x")
+    for p in cm["predictions"]:
+        step_error = "" if p["step_error"] is None else f" ({p['step_error']:+.0%})"
+        print(f"  {p['run']:<14} {p['model']:<15} run {p['predicted_tok_s']:.2f} tok/s vs "
+              f"{p['measured_tok_s']:.2f} measured ({p['error']:+.0%}); step {p['predicted_step_ms']:.1f} ms vs "
+              f"median {fmt(p['measured_median_step_ms'])}{step_error}; steady state {p['steady_state_tok_s']:.2f} tok/s")
+    print("plan (two devices that share nothing), python -m minedraft_sglang.cost_model --from OUT for more:")
+    print(cost_model.format_plan(cm["plan_isolated"]))
+
+
+def rescore(path: Path, out: Optional[str]) -> int:
+    """Trace metrics and cost model of a written report recomputed from the
+    Chrome trace next to it (the first repeat's steps), e.g. after the
+    cost model changed; request-level figures are kept as measured."""
+    report = json.loads(path.read_text())
+    traces = bench_plots.read_chrome_trace(path.parent / "trace.chrome.json")
+    for r in report["runs"]:
+        if r["name"] in traces:
+            spec = RunSpec(r["name"], r["mode"], r["engine"], r["concurrency"], tuple(r["flags"]))
+            r.update(trace_metrics(spec, traces[r["name"]], report["env"]["N"]))
+    report["cost_model"] = cost_model_report(report, 2 * report["env"]["B"])
+    report["rescored_from"] = str(path)
+    print(table(report["runs"]))
+    print()
+    print_cost_model(report["cost_model"], report["env"]["B"])
+    if out:
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {out}")
+    return 0
 
 
 def write_figures(plot_dir: Path, runs: list[dict], plan: list[RunSpec], samples: dict, steps: int) -> dict:
@@ -763,6 +815,8 @@ def write_figures(plot_dir: Path, runs: list[dict], plan: list[RunSpec], samples
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    if args.rescore:
+        return rescore(Path(args.rescore), args.out)
     pair, target, draft = model_paths(args)
     prompts = make_prompts(args.num_prompts, args.seed, args.prompts_file, args.prompt_set)
     plan = build_plan(args.batch_size, args.variants, args.concurrency)

@@ -124,3 +124,29 @@ def chrome_trace(traces: dict[str, list[dict]], path: Path) -> None:
                          "overlap": s["overlap"], "accept_lens": s.get("accept_lens")},
             })
     Path(path).write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}) + "\n")
+
+
+def read_chrome_trace(path: Path) -> dict[str, list[dict]]:
+    """The steps chrome_trace wrote, per run, in trace-file form (times in
+    seconds from the run's first interval)."""
+    events = json.loads(Path(path).read_text())["traceEvents"]
+    runs = {e["pid"]: e["args"]["name"] for e in events if e["name"] == "process_name"}
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events if e["name"] == "thread_name"}
+    steps: dict[str, dict[int, dict]] = {name: {} for name in runs.values()}
+    for e in events:
+        if e["ph"] != "X":
+            continue
+        args = e["args"]
+        s = steps[runs[e["pid"]]].setdefault(args["step"], {
+            "step": args["step"], "mode": e["cat"], "verify_bs": args["verify_bs"], "draft_bs": args["draft_bs"],
+            "overlap": args["overlap"], "accept_lens": args["accept_lens"]})
+        s[e["name"]] = [e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6]
+        if e["name"] == "draft":
+            label = threads[(e["pid"], e["tid"])]
+            s["draft_thread"] = SCHEDULER_THREAD if label == _thread_label(SCHEDULER_THREAD) else label.rsplit(" ", 1)[0]
+    out = {}
+    for name, by_step in steps.items():
+        for s in by_step.values():
+            s["step_seconds"] = max(s["draft"][1], s["verify"][1]) - min(s["draft"][0], s["verify"][0])
+        out[name] = [by_step[i] for i in sorted(by_step)]
+    return out

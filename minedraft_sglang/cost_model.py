@@ -15,9 +15,10 @@ Model (steady-state decode):
     TPOT        = step / L (SD), 2 * step / L (PSD: a request is verified every other step)
 
 A finite run (N requests of T tokens each, c in flight) is modelled as
-ceil(N/c) waves; each pays one prefill (an input: e.g. plain decoding's
-TTFT at that concurrency) and (T - 1)/L rounds, the first token coming from
-prefill. A round is one SD step over the wave, or two PSD steps over its
+ceil(N/c) waves; each pays one target prefill (an input: e.g. plain
+decoding's TTFT at that concurrency), the drafter's prefill of its w prompts
+(w * p_d, not overlapped: new requests are drafted before they are verified)
+and (T - 1)/L rounds, the first token coming from prefill. A round is one SD step over the wave, or two PSD steps over its
 halves (a lone request runs SD). The last wave may be smaller, and its steps
 cheaper.
 
@@ -156,7 +157,7 @@ def psd_throughput(times: StageTimes, b: float, k: int, alpha: float,
 
 def makespan(times: StageTimes, k: int, alpha: float, n_requests: int, tokens: int, in_flight: int,
              psd: bool = False, prefill_s: float = 0.0, slowdown_draft: float = 1.0,
-             slowdown_verify: float = 1.0) -> float:
+             slowdown_verify: float = 1.0, draft_prefill_s: float = 0.0) -> float:
     """Seconds for ``n_requests`` requests of ``tokens`` output tokens each,
     at most ``in_flight`` at once (see the module docstring)."""
     rounds = (tokens - 1) / accept_length(alpha, k)
@@ -168,7 +169,7 @@ def makespan(times: StageTimes, k: int, alpha: float, n_requests: int, tokens: i
             per_round = 2 * psd_step(times, -(-wave // 2), k, slowdown_draft, slowdown_verify)
         else:
             per_round = sd_step(times, wave, k)
-        total += prefill_s + rounds * per_round
+        total += prefill_s + wave * draft_prefill_s + rounds * per_round
     return total
 
 
@@ -219,31 +220,43 @@ def plan(times: StageTimes, alpha: float, max_concurrency: int, k_max: int = 8,
 
 # ------------------------------------------------------------------ bench.json
 
+def _stage_keys(runs: list[dict]) -> tuple[str, str]:
+    """Median stage times where the report has them (the drafter's prompt
+    prefill then is a separate input), else the means of older reports."""
+    if all(r.get("t_draft_median_ms") for r in runs if r.get("t_draft_step_ms")):
+        return "t_draft_median_ms", "t_verify_median_ms"
+    return "t_draft_step_ms", "t_verify_ms"
+
+
 def from_bench(report: dict) -> dict:
     """Cost-model inputs from a bench.py report: the sequential runs' stage
-    times and acceptance, and the psd run's slowdowns."""
+    times, drafter prefill and acceptance, and the psd run's slowdowns."""
     k = report["env"]["k"]
     runs = report["runs"]
     seq = [r for r in runs if r["engine"] == "sequential" and r.get("t_draft_step_ms")]
     if not seq:
         raise ValueError("the report has no sequential MINEDRAFT run with stage times")
-    points = [Measurement(b=r["mean_verify_bs"], k=k, t_draft_token=r["t_draft_step_ms"] / 1000 / k,
-                          t_verify=r["t_verify_ms"] / 1000) for r in seq]
+    draft_key, verify_key = _stage_keys(runs)
+    points = [Measurement(b=r["mean_verify_bs"], k=k, t_draft_token=r[draft_key] / 1000 / k,
+                          t_verify=r[verify_key] / 1000) for r in seq]
     lengths = [r["accept_length"] for r in seq if r.get("accept_length")]
     alpha = alpha_from_accept_length(min(k + 1.0, max(1.0, sum(lengths) / len(lengths))), k)
+    prefill = [r["draft_prefill_ms_per_request"] / 1000 for r in seq if r.get("draft_prefill_ms_per_request")]
     return {"k": k, "points": points, "times": StageTimes.fit(points), "alpha": alpha,
+            "draft_prefill_s": sum(prefill) / len(prefill) if draft_key == "t_draft_median_ms" and prefill else 0.0,
             "slowdown": measured_slowdown(runs)}
 
 
 def measured_slowdown(runs: list[dict]) -> Optional[tuple[float, float]]:
     """(s_d, s_v): the psd run's stage times over those of the sequential run
     whose batch is the psd sub-batch size; None without such a pair."""
-    seq = {r["concurrency"]: r for r in runs if r["engine"] == "sequential" and r.get("t_draft_step_ms")}
+    draft_key, verify_key = _stage_keys(runs)
+    seq = {r["concurrency"]: r for r in runs if r["engine"] == "sequential" and r.get(draft_key)}
     for r in runs:
         # Reports written before run modes existed name the engine only.
-        if r.get("mode", r["engine"]) == "psd" and r.get("t_draft_step_ms") and r["sub_batch_size"] in seq:
+        if r.get("mode", r["engine"]) == "psd" and r.get(draft_key) and r["sub_batch_size"] in seq:
             base = seq[r["sub_batch_size"]]
-            return r["t_draft_step_ms"] / base["t_draft_step_ms"], r["t_verify_ms"] / base["t_verify_ms"]
+            return r[draft_key] / base[draft_key], r[verify_key] / base[verify_key]
     return None
 
 
@@ -275,7 +288,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"  b={m.b:.1f}: t_d {1000 * m.t_draft_token:.2f} ms/token, t_v {1000 * m.t_verify:.2f} ms")
     print(f"  fit: t_d(b) = {1000 * times.draft.intercept:.2f} + {1000 * times.draft.slope:.3f}*b ms, "
           f"t_v(b,k) = {1000 * times.verify.intercept:.2f} + {1000 * times.verify.slope:.3f}*b*(k+1) ms")
-    print(f"  alpha {alpha:.3f} (accept length {accept_length(alpha, k):.2f} at k={k})")
+    print(f"  alpha {alpha:.3f} (accept length {accept_length(alpha, k):.2f} at k={k}); "
+          f"drafter prefill {1000 * inputs['draft_prefill_s']:.0f} ms per request")
     limits = f"at most {concurrency} in flight" + (f", TPOT <= {args.tpot_limit_ms} ms" if tpot_limit else "")
     print(f"plan, two devices that do not slow each other down ({limits}):")
     print(format_plan(plan(times, alpha, concurrency, args.k_max, tpot_limit)))

@@ -72,6 +72,17 @@ def test_run_record_means_over_repeats():
     assert r["makespan_per_request_ms"] == pytest.approx(375)
 
 
+def test_draft_prefill_is_drafting_beyond_the_median():
+    # Drafts of 1, 1, 5, 1 s at one batch size: the 5 s one holds 4 s of prompt
+    # prefill; a lone psd step is its own median.
+    steps = [_step(i, "sequential", (0, d), (d, d + 1)) for i, d in enumerate((1, 1, 5, 1))]
+    steps.append(_step(4, "psd", (0, 2), (0, 3)))
+    assert bench.draft_prefill_seconds(steps) == pytest.approx(4.0)
+    metrics = bench.trace_metrics(bench.RunSpec("seq@B", "seq", "sequential", 2), steps[:4], 8)
+    assert metrics["draft_prefill_ms_per_request"] == pytest.approx(500.0)
+    assert metrics["t_draft_median_ms"] == pytest.approx(1000.0) and metrics["t_draft_step_ms"] == pytest.approx(2000)
+
+
 def test_chrome_trace_and_timeline(tmp_path):
     seq = [_step(0, "sequential", (10.0, 10.01), (10.01, 10.03))]
     psd = [_step(5, "psd", (20.0, 20.01), (20.0, 20.02), thread="minedraft-drafter_0"),
@@ -88,6 +99,13 @@ def test_chrome_trace_and_timeline(tmp_path):
         (2, 1, "verify", 0.0, 20000.0), (2, 2, "draft", 0.0, 10000.0),
         (2, 1, "verify", 30000.0, 10000.0), (2, 1, "draft", 20000.0, 10000.0),
     ]
+    # Read back (for --rescore): the same steps, times from the run's start.
+    back = bench_plots.read_chrome_trace(path)
+    assert [s["step"] for s in back["psd@2B"]] == [5, 6] and back["psd@2B"][0]["mode"] == "psd"
+    assert [s["draft_thread"] for s in back["psd@2B"]] == ["minedraft-drafter_0", "MainThread"]
+    assert back["psd@2B"][1]["verify"] == pytest.approx([0.03, 0.04])
+    assert back["psd@2B"][0]["accept_lens"] == [2, 2] and back["psd@2B"][0]["verify_bs"] == 2
+    assert back["seq@B"][0]["step_seconds"] == pytest.approx(0.03)
     assert bench_plots.window(psd, 1, "psd") == psd[:1]
     png = tmp_path / "timeline.png"
     bench_plots.timeline({"seq@B": seq, "psd@2B": psd}, png)
@@ -132,6 +150,8 @@ def test_bench_quick_reports_every_field(tmp_path):
         assert r["steps"] > 0, name
         assert r["t_draft_step_ms"] > 0 and r["t_verify_ms"] > 0 and r["t_step_ms"] > 0, name
         assert 0 < r["in_step_tok_s"] < math.inf, name
+        assert 0 < r["t_draft_median_ms"] and 0 < r["t_verify_median_ms"] and 0 < r["t_step_median_ms"], name
+        assert r["draft_prefill_ms_per_request"] >= 0, name
         assert 0 <= r["overlap"] <= 1, name
     assert runs["seq@B"]["overlap"] == runs["seq@2B"]["overlap"] == 0
     # PSD's sub-batch is B: each step verifies one half of the 2B running requests.
@@ -154,8 +174,8 @@ def test_bench_quick_reports_every_field(tmp_path):
         assert 0 < p["predicted_tok_s"] <= p["steady_state_tok_s"], p
         assert p["predicted_step_ms"] > 0 and p["error"] > -1, p
         if p["run"].startswith(("seq", "psd")):
-            assert p["steady_state_error"] > -1, p
-    assert all(s > 0 for s in cm["slowdown"])
+            assert p["step_error"] > -1 and p["measured_median_step_ms"] > 0, p
+    assert all(s > 0 for s in cm["slowdown"]) and cm["draft_prefill_s_per_request"] >= 0
     for mode in ("sd", "psd"):
         assert 1 <= cm["plan_isolated"][mode]["k"] <= 8 and cm["plan_isolated"][mode]["in_flight"] <= 2 * B
 

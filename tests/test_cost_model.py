@@ -82,6 +82,9 @@ def test_makespan_waves():
     # PSD, 4 in flight: a wave of 4 (a round = two 30 ms steps over halves of
     # 2), then a lone request (sequential: 60 ms a round).
     assert cm.makespan(FLAT, 3, 1.0, 5, 9, 4, psd=True) == pytest.approx(2 * 2 * 0.030 + 2 * 0.060)
+    # The drafter's prefill, 0.5 s a prompt, adds 5 * 0.5 s whatever the waves.
+    assert cm.makespan(FLAT, 3, 1.0, 5, 9, 2, prefill_s=0.1, draft_prefill_s=0.5) == pytest.approx(
+        3 * (0.1 + 2 * 0.060) + 2.5)
     # The last, smaller wave is cheaper with batch-dependent stage times:
     # sd_step(1, k=1) = 0.003 + 0.012 = 0.015, sd_step(2, 1) = 0.004 + 0.014 = 0.018;
     # alpha 0, k 1: L = 1, 3 tokens = 2 rounds.
@@ -143,8 +146,23 @@ REPORT = {
 }
 
 
-def test_from_bench():
+def test_from_bench_with_medians():
+    runs = [dict(r) for r in REPORT["runs"]]
+    # Medians (ms): seq@B draft 24 (8 a token), verify 40; seq@2B 30, 50;
+    # psd@2B 48, 60; drafter prefill 300 and 500 ms per request.
+    for r, (d, v, prefill) in zip(runs[1:], [(24, 40, 300), (30, 50, 500), (48, 60, 900), (80, 80, 0)]):
+        r.update(t_draft_median_ms=d, t_verify_median_ms=v, draft_prefill_ms_per_request=prefill)
+    inputs = cm.from_bench({**REPORT, "runs": runs})
+    assert [p.t_draft_token for p in inputs["points"]] == pytest.approx([0.008, 0.010])
+    assert [p.t_verify for p in inputs["points"]] == pytest.approx([0.040, 0.050])
+    # The sequential runs' mean, 0.4 s; psd's own figure is not an input.
+    assert inputs["draft_prefill_s"] == pytest.approx(0.4)
+    assert inputs["slowdown"] == pytest.approx((2.0, 1.5))  # 48/24, 60/40
+
+
+def test_from_bench_older_report_uses_means():
     inputs = cm.from_bench(REPORT)
+    assert inputs["draft_prefill_s"] == 0
     assert inputs["k"] == 3
     assert inputs["alpha"] == pytest.approx(0.5, abs=1e-9)
     # Per draft token: 10 ms at b=2, 14 ms at b=4.
