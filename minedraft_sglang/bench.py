@@ -25,7 +25,7 @@ on odd rounds, so slow drift of the machine lands on every mode alike (and
 the last server of a round is the first of the next: no restart between).
 Servers are started when their turn comes and stopped once they have no
 visit left or to make room: one alive by default, so nothing else runs
-while a server is measured. --max-alive 2 or 3 (for tests) starts that
+while a server is measured. --max-alive 2 or 3 (--quick: 3) starts that
 many together, which saves wall time (a server's start is mostly CPU-bound
 imports) at the price of idle servers beside the measured one (they sleep:
 serve_cpu.sh passes --sleep-on-idle). Every server gets
@@ -220,8 +220,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--server-args", default="",
                    help='extra sglang arguments for every server, one string: --server-args="--flag value"')
     p.add_argument("--log-dir", help="keep server logs and traces here (default: a temporary folder)")
-    p.add_argument("--max-alive", type=int, choices=(1, 2, 3), default=1,
-                   help="servers alive at once, started together (default 1; more is faster, for tests)")
+    p.add_argument("--max-alive", type=int, choices=(1, 2, 3),
+                   help="servers alive at once, started together (default 1, with --quick 3: faster, for CI)")
     p.add_argument("--startup-timeout", type=float, default=900, help="seconds per server start")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--plot-dir", help="write the PNGs and the Chrome trace here (default: --out's folder)")
@@ -230,7 +230,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                    help="run nothing: recompute REPORT's trace metrics and cost model from the trace.chrome.json "
                         "next to it (after a cost-model change), print them, write them to --out if given")
     args = p.parse_args(argv)
-    sizes = QUICK if args.quick else FULL
+    sizes = {**QUICK, "max_alive": 3} if args.quick else {**FULL, "max_alive": 1}
     for name, value in sizes.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
