@@ -15,6 +15,8 @@ share:
     seq@2B                      SD at PSD's concurrency (PSD keeps 2B in flight)
     psd@2B                      MINEDRAFT psd: two sub-batches of B
     tetris@2B                   psd with --minedraft-tetris (--variants tetris)
+    eagle-seq@B, eagle@2B       sequential and psd with the tiny EAGLE head
+    eagle3-seq@B, eagle3@2B     (--variants eagle,eagle3; tiny pair only)
 
 --concurrency C1,C2,... adds a run of every mode at each of those
 concurrencies (requests in flight), for the throughput-vs-concurrency plot.
@@ -173,8 +175,20 @@ def base_runs(B: int) -> list[RunSpec]:
 
 
 # Optional runs (--variants NAME,...): a drafter variant is one more entry.
+def _eagle_runs(head: str, B: int) -> list[RunSpec]:
+    # The tiny heads are trained for the tiny target (tiny_eagle.py); no
+    # EAGLE head for the real pair can be had offline.
+    from minedraft_sglang import tiny_eagle
+
+    flags = ("--speculative-draft-model-path", str(tiny_eagle.model_path(head)))
+    return [RunSpec(f"{head}-seq@B", f"{head}-seq", "sequential", B, flags),
+            RunSpec(f"{head}@2B", head, "psd", 2 * B, flags)]
+
+
 VARIANTS: dict[str, Callable[[int], list[RunSpec]]] = {
     "tetris": lambda B: [RunSpec("tetris@2B", "tetris", "psd", 2 * B, ("--minedraft-tetris",))],
+    "eagle": lambda B: _eagle_runs("eagle", B),
+    "eagle3": lambda B: _eagle_runs("eagle3", B),
 }
 
 
@@ -244,6 +258,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    if {"eagle", "eagle3"} & set(args.variants) and (args.target_path or args.pair != "tiny"):
+        p.error("the eagle/eagle3 variants use heads trained for the tiny target: --pair tiny only")
     return args
 
 
