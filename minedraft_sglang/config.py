@@ -118,8 +118,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--minedraft-draft-device",
         default=MineDraftConfig.draft_device,
-        help="Device the drafter runs on: 'cpu' or 'cuda:N' (a GPU other than the "
-        "target's for parallel drafting).",
+        help="Device the drafter runs on: 'cpu' (its own core), 'cuda:N' (a GPU other than "
+        "the target's: the two-device layout PSD is built for) or 'cuda' (the target's GPU, "
+        "on its own CUDA stream).",
     )
     group.add_argument(
         "--minedraft-drafter",
