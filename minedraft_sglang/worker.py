@@ -90,6 +90,10 @@ class MineDraftWorker(BaseSpecWorker):
             # EAGLE-3: the target returns these layers' outputs side by side
             # as its hidden states.
             self.model_runner.model.set_eagle3_layers_to_capture(self.drafter.aux_layer_ids)
+            if torch.device(self.device).type == "cuda":
+                # The target's CUDA graphs were captured without the aux
+                # outputs (SGLang's EAGLE-3 sets the layers before capture).
+                self.model_runner.recapture_decode_cuda_graph()
         split = _split_cores(self.draft_device)
         if split is not None and self.config.mode != "sequential":
             os.sched_setaffinity(0, split[0])
