@@ -18,7 +18,6 @@ ENV_VAR = "SGLANG_MINEDRAFT_CONFIG"
 ALGORITHM_NAME = "MINEDRAFT"
 
 MODES = ("auto", "psd", "sequential")
-DRAFTERS = ("auto", "standalone", "eagle", "eagle3")
 # Draft checkpoint architecture -> the drafter that runs it ("auto" picks it).
 DRAFTER_FOR_ARCHITECTURE = {
     "LlamaForCausalLM": "standalone",
@@ -27,6 +26,7 @@ DRAFTER_FOR_ARCHITECTURE = {
     "LlamaForCausalLMEagle": "eagle",
     "LlamaForCausalLMEagle3": "eagle3",
 }
+DRAFTERS = ("auto", *dict.fromkeys(DRAFTER_FOR_ARCHITECTURE.values()))
 
 
 class MineDraftConfigError(ValueError):

@@ -75,12 +75,7 @@ def sub_batch_view(batch: ScheduleBatch, rows: list[int]) -> ScheduleBatch:
     view = copy.copy(batch)
     view.spec_info = None
     view.sampling_info = dataclasses.replace(
-        batch.sampling_info,
-        penalizer_orchestrator=_KeepPenalties(),
-        # Whole-batch tensors that filter_batch does not slice; MINEDRAFT
-        # verifies compute penalties themselves (chain_penalties).
-        acc_additive_penalties=None,
-        acc_scaling_penalties=None,
+        batch.sampling_info, penalizer_orchestrator=_KeepPenalties()
     )
     view.filter_batch(keep_indices=rows)
     view.sampling_info.penalizer_orchestrator = None
@@ -117,6 +112,8 @@ def verify_chain(
     _active.penalties = chain_penalties(batch.reqs, draft_tokens)
     # SGLang's speculative penalties are "relaxed" (one vector for the whole
     # chain, counting only the last token of each step); ours replace them.
+    # (In a sub-batch view these whole-batch tensors are also unsliced:
+    # filter_batch leaves them alone.)
     batch.sampling_info = dataclasses.replace(
         batch.sampling_info, acc_additive_penalties=None, acc_scaling_penalties=None
     )
@@ -237,7 +234,10 @@ def sample_chain(verify_input, batch: ScheduleBatch, logits_output, grammar_mask
     bs = len(batch.seq_lens)
     width = verify_input.draft_token_num
     logits = logits_output.next_token_logits
-    _apply_logit_adjustments(logits, sampling_info, width)
+    # Penalties were applied by the eagle_sample hook; the rest of what
+    # SGLang's own verify adds, in its order:
+    if sampling_info.logit_bias is not None:
+        logits.add_(torch.repeat_interleave(sampling_info.logit_bias, width, dim=0))
     if grammar_mask is not None:
         grammar_mask.apply(logits)
     probs = target_probs(logits.view(bs, width, -1), sampling_info)
@@ -252,13 +252,6 @@ def sample_chain(verify_input, batch: ScheduleBatch, logits_output, grammar_mask
     rows = torch.arange(bs, device=probs.device)[:, None] * width
     accept_index = torch.where(cols[None, :] < accept_lens[:, None], rows + cols[None, :], -1)
     return predict, accept_lens.to(torch.int32), accept_index.to(torch.int32)
-
-
-def _apply_logit_adjustments(logits, sampling_info, width: int) -> None:
-    """What SGLang's own verify adds besides penalties (ours are applied by
-    the eagle_sample hook before this runs)."""
-    if sampling_info.logit_bias is not None:
-        logits.add_(torch.repeat_interleave(sampling_info.logit_bias, width, dim=0))
 
 
 def target_probs(logits: torch.Tensor, sampling_info) -> torch.Tensor:

@@ -77,9 +77,9 @@ class MineDraftWorker(BaseSpecWorker):
         # proposes k + extra and the budget is k per verified request.
         self.k = self.speculative_num_steps - (self.config.tetris_extra if self.config.tetris else 0)
         self.speculative_num_draft_tokens = spec.speculative_num_draft_tokens
+        target_on_cuda = torch.device(self.device).type == "cuda"
         placement = devices.place_drafter(
-            self.config.draft_device,
-            self.model_runner.gpu_id if torch.device(self.device).type == "cuda" else None,
+            self.config.draft_device, self.model_runner.gpu_id if target_on_cuda else None
         )
         self.draft_device = placement.device
         self.drafter = create_drafter(
@@ -90,7 +90,7 @@ class MineDraftWorker(BaseSpecWorker):
             # EAGLE-3: the target returns these layers' outputs side by side
             # as its hidden states.
             self.model_runner.model.set_eagle3_layers_to_capture(self.drafter.aux_layer_ids)
-            if torch.device(self.device).type == "cuda":
+            if target_on_cuda:
                 # The target's CUDA graphs were captured without the aux
                 # outputs (SGLang's EAGLE-3 sets the layers before capture).
                 self.model_runner.recapture_decode_cuda_graph()
@@ -196,10 +196,11 @@ class MineDraftWorker(BaseSpecWorker):
         return self._step(batch, mode, list(range(len(rids))), [], on_publish, grammar_barrier)
 
     def _prefill(self, batch: ScheduleBatch, on_publish) -> GenerationBatchResult:
-        if not self.drafter.needs_target_features:
-            result = self.target_worker.forward_batch_generation(batch)
-        else:
-            result = self.target_worker.forward_batch_generation(batch, capture_hidden_mode=CaptureHiddenMode.FULL)
+        needs_features = self.drafter.needs_target_features
+        result = self.target_worker.forward_batch_generation(
+            batch, capture_hidden_mode=CaptureHiddenMode.FULL if needs_features else None
+        )
+        if needs_features:
             features = result.logits_output.hidden_states.split(list(batch.extend_lens))
             for req, start, f in zip(batch.reqs, batch.prefix_lens, features):
                 self.drafter.observe(req.rid, start, f)
