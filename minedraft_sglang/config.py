@@ -37,6 +37,9 @@ class MineDraftConfigError(ValueError):
 class MineDraftConfig:
     mode: str = "auto"
     draft_device: str = "cpu"
+    # CPU cores of the drafter's thread ("auto": the last allowed core); the
+    # scheduler thread, which verifies, keeps the others.
+    draft_cores: str = "auto"
     drafter: str = "auto"
     # Largest number of tokens one request may hold in the drafter's KV cache;
     # 0 means the target's context length, at most 4096.
@@ -59,6 +62,7 @@ class MineDraftConfig:
                 f"--minedraft-drafter {self.drafter!r} is not one of {', '.join(DRAFTERS)}"
             )
         validate_device(self.draft_device)
+        validate_cores(self.draft_cores, self.draft_device)
         if self.tetris_extra < 0:
             raise MineDraftConfigError(
                 f"--minedraft-tetris-extra must be >= 0, got {self.tetris_extra}"
@@ -100,6 +104,23 @@ def validate_device(device: str) -> None:
         raise MineDraftConfigError(str(e)) from None
 
 
+def validate_cores(draft_cores: str, draft_device: str) -> None:
+    """Fail early for cores this process may not use (the scheduler inherits
+    the launcher's CPU set)."""
+    from minedraft_sglang import cpu_affinity
+
+    if draft_cores == cpu_affinity.AUTO:
+        return
+    if draft_device != "cpu":
+        raise MineDraftConfigError(
+            f"{cpu_affinity.FLAG} applies to a CPU drafter; --minedraft-draft-device is {draft_device!r}"
+        )
+    try:
+        cpu_affinity.split_cores(os.sched_getaffinity(0), draft_cores)
+    except cpu_affinity.CoreError as e:
+        raise MineDraftConfigError(str(e)) from None
+
+
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "MineDraft (batch parallel speculative decoding)",
@@ -121,6 +142,13 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         help="Device the drafter runs on: 'cpu' (its own core), 'cuda:N' (a GPU other than "
         "the target's: the two-device layout PSD is built for) or 'cuda' (the target's GPU, "
         "on its own CUDA stream).",
+    )
+    group.add_argument(
+        "--minedraft-draft-cores",
+        default=MineDraftConfig.draft_cores,
+        help="CPU drafter only: the cores its thread runs on, e.g. '1' or '2-3' (auto: the "
+        "last core the server may use). The scheduler thread, which runs the target, keeps "
+        "the other cores, so draft and verify run in parallel. /server_info reports both sets.",
     )
     group.add_argument(
         "--minedraft-drafter",
@@ -164,6 +192,7 @@ def config_from_argv(argv: List[str]) -> MineDraftConfig:
     return MineDraftConfig(
         mode=args.minedraft_mode,
         draft_device=args.minedraft_draft_device,
+        draft_cores=args.minedraft_draft_cores,
         drafter=args.minedraft_drafter,
         draft_max_len=args.minedraft_draft_max_len,
         tetris=args.minedraft_tetris,

@@ -36,7 +36,9 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        cmd = ["bash", str(SERVE_CPU), *args, "--port", str(self.port), "--dtype", "float32"]
+        # float32 unless ``args`` say otherwise (the last --dtype wins): exact
+        # comparisons with plain decoding need it.
+        cmd = ["bash", str(SERVE_CPU), "--dtype", "float32", *args, "--port", str(self.port)]
         full_env = {**os.environ, "PYTHON": sys.executable, **(env or {})}
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(

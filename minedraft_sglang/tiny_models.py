@@ -13,6 +13,12 @@ Models (all share one tokenizer of VOCAB_SIZE tokens, float32 safetensors):
                   it guesses wrong with low confidence (TETRIS's test case)
   mismatch-vocab  draft-shaped with a different vocab_size (must be rejected)
 
+Built on request only (``wide_model_path``), bfloat16, random weights: a pair
+heavy enough that a forward costs tens of milliseconds of arithmetic on one
+core, not Python overhead; the parallelism proof needs that.
+  wide-target     8 layers, hidden 1024, MLP 4096 (~240 MB)
+  wide-draft      3 layers of the same width (~90 MB): k=3 drafts cost about one verify
+
 Built once into $MINEDRAFT_CACHE_DIR (default ~/.cache/minedraft_sglang/tiny-models),
 one folder per model named with a fingerprint of this file, so editing the recipe
 rebuilds. `python -m minedraft_sglang.tiny_models [NAME...]` prints the paths.
@@ -54,6 +60,10 @@ TARGET_SHAPE = dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4,
 DRAFT_SHAPE = dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=2,
                    num_key_value_heads=1, intermediate_size=256)
 BIGRAM_DRAFT_LAYERS = 1
+WIDE_TARGET_SHAPE = dict(num_hidden_layers=8, hidden_size=1024, num_attention_heads=16,
+                         num_key_value_heads=4, intermediate_size=4096)
+WIDE_MODELS = {"wide-target": dict(WIDE_TARGET_SHAPE, num_hidden_layers=8),
+               "wide-draft": dict(WIDE_TARGET_SHAPE, num_hidden_layers=3)}
 
 
 def cache_dir() -> Path:
@@ -80,6 +90,17 @@ def model_path(name: str) -> Path:
     path = _folder(name)
     if not path.is_dir():
         build_all()
+    return path
+
+
+def wide_model_path(name: str) -> Path:
+    """One of WIDE_MODELS, built on first use (a few seconds)."""
+    path = _folder(name)
+    if not path.is_dir():
+        tokenizer = _train_tokenizer()
+        model = _random_llama(WIDE_MODELS[name], seed=5 + list(WIDE_MODELS).index(name))
+        model.config.dtype = torch.bfloat16
+        save_atomically(lambda tmp: (model.to(torch.bfloat16).save_pretrained(tmp), tokenizer.save_pretrained(tmp)), path)
     return path
 
 

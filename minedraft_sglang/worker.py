@@ -31,7 +31,7 @@ from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode
 from sglang.srt.runtime_context import get_spec
 from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
 
-from minedraft_sglang import devices, metrics
+from minedraft_sglang import cpu_affinity, devices, metrics
 from minedraft_sglang.config import MineDraftConfig
 from minedraft_sglang.drafters import create_drafter
 from minedraft_sglang.drafters.base import DraftRequest
@@ -94,9 +94,7 @@ class MineDraftWorker(BaseSpecWorker):
                 # The target's CUDA graphs were captured without the aux
                 # outputs (SGLang's EAGLE-3 sets the layers before capture).
                 self.model_runner.recapture_decode_cuda_graph()
-        split = _split_cores(self.draft_device)
-        if split is not None and self.config.mode != "sequential":
-            os.sched_setaffinity(0, split[0])
+        self.cores = self._split_cores()
         self.sub_batches = SubBatches()
         self.pending: dict[str, _Drafts] = {}
         self.drafter_failures = 0
@@ -110,8 +108,12 @@ class MineDraftWorker(BaseSpecWorker):
             max_workers=1,
             thread_name_prefix="minedraft-drafter",
             initializer=_init_drafter_thread,
-            initargs=(self.draft_device,),
+            initargs=(self.draft_device, self.cores.drafter if self.cores else None),
         )
+        # Started now, not at the first PSD step, so /server_info and /proc
+        # show both threads with their cores from the start.
+        self.scheduler_tid = threading.get_native_id()
+        self.drafter_tid = self.executor.submit(threading.get_native_id).result()
         logger.info(
             "MineDraft: mode=%s drafter=%s on %s, k=%d, drafts per request=%d, tetris=%s",
             self.config.mode,
@@ -121,6 +123,27 @@ class MineDraftWorker(BaseSpecWorker):
             self.speculative_num_steps,
             self.config.tetris,
         )
+
+    def _split_cores(self) -> Optional[cpu_affinity.CoreSplit]:
+        """On a CPU drafter, pin this (the scheduler) thread to its share of
+        the cores; the drafter's thread pins itself to the rest as it starts.
+        Decided once, from the cores the process had before either pin."""
+        if self.draft_device != "cpu" or self.config.mode == "sequential":
+            return None
+        cores = cpu_affinity.split_cores(os.sched_getaffinity(0), self.config.draft_cores)
+        if cores is None:
+            logger.warning(
+                "MineDraft: one CPU core available; draft and verify share it, so PSD "
+                "cannot overlap them (give the server two cores or more)"
+            )
+            return None
+        cpu_affinity.pin_current_thread(cores.scheduler)
+        logger.info(
+            "MineDraft: scheduler (verify) on cores %s, drafter on cores %s",
+            cpu_affinity.format_cores(cores.scheduler),
+            cpu_affinity.format_cores(cores.drafter),
+        )
+        return cores
 
     @property
     def draft_worker(self):
@@ -153,6 +176,10 @@ class MineDraftWorker(BaseSpecWorker):
         return {
             "mode": self.config.mode,
             "draft_device": self.draft_device,
+            # Read back from the kernel, not from our split: what the threads
+            # really have.
+            "scheduler_cores": sorted(cpu_affinity.thread_cores(self.scheduler_tid)),
+            "drafter_cores": sorted(cpu_affinity.thread_cores(self.drafter_tid)),
             "drafter_free_slots": self.drafter.free_slots(),
             "drafter_total_slots": self.drafter_slots,
             "drafter_active_requests": len(self.drafter.active_rids()),
@@ -371,25 +398,14 @@ def _timed(fn, *args):
     return out, (t0, time.monotonic()), threading.current_thread().name
 
 
-def _split_cores(device: str) -> Optional[tuple[set[int], set[int]]]:
-    """(target cores, drafter core) when the drafter runs on a CPU with
-    cores to spare."""
-    if device != "cpu" or not hasattr(os, "sched_setaffinity"):
-        return None
-    cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < 2:
-        return None
-    return set(cores[:-1]), {cores[-1]}
-
-
-def _init_drafter_thread(device: str) -> None:
+def _init_drafter_thread(device: str, cores) -> None:
     """The drafter's thread gets its own CUDA stream (PSD drafting must not
-    queue behind the target's verify kernels on a shared GPU) or, on CPU, a
-    core of its own (Linux sets affinity per thread)."""
+    queue behind the target's verify kernels on a shared GPU) or, on CPU, its
+    own cores (Linux sets affinity per thread)."""
+    cpu_affinity.name_current_thread("minedraft-draft")
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
         torch.cuda.set_stream(torch.cuda.Stream(device))
         return
-    split = _split_cores(device)
-    if split is not None:
-        os.sched_setaffinity(0, split[1])
+    if cores is not None:
+        cpu_affinity.pin_current_thread(cores)

@@ -24,6 +24,12 @@ CASES = {
     "missing draft device": (["--minedraft-draft-device", "cuda:3"], {}, "--minedraft-draft-device 'cuda:3': "),
     "vocab mismatch": (["@mismatch-vocab"], {}, "has vocabulary size 1088"),
     "missing draft path": (["--speculative-draft-model-path", "/nonexistent/draft"], {}, "no such directory"),
+    "draft cores not allowed": (["--minedraft-draft-cores", "64"], {}, "--minedraft-draft-cores '64': cores 64"),
+    "draft cores take all": (
+        ["--minedraft-draft-cores", ",".join(map(str, sorted(os.sched_getaffinity(0))))], {},
+        "takes every allowed core",
+    ),
+    "draft cores bad syntax": (["--minedraft-draft-cores", "one"], {}, "is not 'auto' or a core list"),
     "tree drafts": (["--speculative-eagle-topk", "2"], {}, "--speculative-eagle-topk must be 1"),
     "negative draft max len": (["--minedraft-draft-max-len", "-1"], {}, "--minedraft-draft-max-len must be >= 0"),
     "draft tokens != steps + 1": (

@@ -28,6 +28,8 @@ def test_config_round_trips_through_env(monkeypatch):
         ({"draft_device": "cuda:7"}, "--minedraft-draft-device"),
         ({"drafter": "magic"}, "--minedraft-drafter"),
         ({"draft_max_len": -1}, "--minedraft-draft-max-len"),
+        ({"draft_cores": "1-"}, "--minedraft-draft-cores"),
+        ({"draft_cores": "999"}, "--minedraft-draft-cores"),
     ],
 )
 def test_bad_config_names_the_flag(kwargs, flag):
