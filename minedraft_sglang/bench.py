@@ -81,6 +81,10 @@ MINEDRAFT run, and every step of those runs as a Chrome trace JSON.
 Greedy outputs of every run must equal the first plain run's token for token:
 a MINEDRAFT run that differs makes the exit status 1 (STANDALONE's
 differences are reported: SGLang's exactness is not this project's contract).
+That holds in float32 (the default). With --server-args="--dtype bfloat16"
+the outputs are compared and reported per run (identical requests, mean
+common prefix), not required to match: a verify's wider matmuls round
+differently from a one-token decode, for SGLang's own SD too.
 """
 
 from __future__ import annotations
@@ -451,6 +455,28 @@ def mismatches(replies: list[dict], reference: list[dict]) -> list[int]:
     return [i for i, (a, b) in enumerate(zip(replies, reference)) if a["output_ids"] != b["output_ids"]]
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def served_dtype(server_args: str) -> str:
+    """The --dtype the servers get (the launcher's float32 unless --server-args says otherwise)."""
+    words = shlex.split(server_args)
+    return next((words[i + 1] for i in range(len(words) - 1) if words[i] == "--dtype"), "float32")
+
+
+def agreement(samples: list[dict], reference: list[dict]) -> dict:
+    """How far each run's greedy tokens follow the reference's: the whole
+    output in float32 (the contract); in bfloat16 a verify's wider matmuls
+    round differently from a one-token decode, so a near tie can flip."""
+    pairs = [(r["output_ids"], ref["output_ids"]) for x in samples for r, ref in zip(x["replies"], reference)]
+    return {
+        "identical_requests": sum(a == b for a, b in pairs),
+        "requests": len(pairs),
+        "mean_common_prefix": mean(common_prefix(a, b) for a, b in pairs),
+    }
+
+
 def _version(package: str) -> Optional[str]:
     try:
         return version(package)
@@ -772,6 +798,13 @@ def print_report(args, runs: list[dict], s: dict, cm: dict, diffs: dict[str, lis
     if s["outputs_identical"]:
         print(f"greedy outputs identical across all {len(runs)} runs x {args.repeats} repeats "
               f"({args.num_prompts} prompts x {args.max_new_tokens} tokens)")
+    if not s["exactness_enforced"]:
+        print("not float32: greedy outputs are compared, not required to match (batch-shape rounding); "
+              "identical requests / mean common prefix with the reference plain run:")
+        for run in runs:
+            a = run["agreement"]
+            print(f"  {run['name']:<16} {a['identical_requests']}/{a['requests']}  {a['mean_common_prefix']:.1f} tokens")
+        return
     for name, d in diffs.items():
         if d:
             print(f"MISMATCH: {name} differs from the reference plain run on prompts {d}")
@@ -856,12 +889,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     diffs = {spec.name: sorted({i for x in samples[spec.name] for i in mismatches(x["replies"], reference)})
              for spec in plan}
     ours_identical = not any(diffs[s.name] for s in plan if s.engine != "standalone")
+    exact = served_dtype(args.server_args) == "float32"
+    env["dtype"] = served_dtype(args.server_args)
+    for run in runs:
+        run["agreement"] = agreement(samples[run["name"]], reference)
     report = {"env": env, "runs": runs}
     report["cost_model"] = cost_model_report(report, 2 * args.batch_size)
     report["summary"] = {
         **summary(by_name),
         "outputs_identical": not any(diffs.values()),
         "mismatched_prompts": {name: d for name, d in diffs.items() if d},
+        "exactness_enforced": exact,
     }
     if args.out or args.plot_dir:
         plot_dir = Path(args.plot_dir or Path(args.out).parent)
@@ -870,7 +908,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.out}" + (f" and figures in {plot_dir}" if report.get("figures") else ""))
-    return 0 if ours_identical else 1
+    # Only float32 promises token identity (see agreement()).
+    return 0 if ours_identical or not exact else 1
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ ENV_VAR = "SGLANG_MINEDRAFT_CONFIG"
 ALGORITHM_NAME = "MINEDRAFT"
 
 MODES = ("auto", "psd", "sequential")
+K_POLICIES = ("auto", "fixed")
 # Draft checkpoint architecture -> the drafter that runs it ("auto" picks it).
 DRAFTER_FOR_ARCHITECTURE = {
     "LlamaForCausalLM": "standalone",
@@ -41,6 +42,9 @@ class MineDraftConfig:
     # scheduler thread, which verifies, keeps the others.
     draft_cores: str = "auto"
     drafter: str = "auto"
+    # "auto": drafts per request chosen every step in 0..--speculative-num-steps
+    # from measured costs (0: plain decoding); "fixed": always that many.
+    k: str = "auto"
     # Largest number of tokens one request may hold in the drafter's KV cache;
     # 0 means the target's context length, at most 4096.
     draft_max_len: int = 0
@@ -60,6 +64,13 @@ class MineDraftConfig:
         if self.drafter not in DRAFTERS:
             raise MineDraftConfigError(
                 f"--minedraft-drafter {self.drafter!r} is not one of {', '.join(DRAFTERS)}"
+            )
+        if self.k not in K_POLICIES:
+            raise MineDraftConfigError(f"--minedraft-k {self.k!r} is not one of {', '.join(K_POLICIES)}")
+        if self.k == "auto" and self.tetris:
+            raise MineDraftConfigError(
+                "--minedraft-k auto does not combine with --minedraft-tetris (TETRIS spends a fixed "
+                "budget of k drafts per request); use --minedraft-k fixed"
             )
         validate_device(self.draft_device)
         validate_cores(self.draft_cores, self.draft_device)
@@ -91,6 +102,8 @@ class MineDraftConfig:
             raise MineDraftConfigError(
                 f"{ENV_VAR} has unknown keys {unknown}; known: {sorted(known)}"
             )
+        if "k" not in values and values.get("tetris"):
+            values["k"] = "fixed"
         return cls(**values).validate()
 
 
@@ -159,6 +172,16 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "LlamaForCausalLMEagle3 as eagle3; EAGLE heads read the target's hidden states).",
     )
     group.add_argument(
+        "--minedraft-k",
+        choices=K_POLICIES,
+        default=None,
+        help="auto: before every step choose the drafts per request in 0..k, k = "
+        "--speculative-num-steps (default 4), from the measured draft and verify costs and "
+        "acceptance; 0 is a plain decode step, taken where drafting does not pay. fixed: "
+        "always k. Default: fixed when --speculative-num-steps or --minedraft-tetris is "
+        "given, auto otherwise.",
+    )
+    group.add_argument(
         "--minedraft-draft-max-len",
         type=int,
         default=MineDraftConfig.draft_max_len,
@@ -185,6 +208,12 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _default_k(argv: List[str], tetris: bool) -> str:
+    # A k the user chose stays what they chose.
+    fixed = tetris or any(a == "--speculative-num-steps" or a.startswith("--speculative-num-steps=") for a in argv)
+    return "fixed" if fixed else "auto"
+
+
 def config_from_argv(argv: List[str]) -> MineDraftConfig:
     parser = argparse.ArgumentParser(add_help=False)
     add_cli_args(parser)
@@ -193,6 +222,7 @@ def config_from_argv(argv: List[str]) -> MineDraftConfig:
         mode=args.minedraft_mode,
         draft_device=args.minedraft_draft_device,
         draft_cores=args.minedraft_draft_cores,
+        k=args.minedraft_k or _default_k(argv, args.minedraft_tetris),
         drafter=args.minedraft_drafter,
         draft_max_len=args.minedraft_draft_max_len,
         tetris=args.minedraft_tetris,

@@ -43,15 +43,7 @@ import sys
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
-
-def accept_length(alpha: float, k: int) -> float:
-    """Expected tokens per verify with k drafts, each accepted with
-    probability alpha given its predecessors were (bonus token included)."""
-    if not 0 <= alpha <= 1:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if alpha == 1:
-        return k + 1.0
-    return (1 - alpha ** (k + 1)) / (1 - alpha)
+from minedraft_sglang.adaptive_k import accept_length
 
 
 def alpha_from_accept_length(length: float, k: int) -> float:

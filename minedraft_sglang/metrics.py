@@ -83,7 +83,7 @@ class StepTracer:
 
     def step(
         self, mode, draft, verify, verify_bs, draft_bs, draft_thread: str,
-        accept_lens: Sequence[int], verified_drafts: int,
+        accept_lens: Sequence[int], verified_drafts: int, k: int,
     ) -> dict:
         start = min(draft[0], verify[0])
         step = max(draft[1], verify[1]) - start
@@ -97,6 +97,8 @@ class StepTracer:
             "draft_bs": draft_bs,
             "step_seconds": step,
             "verified_drafts": verified_drafts,
+            # Drafts per verified request (0: a plain decode step).
+            "k": k,
             "overlap": overlap_ratio(draft, verify, step),
             "draft_thread": draft_thread,
         }

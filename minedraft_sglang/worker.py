@@ -31,7 +31,7 @@ from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode
 from sglang.srt.runtime_context import get_spec
 from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
 
-from minedraft_sglang import cpu_affinity, devices, metrics
+from minedraft_sglang import adaptive_k, cpu_affinity, devices, metrics
 from minedraft_sglang.config import MineDraftConfig
 from minedraft_sglang.drafters import create_drafter
 from minedraft_sglang.drafters.base import DraftRequest
@@ -77,6 +77,9 @@ class MineDraftWorker(BaseSpecWorker):
         # proposes k + extra and the budget is k per verified request.
         self.k = self.speculative_num_steps - (self.config.tetris_extra if self.config.tetris else 0)
         self.speculative_num_draft_tokens = spec.speculative_num_draft_tokens
+        # --minedraft-k auto: k (and k = 0, a plain decode step) is chosen
+        # every step in 0..speculative_num_steps from the measured costs.
+        self.planner = adaptive_k.KPlanner(self.speculative_num_steps) if self.config.k == "auto" else None
         target_on_cuda = torch.device(self.device).type == "cuda"
         placement = devices.place_drafter(
             self.config.draft_device, self.model_runner.gpu_id if target_on_cuda else None
@@ -115,11 +118,11 @@ class MineDraftWorker(BaseSpecWorker):
         self.scheduler_tid = threading.get_native_id()
         self.drafter_tid = self.executor.submit(threading.get_native_id).result()
         logger.info(
-            "MineDraft: mode=%s drafter=%s on %s, k=%d, drafts per request=%d, tetris=%s",
+            "MineDraft: mode=%s drafter=%s on %s, k=%s, drafts per request=%d, tetris=%s",
             self.config.mode,
             type(self.drafter).__name__,
             self.draft_device,
-            self.k,
+            f"auto (0..{self.k})" if self.planner else self.k,
             self.speculative_num_steps,
             self.config.tetris,
         )
@@ -186,6 +189,8 @@ class MineDraftWorker(BaseSpecWorker):
             "pending_drafts": len(self.pending),
             "drafter_failures": self.drafter_failures,
             "sub_batch_sizes": self.sub_batches.sizes(),
+            "k": "auto" if self.planner else self.k,
+            **({"planner": self.planner.summary()} if self.planner else {}),
             **self.tracer.summary(),
         }
 
@@ -212,21 +217,33 @@ class MineDraftWorker(BaseSpecWorker):
         for rid in self.drafter.active_rids() - set(rids):
             # Retracted (or aborted) requests: their drafts are stale.
             self._release(rid)
-        if self.config.mode == "sequential":
-            return self._step(batch, "sequential", list(range(len(rids))), [], on_publish, grammar_barrier)
-        verify_rows, draft_rows = self.sub_batches.split(rids)
-        if verify_rows and draft_rows:
-            return self._step(batch, "psd", verify_rows, draft_rows, on_publish, grammar_barrier)
-        # One half is empty (e.g. a single running request): nothing to
-        # overlap across sub-batches.
-        mode = "draft_ahead" if self.config.mode == "auto" else "sequential"
-        return self._step(batch, mode, list(range(len(rids))), [], on_publish, grammar_barrier)
+        if self.config.mode != "sequential":
+            verify_rows, draft_rows = self.sub_batches.split(rids)
+            if verify_rows and draft_rows:
+                k = self._choose_k(len(verify_rows), len(draft_rows))
+                if k:
+                    return self._step(batch, "psd", verify_rows, draft_rows, k, on_publish, grammar_barrier)
+                return self._step(batch, "plain", list(range(len(rids))), [], 0, on_publish, grammar_barrier)
+        # Sequential mode, or one half is empty (e.g. a single running
+        # request): nothing to overlap across sub-batches.
+        k = self._choose_k(len(rids), 0)
+        mode = "plain" if k == 0 else "draft_ahead" if self.config.mode == "auto" else "sequential"
+        return self._step(batch, mode, list(range(len(rids))), [], k, on_publish, grammar_barrier)
+
+    def _choose_k(self, verify_bs: int, draft_bs: int) -> int:
+        """Drafts per request for the drafting done in this step."""
+        return self.planner.choose(verify_bs, draft_bs) if self.planner else self.speculative_num_steps
 
     def _prefill(self, batch: ScheduleBatch, on_publish) -> GenerationBatchResult:
         needs_features = self.drafter.needs_target_features
+        # The drafter's thread is idle during a prefill step: it fills the
+        # drafter's cache with the same prompts meanwhile, which otherwise
+        # lands in the requests' first draft, on the critical path.
+        drafter_prefill = self.executor.submit(self._safe_prefill, _draft_requests(batch.reqs))
         result = self.target_worker.forward_batch_generation(
             batch, capture_hidden_mode=CaptureHiddenMode.FULL if needs_features else None
         )
+        drafter_prefill.result()
         if needs_features:
             features = result.logits_output.hidden_states.split(list(batch.extend_lens))
             for req, start, f in zip(batch.reqs, batch.prefix_lens, features):
@@ -245,34 +262,49 @@ class MineDraftWorker(BaseSpecWorker):
             speculative_num_draft_tokens=self.speculative_num_draft_tokens,
         )
 
-    def _step(self, batch, mode: str, verify_rows, draft_rows, on_publish, grammar_barrier):
+    def _step(self, batch, mode: str, verify_rows, draft_rows, k: int, on_publish, grammar_barrier):
         """One engine step: verify ``verify_rows`` on the target while the
-        drafter works in the background on
+        drafter drafts k tokens per request in the background for
           psd:         the other sub-batch (``draft_rows``), for the next step;
           draft_ahead: the verified requests themselves, assuming all their
                        drafts get accepted (PEARL); kept only where that held;
-          sequential:  nothing (drafts were made before the verify).
+          sequential:  nothing (drafts were made before the verify);
+          plain:       nothing (k = 0: every request verifies its last token
+                       alone, a plain decode step).
         """
         reqs = batch.reqs
         verify_reqs = [reqs[i] for i in verify_rows]
         t0 = time.monotonic()
-        missing = [r for r in verify_reqs if not self._has_drafts(r)]
-        if missing:
-            # Newcomers of the verified half, requests moved by re-balancing,
-            # failed draft-ahead guesses, or every request in sequential mode.
-            self._draft(_draft_requests(missing))
-        taken = [self.pending.pop(r.rid) for r in verify_reqs]
-        drafts = torch.stack([d.tokens for d in taken])
+        missing = []
+        if mode == "plain":
+            for r in verify_reqs:
+                self.pending.pop(r.rid, None)
+            drafts = torch.zeros(len(verify_reqs), 0, dtype=torch.int64)
+            taken = []
+        else:
+            missing = [r for r in verify_reqs if not self._has_drafts(r)]
+            if missing:
+                # Newcomers of the verified half, requests moved by
+                # re-balancing, failed draft-ahead guesses, requests after a
+                # plain step, or every request in sequential mode.
+                self._draft(_draft_requests(missing), k)
+            taken = [self.pending.pop(r.rid) for r in verify_reqs]
+            # Drafts made at different k (the planner moved): verify the
+            # common prefix; a prefix of a chain draft is a chain draft.
+            width = min(len(d.tokens) for d in taken)
+            drafts = torch.stack([d.tokens[:width] for d in taken])
         num_drafts = None
         if self.config.tetris:
             logprobs = torch.stack([d.probs for d in taken]).clamp_min(1e-30).log()
             num_drafts = tetris_select(logprobs, self.k * len(verify_reqs)).to(self.device)
         background: Optional[Future] = None
         if mode == "psd":
-            background = self.executor.submit(_timed, self._draft, _draft_requests([reqs[i] for i in draft_rows]))
+            background = self.executor.submit(
+                _timed, self._draft, _draft_requests([reqs[i] for i in draft_rows]), k
+            )
         elif mode == "draft_ahead":
             ahead = _draft_requests(verify_reqs, extra=drafts.tolist())
-            background = self.executor.submit(_timed, self._draft_ahead, ahead)
+            background = self.executor.submit(_timed, self._draft_ahead, ahead, k)
         view = batch if len(verify_rows) == len(reqs) else sub_batch_view(batch, verify_rows)
         t1 = time.monotonic()
         result = self._verify(view, drafts, num_drafts, grammar_barrier)
@@ -283,11 +315,18 @@ class MineDraftWorker(BaseSpecWorker):
             draft_interval, draft_thread = (t0, t1), threading.current_thread().name
         if self.drafter.needs_target_features:
             # After the background draft: the drafter is this thread's now.
-            self._observe_verified(view.reqs, result)
+            self._observe_verified(view.reqs, result, drafts.shape[1] + 1)
+        accept_lens = result.accept_lens.tolist()
+        if self.planner is not None:
+            self._measure(
+                mode, k, drafts, accept_lens, (t0, t1, t2),
+                n_missing=len(missing), background=background and draft_interval, draft_bs=len(draft_rows),
+            )
         self.tracer.step(
             mode, draft_interval, (t1, t2), len(verify_rows), len(draft_rows) or len(verify_rows),
-            draft_thread, result.accept_lens.tolist(),
+            draft_thread, accept_lens,
             verified_drafts=int(num_drafts.sum()) if num_drafts is not None else drafts.numel(),
+            k=drafts.shape[1],
         )
         if view is batch:
             return self._finish(result, result.new_seq_lens, None, on_publish)
@@ -295,6 +334,21 @@ class MineDraftWorker(BaseSpecWorker):
         new_seq_lens[torch.tensor(verify_rows, device=self.device)] = result.new_seq_lens
         result.new_seq_lens = new_seq_lens
         return self._finish(result, new_seq_lens, verify_rows, on_publish)
+
+    def _measure(self, mode, k, drafts, accept_lens, times, *, n_missing, background, draft_bs) -> None:
+        """Feed the planner this step's stage costs and acceptance."""
+        t0, t1, t2 = times
+        bs, width = drafts.shape
+        self.planner.observe_verify(bs * (width + 1), t2 - t1)
+        if n_missing:
+            # Drafted before the verify, on this thread.
+            self.planner.observe_draft(n_missing, k, t1 - t0)
+        if background:
+            # psd: the other half, k tokens; draft_ahead: the verified rows, k + 1.
+            requests, forwards = (bs, k + 1) if mode == "draft_ahead" else (draft_bs, k)
+            self.planner.observe_draft(requests, forwards, background[1] - background[0])
+        if width:
+            self.planner.observe_acceptance([n - 1 for n in accept_lens], [width] * bs)
 
     # --------------------------------------------------------------- helpers
 
@@ -305,20 +359,28 @@ class MineDraftWorker(BaseSpecWorker):
         # Draft-ahead guesses also bet on the bonus token.
         return d.anchor is None or req.output_ids[-1] == d.anchor
 
-    def _draft(self, draft_reqs: Sequence[DraftRequest]) -> None:
+    def _draft(self, draft_reqs: Sequence[DraftRequest], k: int) -> None:
         """Draft ``draft_reqs`` on the drafter's device and remember the
         tokens ([k] each) until the request is verified."""
-        tokens, probs = self._safe_draft(draft_reqs, self.speculative_num_steps)
+        tokens, probs = self._safe_draft(draft_reqs, k)
         for req, t, p in zip(draft_reqs, tokens, probs):
             self.pending[req.rid] = _Drafts(t, p, len(req))
 
-    def _draft_ahead(self, draft_reqs: Sequence[DraftRequest]) -> None:
+    def _draft_ahead(self, draft_reqs: Sequence[DraftRequest], k: int) -> None:
         """``draft_reqs`` end with this step's drafts. Propose k + 1 more: the
         first is a guess of the bonus token, the rest are next step's drafts,
         valid if every draft and the guess turn out right."""
-        tokens, probs = self._safe_draft(draft_reqs, self.speculative_num_steps + 1)
+        tokens, probs = self._safe_draft(draft_reqs, k + 1)
         for req, t, p in zip(draft_reqs, tokens, probs):
             self.pending[req.rid] = _Drafts(t[1:], p[1:], len(req) + 1, anchor=int(t[0]))
+
+    def _safe_prefill(self, draft_reqs: Sequence[DraftRequest]) -> None:
+        try:
+            self.drafter.prefill(draft_reqs)
+        except Exception as e:  # noqa: BLE001 - the first draft recomputes what is missing
+            logger.warning("MineDraft drafter prefill failed (%s: %s)", type(e).__name__, e)
+            for req in draft_reqs:
+                self.drafter.release(req.rid)
 
     def _safe_draft(self, draft_reqs: Sequence[DraftRequest], num_tokens: int):
         """The drafter's proposal, or, if the drafter fails, a placeholder
@@ -356,10 +418,10 @@ class MineDraftWorker(BaseSpecWorker):
             grammar_barrier=grammar_barrier,
         )
 
-    def _observe_verified(self, reqs, result) -> None:
+    def _observe_verified(self, reqs, result, width: int) -> None:
         """Hand the drafter the target's features of the accepted positions:
-        the last committed token's and each accepted draft's."""
-        width = self.speculative_num_draft_tokens
+        the last committed token's and each accepted draft's (``width``:
+        the verify window, drafts + 1)."""
         features = result.logits_output.hidden_states.view(len(reqs), width, -1)
         for req, f, n in zip(reqs, features, result.accept_lens.tolist()):
             start = len(req.origin_input_ids) + len(req.output_ids) - 1

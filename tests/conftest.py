@@ -55,6 +55,14 @@ def _specs(tmp: Path) -> dict[str, list[str]]:
             for head in tiny_eagle.HEADS
             for mode in ("sequential", "auto")
         },
+        # k chosen online: an unrelated draft (drafting does not pay) and an
+        # agreeing one (it does).
+        "autok-target": minedraft_args(
+            m["target"], m["draft"], "psd", K, [*trace("autok-target"), "--minedraft-k", "auto"]
+        ),
+        "autok-bigram": minedraft_args(
+            m["bigram"], m["bigram-draft"], "psd", K, [*trace("autok-bigram"), "--minedraft-k", "auto"]
+        ),
         "plain-bigram": ["--model-path", m["bigram"]],
         "seq-bigram": minedraft_args(m["bigram"], m["bigram-draft"], "sequential", K, trace("seq-bigram")),
         "auto-bigram": minedraft_args(m["bigram"], m["bigram-draft"], "auto", K, trace("auto-bigram")),

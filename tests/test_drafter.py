@@ -89,3 +89,22 @@ def test_cache_grows_with_concurrent_requests_and_keeps_state(path, hf):
     assert out_all.tokens[:3].tolist() == out.tokens.tolist()
     for req, drafted in zip(reqs, out_all.tokens.tolist()):
         assert drafted == hf_greedy(hf, list(req.prompt), K)
+
+
+def test_prefilled_prompts_are_not_fed_again_and_drafts_stay_exact(path, hf):
+    """The worker prefills the drafter's cache while the target prefills; the
+    first draft then feeds only the token after the prompt."""
+    drafter = StandaloneDrafter(path, "cpu", torch.float32)
+    drafter.allocate(max_requests=4, max_len=128)
+    prompts = {"a": [5, 6, 7, 8, 9, 10], "b": list(range(20, 61)), "c": [11]}
+    drafter.prefill([DraftRequest(rid, p, []) for rid, p in prompts.items()])
+    assert {rid: drafter.cache.slot(rid).cached for rid in prompts} == prompts
+    fed = []
+    forward = drafter._forward
+    drafter._forward = lambda tokens, *a: (fed.append(tokens.shape[1]), forward(tokens, *a))[1]
+    # The target's first token follows each prompt.
+    reqs = [DraftRequest(rid, p, [17]) for rid, p in prompts.items()]
+    out = drafter.draft(reqs, K)
+    assert fed[0] == 1, fed
+    for req, drafted in zip(reqs, out.tokens.tolist()):
+        assert drafted == hf_greedy(hf, [*req.prompt, *req.output], K)

@@ -140,10 +140,12 @@ def _server_info(server):
     return requests.get(server.url + "/server_info", timeout=30).json()["internal_states"][0]["minedraft"]
 
 
-def test_psd_draft_and_verify_really_overlap(pool):
-    """Timestamps taken on both threads: in PSD steps the draft interval and
-    the verify interval intersect, on a thread other than the scheduler's; in
-    sequential steps they never do."""
+def test_psd_schedules_draft_and_verify_together_on_separate_threads(pool):
+    """The schedule, from timestamps taken on both threads: in PSD steps the
+    draft interval and the verify interval intersect, on the drafter's thread,
+    which owns cores the scheduler does not; in sequential steps they never
+    intersect. (Overlapping intervals would also appear with both threads on
+    one core: that they really run in parallel is test_parallel.py's proof.)"""
     psd, seq = pool.get("psd-target"), pool.get("seq-target")
     for server in (psd, seq):
         with ThreadPoolExecutor(16) as ex:
@@ -158,7 +160,10 @@ def test_psd_draft_and_verify_really_overlap(pool):
     assert all(s["draft_thread"].startswith("minedraft-drafter") for s in psd_steps)
     seq_steps = [json.loads(l) for l in pool.trace_path("seq-target").read_text().splitlines()]
     assert seq_steps and all(s["draft"][1] <= s["verify"][0] for s in seq_steps)
-    assert _server_info(psd)["mean_overlap_ratio"] > 0.3
+    info = _server_info(psd)
+    assert info["mean_overlap_ratio"] > 0.3
+    assert info["drafter_cores"] and info["scheduler_cores"]
+    assert not set(info["drafter_cores"]) & set(info["scheduler_cores"]), info
 
 
 def test_no_leaks_after_aborts_and_completion(pool):
@@ -284,3 +289,23 @@ def test_auto_mode_switches_between_draft_ahead_and_psd(pool):
     assert modes[-1] == "draft_ahead" and modes.count("psd") >= 5
     steps = _server_info(auto)["steps"]
     assert steps["psd"] >= 5 and steps["draft_ahead"] >= 10
+
+
+def test_adaptive_k_is_exact_and_stops_drafting_only_where_it_does_not_pay(pool):
+    """--minedraft-k auto: with an unrelated draft most steps are plain
+    decode steps (k = 0), with an agreeing draft most use the full k; the
+    outputs equal plain decoding either way."""
+    auto = pool.get("autok-target")
+    _check_greedy_identical(pool.get("plain-target"), auto)
+    with ThreadPoolExecutor(4) as ex:
+        list(ex.map(lambda p: auto.generate(p, 48), PROMPTS))
+    unrelated = [json.loads(l) for l in pool.trace_path("autok-target").read_text().splitlines()]
+    plain_steps = sum(s["k"] == 0 for s in unrelated)
+    assert plain_steps >= 0.7 * len(unrelated), (plain_steps, len(unrelated))
+    assert _server_info(auto)["k"] == "auto" and _server_info(auto)["planner"]["alpha"] < 0.2
+
+    agreeing = pool.get("autok-bigram")
+    _check_greedy_identical(pool.get("plain-bigram"), agreeing)
+    steps = [json.loads(l) for l in pool.trace_path("autok-bigram").read_text().splitlines()]
+    full = sum(s["k"] == K for s in steps)
+    assert full >= 0.7 * len(steps), (full, len(steps))

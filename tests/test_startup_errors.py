@@ -30,6 +30,7 @@ CASES = {
         "takes every allowed core",
     ),
     "draft cores bad syntax": (["--minedraft-draft-cores", "one"], {}, "is not 'auto' or a core list"),
+    "adaptive k with TETRIS": (["--minedraft-tetris", "--minedraft-k", "auto"], {}, "--minedraft-k auto does not combine"),
     "tree drafts": (["--speculative-eagle-topk", "2"], {}, "--speculative-eagle-topk must be 1"),
     "negative draft max len": (["--minedraft-draft-max-len", "-1"], {}, "--minedraft-draft-max-len must be >= 0"),
     "draft tokens != steps + 1": (

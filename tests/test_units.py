@@ -37,6 +37,17 @@ def test_bad_config_names_the_flag(kwargs, flag):
         MineDraftConfig(**kwargs).validate()
 
 
+def test_k_is_auto_unless_the_user_chose_one():
+    base = ["--model-path", "x"]
+    assert config_from_argv(base).k == "auto"
+    assert config_from_argv([*base, "--speculative-num-steps", "3"]).k == "fixed"
+    assert config_from_argv([*base, "--speculative-num-steps=3"]).k == "fixed"
+    assert config_from_argv([*base, "--minedraft-tetris"]).k == "fixed"
+    assert config_from_argv([*base, "--speculative-num-steps", "3", "--minedraft-k", "auto"]).k == "auto"
+    with pytest.raises(MineDraftConfigError, match="--minedraft-k auto does not combine"):
+        config_from_argv([*base, "--minedraft-tetris", "--minedraft-k", "auto"])
+
+
 def test_env_with_unknown_key_is_refused(monkeypatch):
     monkeypatch.setenv("SGLANG_MINEDRAFT_CONFIG", '{"mode": "psd", "speculate_harder": true}')
     with pytest.raises(MineDraftConfigError, match="unknown keys"):

@@ -56,6 +56,9 @@ class FaultInjectingDrafter(Drafter):
             raise RuntimeError(f"injected drafter fault ({FAULT_ENV})")
         return self.inner.draft(reqs, num_tokens)
 
+    def prefill(self, reqs):
+        self.inner.prefill(reqs)
+
     def allocate(self, max_requests, max_len):
         return self.inner.allocate(max_requests, max_len)
 

@@ -55,6 +55,13 @@ class Drafter(abc.ABC):
         """The target's features of positions ``start``.. of a request (a
         prefill chunk, or the accepted positions of a verify)."""
 
+    def prefill(self, reqs: Sequence[DraftRequest]) -> None:
+        """Optionally compute the cache rows of the requests' tokens so far
+        (their prompts) ahead of their first draft; the worker calls it on
+        the drafter's thread while the target prefills the same prompts, so
+        the first draft only feeds the new tokens. Drafters that need the
+        target's features of those tokens (EAGLE) cannot, and do nothing."""
+
     @abc.abstractmethod
     def allocate(self, max_requests: int, max_len: int) -> int:
         """Size the KV cache for up to ``max_requests`` requests of

@@ -73,6 +73,23 @@ class StandaloneDrafter(CachedDrafter):
         return req.tokens(keep)
 
     @torch.inference_mode()
+    def prefill(self, reqs: Sequence[DraftRequest]) -> None:
+        # One forward per request: prompts differ in length, and padding
+        # them all to the longest would multiply the work.
+        for req in reqs:
+            slot = self.cache.slot(req.rid)
+            if self.cache.is_scratch(slot) or len(slot.cached) >= len(req):
+                continue
+            feed = self._sync(slot, req)
+            if len(slot.cached) + len(feed) > self.cache.max_len:
+                continue
+            tokens = torch.tensor([feed], device=self.device)
+            positions = len(slot.cached) + torch.arange(len(feed), device=self.device)[None]
+            valid = torch.ones_like(tokens, dtype=torch.bool)
+            self._forward(tokens, positions, valid, torch.tensor([slot.index], device=self.device))
+            slot.cached.extend(feed)
+
+    @torch.inference_mode()
     def draft(self, reqs: Sequence[DraftRequest], num_tokens: int) -> DraftOutput:
         bs = len(reqs)
         slots = [self.cache.slot(r.rid) for r in reqs]

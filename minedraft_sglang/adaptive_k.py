@@ -1,0 +1,144 @@
+"""Online choice of k, the drafts per request, from the costs measured so far.
+
+Speculation pays only while drafting k tokens and verifying k + 1 per request
+costs less per committed token than a plain decode step. On a memory-bound
+target, plain batching is cheap, so at high concurrency it often does not pay;
+the field's adaptive schemes then stop drafting. The planner picks, before
+each step, the k in 0..k_max with the highest expected tokens per second;
+k = 0 is a plain decode step of the whole batch (each request verifies only
+its last token: no drafts, no drafting).
+
+Measured online (pure Python, no SGLang, no torch):
+
+    t_v(n)   one target verify of n tokens (n = requests x (k + 1)): a + c*n
+    t_d(b)   one drafter forward over b requests (one token each): a + c*b
+    alpha    per-token acceptance, from accepted / offered drafts
+
+Rates compared, for B running requests split into halves b_v (verified) and
+b_d (drafted) when PSD overlaps them:
+
+    psd(k)        b_v * L(k) / max(k*t_d(b_d), t_v(b_v*(k+1)))
+    sequential(k) B * L(k) / (k*t_d(B) + t_v(B*(k+1)))
+    plain         B / t_v(B)                       (k = 0)
+
+with L(k) = (1 - alpha^(k+1)) / (1 - alpha), the expected tokens per verify.
+Every ``EXPLORE_EVERY``-th decision tries the k seen least recently, so the
+fits cover the widths they are asked about (a fit from one width cannot tell
+the fixed cost of a forward from the cost per token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+EXPLORE_EVERY = 16
+# Old measurements fade (the batch, the prompts and the machine drift):
+# the fits weigh the last ~1/(1 - DECAY) observations.
+DECAY = 0.98
+
+
+def accept_length(alpha: float, k: int) -> float:
+    """Expected tokens per verify with k drafts, each accepted with
+    probability alpha given its predecessors were (bonus token included)."""
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if alpha == 1:
+        return k + 1.0
+    return (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
+@dataclass
+class LinearFit:
+    """y = a + c*x by exponentially weighted least squares (c >= 0)."""
+
+    w: float = 0.0
+    sx: float = 0.0
+    sy: float = 0.0
+    sxx: float = 0.0
+    sxy: float = 0.0
+
+    def add(self, x: float, y: float) -> None:
+        self.w = DECAY * self.w + 1
+        self.sx = DECAY * self.sx + x
+        self.sy = DECAY * self.sy + y
+        self.sxx = DECAY * self.sxx + x * x
+        self.sxy = DECAY * self.sxy + x * y
+
+    @property
+    def empty(self) -> bool:
+        return self.w == 0
+
+    def __call__(self, x: float) -> float:
+        mx, my = self.sx / self.w, self.sy / self.w
+        var = self.sxx / self.w - mx * mx
+        # One x seen so far (or a negative slope from noise): a constant.
+        c = max(0.0, (self.sxy / self.w - mx * my) / var) if var > 1e-9 * max(1.0, mx * mx) else 0.0
+        return max(0.0, my + c * (x - mx))
+
+
+@dataclass
+class KPlanner:
+    k_max: int
+    verify: LinearFit = field(default_factory=LinearFit)
+    draft: LinearFit = field(default_factory=LinearFit)
+    accepted: float = 0.0
+    offered: float = 0.0
+    decisions: int = 0
+    last_tried: dict = field(default_factory=dict)  # k -> decision index
+
+    # ------------------------------------------------------------ measure
+
+    def observe_verify(self, tokens: int, seconds: float) -> None:
+        self.verify.add(tokens, seconds)
+
+    def observe_draft(self, requests: int, forwards: int, seconds: float) -> None:
+        if forwards > 0:
+            self.draft.add(requests, seconds / forwards)
+
+    def observe_acceptance(self, accepted_drafts: list[int], offered: list[int]) -> None:
+        """Per verified request: drafts accepted, drafts it had. A chain stops
+        at its first rejection, so each request contributes its accepted
+        drafts plus, if it stopped early, one rejection."""
+        self.accepted = DECAY * self.accepted + sum(accepted_drafts)
+        self.offered = DECAY * self.offered + sum(a + (a < n) for a, n in zip(accepted_drafts, offered))
+
+    @property
+    def alpha(self) -> float:
+        # Optimistic before any verify: drafting gets tried.
+        return self.accepted / self.offered if self.offered else 1.0
+
+    # ------------------------------------------------------------- decide
+
+    def rate(self, k: int, verify_bs: int, draft_bs: int) -> float:
+        """Expected committed tokens per second of a step with k drafts.
+        ``draft_bs`` > 0: PSD (the other half is drafted meanwhile);
+        0: sequential. k = 0 is a plain decode of all requests."""
+        batch = verify_bs + draft_bs
+        if k == 0:
+            return batch / max(self.verify(batch), 1e-9)
+        tokens = verify_bs * accept_length(min(self.alpha, 1.0), k)
+        if draft_bs:
+            step = max(k * self.draft(draft_bs), self.verify(verify_bs * (k + 1)))
+        else:
+            step = k * self.draft(verify_bs) + self.verify(verify_bs * (k + 1))
+        return tokens / max(step, 1e-9)
+
+    def choose(self, verify_bs: int, draft_bs: int) -> int:
+        """k for this step: the best expected rate, or, every
+        EXPLORE_EVERY-th call, the k tried least recently."""
+        self.decisions += 1
+        if self.verify.empty or self.draft.empty:
+            k = self.k_max
+        elif self.decisions % EXPLORE_EVERY == 0:
+            k = min(range(self.k_max + 1), key=lambda j: self.last_tried.get(j, -1))
+        else:
+            k = max(range(self.k_max + 1), key=lambda j: self.rate(j, verify_bs, draft_bs))
+        self.last_tried[k] = self.decisions
+        return k
+
+    def summary(self) -> dict:
+        return {
+            "alpha": self.alpha,
+            "t_verify_1_token_s": None if self.verify.empty else self.verify(1),
+            "t_draft_1_request_s": None if self.draft.empty else self.draft(1),
+        }
