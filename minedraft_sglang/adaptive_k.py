@@ -19,7 +19,13 @@ b_d (drafted) when PSD overlaps them:
 
     psd(k)        b_v * L(k) / max(k*t_d(b_d), t_v(b_v*(k+1)))
     sequential(k) B * L(k) / (k*t_d(B) + t_v(B*(k+1)))
+    ahead(k)      B * L(k) / (max((k+1)*t_d(B), t_v(B*(k+1))) + (1 - alpha^(k+1))*k*t_d(B))
     plain         B / t_v(B)                       (k = 0)
+
+``ahead`` is draft-ahead (PEARL, one half empty in ``auto`` mode): the next
+drafts are made during the verify and are ready when all k drafts and the
+guessed bonus token were right (probability alpha^(k+1)); otherwise the next
+step drafts first.
 
 with L(k) = (1 - alpha^(k+1)) / (1 - alpha), the expected tokens per verify.
 Every ``EXPLORE_EVERY``-th decision tries the k seen least recently, so the
@@ -109,21 +115,27 @@ class KPlanner:
 
     # ------------------------------------------------------------- decide
 
-    def rate(self, k: int, verify_bs: int, draft_bs: int) -> float:
+    def rate(self, k: int, verify_bs: int, draft_bs: int, ahead: bool = False) -> float:
         """Expected committed tokens per second of a step with k drafts.
-        ``draft_bs`` > 0: PSD (the other half is drafted meanwhile);
-        0: sequential. k = 0 is a plain decode of all requests."""
+        ``draft_bs`` > 0: PSD (the other half is drafted meanwhile); 0:
+        sequential, or draft-ahead if ``ahead``. k = 0 is a plain decode of
+        all requests."""
         batch = verify_bs + draft_bs
         if k == 0:
             return batch / max(self.verify(batch), 1e-9)
-        tokens = verify_bs * accept_length(min(self.alpha, 1.0), k)
+        alpha = min(self.alpha, 1.0)
+        tokens = verify_bs * accept_length(alpha, k)
+        verify = self.verify(verify_bs * (k + 1))
         if draft_bs:
-            step = max(k * self.draft(draft_bs), self.verify(verify_bs * (k + 1)))
+            step = max(k * self.draft(draft_bs), verify)
+        elif ahead:
+            draft = self.draft(verify_bs)
+            step = max((k + 1) * draft, verify) + (1 - alpha ** (k + 1)) * k * draft
         else:
-            step = k * self.draft(verify_bs) + self.verify(verify_bs * (k + 1))
+            step = k * self.draft(verify_bs) + verify
         return tokens / max(step, 1e-9)
 
-    def choose(self, verify_bs: int, draft_bs: int) -> int:
+    def choose(self, verify_bs: int, draft_bs: int, ahead: bool = False) -> int:
         """k for this step: the best expected rate, or, every
         EXPLORE_EVERY-th call, the k tried least recently."""
         self.decisions += 1
@@ -132,7 +144,7 @@ class KPlanner:
         elif self.decisions % EXPLORE_EVERY == 0:
             k = min(range(self.k_max + 1), key=lambda j: self.last_tried.get(j, -1))
         else:
-            k = max(range(self.k_max + 1), key=lambda j: self.rate(j, verify_bs, draft_bs))
+            k = max(range(self.k_max + 1), key=lambda j: self.rate(j, verify_bs, draft_bs, ahead))
         self.last_tried[k] = self.decisions
         return k
 

@@ -226,13 +226,14 @@ class MineDraftWorker(BaseSpecWorker):
                 return self._step(batch, "plain", list(range(len(rids))), [], 0, on_publish, grammar_barrier)
         # Sequential mode, or one half is empty (e.g. a single running
         # request): nothing to overlap across sub-batches.
-        k = self._choose_k(len(rids), 0)
-        mode = "plain" if k == 0 else "draft_ahead" if self.config.mode == "auto" else "sequential"
+        ahead = self.config.mode == "auto"
+        k = self._choose_k(len(rids), 0, ahead)
+        mode = "plain" if k == 0 else "draft_ahead" if ahead else "sequential"
         return self._step(batch, mode, list(range(len(rids))), [], k, on_publish, grammar_barrier)
 
-    def _choose_k(self, verify_bs: int, draft_bs: int) -> int:
+    def _choose_k(self, verify_bs: int, draft_bs: int, ahead: bool = False) -> int:
         """Drafts per request for the drafting done in this step."""
-        return self.planner.choose(verify_bs, draft_bs) if self.planner else self.speculative_num_steps
+        return self.planner.choose(verify_bs, draft_bs, ahead) if self.planner else self.speculative_num_steps
 
     def _prefill(self, batch: ScheduleBatch, on_publish) -> GenerationBatchResult:
         needs_features = self.drafter.needs_target_features

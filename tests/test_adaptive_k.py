@@ -81,3 +81,13 @@ def test_acceptance_counts_a_rejection_only_for_chains_cut_short():
     # 6 accepted, 2 rejections (the full chain had none).
     assert p.alpha == pytest.approx(6 / 8)
     assert accept_length(1.0, 3) == 4 and accept_length(0.0, 3) == 1
+
+
+def test_draft_ahead_hides_drafting_when_guesses_hold():
+    # Drafting 2 tokens costs about one verify: sequential SD pays both,
+    # draft-ahead with good drafts mostly hides it.
+    p = _planner(0.95, t_verify=lambda n: 0.300, t_draft=lambda b: 0.150)
+    assert p.rate(2, 1, 0, ahead=True) > p.rate(2, 1, 0) > p.rate(0, 1, 0)
+    # Useless guesses: draft-ahead is sequential SD plus drafts thrown away.
+    p = _planner(0.1, t_verify=lambda n: 0.300, t_draft=lambda b: 0.150)
+    assert p.rate(2, 1, 0, ahead=True) < p.rate(0, 1, 0)
