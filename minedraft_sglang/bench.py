@@ -15,6 +15,9 @@ share:
     seq@2B                      SD at PSD's concurrency (PSD keeps 2B in flight)
     psd@2B                      MINEDRAFT psd: two sub-batches of B
     tetris@2B                   psd with --minedraft-tetris (--variants tetris)
+    adaptive@2B                 --minedraft-mode auto --minedraft-k auto: what a user
+                                gets without choosing (--variants adaptive)
+    psd-k1@2B, psd-k2@2B, ...   psd at fixed k = 1, 2, 4 (--variants ksweep; 2B only)
     eagle-seq@B, eagle@2B       sequential and psd with the tiny EAGLE head
     eagle3-seq@B, eagle3@2B     (--variants eagle,eagle3; tiny pair only)
 
@@ -159,6 +162,8 @@ class RunSpec:
     engine: str
     concurrency: int
     flags: tuple[str, ...] = ()
+    # False: run at this concurrency only, not at every --concurrency too.
+    expand: bool = True
 
     @property
     def sub_batch_size(self) -> int:
@@ -191,6 +196,14 @@ def _eagle_runs(head: str, B: int) -> list[RunSpec]:
 
 VARIANTS: dict[str, Callable[[int], list[RunSpec]]] = {
     "tetris": lambda B: [RunSpec("tetris@2B", "tetris", "psd", 2 * B, ("--minedraft-tetris",))],
+    # What a user gets without choosing k or a mode: draft-ahead below two
+    # requests, psd above, k chosen every step in 0..k (0: plain decoding).
+    "adaptive": lambda B: [RunSpec("adaptive@2B", "adaptive", "psd", 2 * B,
+                                   ("--minedraft-mode", "auto", "--minedraft-k", "auto"))],
+    # psd at fixed k = 1, 2, 4 beside the base run's -k: what the adaptive
+    # choice is measured against.
+    "ksweep": lambda B: [RunSpec(f"psd-k{k}@2B", f"psd-k{k}", "psd", 2 * B,
+                                 ("--speculative-num-steps", str(k)), expand=False) for k in (1, 2, 4)],
     "eagle": lambda B: _eagle_runs("eagle", B),
     "eagle3": lambda B: _eagle_runs("eagle3", B),
 }
@@ -198,7 +211,7 @@ VARIANTS: dict[str, Callable[[int], list[RunSpec]]] = {
 
 def build_plan(B: int, variants: list[str], concurrencies: list[int]) -> list[RunSpec]:
     runs = base_runs(B) + [spec for v in variants for spec in VARIANTS[v](B)]
-    modes = OrderedDict((r.mode, r) for r in runs)
+    modes = OrderedDict((r.mode, r) for r in runs if r.expand)
     for c in concurrencies:
         for mode, proto in modes.items():
             if not any(r.mode == mode and r.concurrency == c for r in runs):

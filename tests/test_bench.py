@@ -34,6 +34,20 @@ def test_plan_is_data_driven():
         bench.parse_args(["--variants", "nope"])
 
 
+def test_k_sweep_runs_at_2b_only_and_adaptive_expands():
+    names = [s.name for s in bench.build_plan(1, ["adaptive", "ksweep"], [4])]
+    assert [n for n in names if n.startswith("psd-k")] == ["psd-k1@2B", "psd-k2@2B", "psd-k4@2B"]
+    assert "adaptive@2B" in names and "adaptive@4" in names and "psd-k1@4" not in names
+
+
+def test_exactness_is_enforced_in_float32_only():
+    assert bench.served_dtype("") == "float32"
+    assert bench.served_dtype("--mem-fraction-static 0.8 --dtype bfloat16") == "bfloat16"
+    ref = [{"output_ids": [1, 2, 3, 4]}, {"output_ids": [5, 6]}]
+    run = [{"replies": [{"output_ids": [1, 2, 9, 4]}, {"output_ids": [5, 6]}]}]
+    assert bench.agreement(run, ref) == {"identical_requests": 1, "requests": 2, "mean_common_prefix": 2.0}
+
+
 def test_rounds_alternate_direction():
     assert bench.order(["a", "b", "c"], 3) == [
         (0, "a"), (0, "b"), (0, "c"), (1, "c"), (1, "b"), (1, "a"), (2, "a"), (2, "b"), (2, "c")]
