@@ -28,16 +28,23 @@ guessed bonus token were right (probability alpha^(k+1)); otherwise the next
 step drafts first.
 
 with L(k) = (1 - alpha^(k+1)) / (1 - alpha), the expected tokens per verify.
-Every ``EXPLORE_EVERY``-th decision tries the k seen least recently, so the
-fits cover the widths they are asked about (a fit from one width cannot tell
-the fixed cost of a forward from the cost per token).
+Every ``EXPLORE_EVERY``-th decision starts ``EXPLORE_STEPS`` steps at the k
+tried least recently, so the fits cover the widths they are asked about (a fit
+from one width cannot tell the fixed cost of a forward from the cost per
+token) and acceptance stays measured while plain steps win. Several steps,
+because in PSD a k takes a step to reach the verify (the half verified next
+was drafted now), and a lone step would measure only the switch. Otherwise
+the current k is kept unless another is ``HYSTERESIS`` better: every switch
+into drafting costs a step whose drafts are not ready.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-EXPLORE_EVERY = 16
+EXPLORE_EVERY = 64
+EXPLORE_STEPS = 4
+HYSTERESIS = 0.05
 # Old measurements fade (the batch, the prompts and the machine drift):
 # the fits weigh the last ~1/(1 - DECAY) observations.
 DECAY = 0.98
@@ -91,6 +98,9 @@ class KPlanner:
     offered: float = 0.0
     decisions: int = 0
     last_tried: dict = field(default_factory=dict)  # k -> decision index
+    current: int = -1  # the k chosen on rates (exploration aside); -1: none yet
+    explore_k: int = 0
+    explore_left: int = 0
 
     # ------------------------------------------------------------ measure
 
@@ -136,15 +146,25 @@ class KPlanner:
         return tokens / max(step, 1e-9)
 
     def choose(self, verify_bs: int, draft_bs: int, ahead: bool = False) -> int:
-        """k for this step: the best expected rate, or, every
-        EXPLORE_EVERY-th call, the k tried least recently."""
+        """k for this step: the current one unless another's expected rate
+        is clearly better, or, for a few steps every EXPLORE_EVERY
+        decisions, the k tried least recently."""
         self.decisions += 1
         if self.verify.empty or self.draft.empty:
             k = self.k_max
+        elif self.explore_left:
+            self.explore_left -= 1
+            k = self.explore_k
         elif self.decisions % EXPLORE_EVERY == 0:
-            k = min(range(self.k_max + 1), key=lambda j: self.last_tried.get(j, -1))
+            others = [j for j in range(self.k_max + 1) if j != self.current]
+            k = self.explore_k = min(others, key=lambda j: self.last_tried.get(j, -1))
+            self.explore_left = EXPLORE_STEPS - 1
         else:
-            k = max(range(self.k_max + 1), key=lambda j: self.rate(j, verify_bs, draft_bs, ahead))
+            rates = {j: self.rate(j, verify_bs, draft_bs, ahead) for j in range(self.k_max + 1)}
+            best = max(rates, key=rates.get)
+            if self.current < 0 or rates[best] > (1 + HYSTERESIS) * rates[self.current]:
+                self.current = best
+            k = self.current
         self.last_tried[k] = self.decisions
         return k
 

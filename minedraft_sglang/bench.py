@@ -209,14 +209,16 @@ VARIANTS: dict[str, Callable[[int], list[RunSpec]]] = {
 }
 
 
-def build_plan(B: int, variants: list[str], concurrencies: list[int]) -> list[RunSpec]:
+def build_plan(B: int, variants: list[str], concurrencies: list[int],
+               modes: Optional[list[str]] = None) -> list[RunSpec]:
     runs = base_runs(B) + [spec for v in variants for spec in VARIANTS[v](B)]
     modes = OrderedDict((r.mode, r) for r in runs if r.expand)
     for c in concurrencies:
         for mode, proto in modes.items():
             if not any(r.mode == mode and r.concurrency == c for r in runs):
                 runs.append(RunSpec(f"{mode}@{c}", mode, proto.engine, c, proto.flags))
-    return runs
+    # The reference for the exactness check is the first run: plain first.
+    return [r for r in runs if not modes or r.mode in modes or r.mode == "plain"]
 
 
 def _int_list(text: str) -> list[int]:
@@ -242,6 +244,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                    help=f"optional runs, comma-separated: {', '.join(VARIANTS)}")
     p.add_argument("--concurrency", type=_int_list, default=[],
                    help="extra concurrencies (requests in flight) to run every mode at, e.g. 1,2,8")
+    p.add_argument("--modes", type=lambda s: [m for m in s.split(",") if m], default=[],
+                   help="run only these modes (plain, STANDALONE, seq, psd, or a variant's such as adaptive) "
+                        "and plain, the exactness reference; default: all")
     p.add_argument("--seed", type=int, default=0, help="prompt order seed")
     p.add_argument("--prompts-file", help='jsonl, one {"prompt": ...} a line (default: built-in sentences)')
     p.add_argument("--prompt-set", help="a named set from minedraft_sglang.prompt_sets (humaneval, mtbench, ...)")
@@ -733,7 +738,7 @@ def summary(by_name: dict[str, dict]) -> dict:
         "psd_over_plain_same_concurrency": _ratio(tput("psd@2B"), tput("plain@2B")),
         "seq_over_plain_same_concurrency": _ratio(tput("seq@2B"), tput("plain@2B")),
         "standalone_over_plain_same_concurrency": _ratio(tput("STANDALONE@2B"), tput("plain@2B")),
-        "psd_overlap": by_name["psd@2B"]["overlap"],
+        "psd_overlap": by_name["psd@2B"]["overlap"] if "psd@2B" in by_name else None,
     }
 
 
@@ -807,7 +812,8 @@ def print_report(args, runs: list[dict], s: dict, cm: dict, diffs: dict[str, lis
     print(f"at concurrency {2 * B} over plain: psd {fmt(s['psd_over_plain_same_concurrency'])}x, "
           f"seq {fmt(s['seq_over_plain_same_concurrency'])}x, "
           f"STANDALONE {fmt(s['standalone_over_plain_same_concurrency'])}x")
-    print_cost_model(cm, B)
+    if cm is not None:
+        print_cost_model(cm, B)
     if s["outputs_identical"]:
         print(f"greedy outputs identical across all {len(runs)} runs x {args.repeats} repeats "
               f"({args.num_prompts} prompts x {args.max_new_tokens} tokens)")
@@ -881,7 +887,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return rescore(Path(args.rescore), args.out)
     pair, target, draft = model_paths(args)
     prompts = make_prompts(args.num_prompts, args.seed, args.prompts_file, args.prompt_set)
-    plan = build_plan(args.batch_size, args.variants, args.concurrency)
+    plan = build_plan(args.batch_size, args.variants, args.concurrency, args.modes)
     env = environment(args, sys.argv[1:] if argv is None else argv, pair, target, draft)
     tqdm.write(f"[bench] {pair}: target {target}, draft {draft}; k={args.num_steps} B={args.batch_size} "
                f"N={args.num_prompts} max_new_tokens={args.max_new_tokens} repeats={args.repeats}; "
@@ -907,7 +913,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     for run in runs:
         run["agreement"] = agreement(samples[run["name"]], reference)
     report = {"env": env, "runs": runs}
-    report["cost_model"] = cost_model_report(report, 2 * args.batch_size)
+    # The model is fitted to the sequential runs; --modes may leave none.
+    fitted = any(spec.engine == "sequential" for spec in plan)
+    report["cost_model"] = cost_model_report(report, 2 * args.batch_size) if fitted else None
     report["summary"] = {
         **summary(by_name),
         "outputs_identical": not any(diffs.values()),

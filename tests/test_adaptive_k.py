@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from minedraft_sglang.adaptive_k import EXPLORE_EVERY, KPlanner, LinearFit, accept_length
+from minedraft_sglang.adaptive_k import EXPLORE_EVERY, EXPLORE_STEPS, HYSTERESIS, KPlanner, LinearFit, accept_length
 
 
 def test_linear_fit_recovers_intercept_and_slope_and_degrades_to_a_constant():
@@ -66,13 +66,24 @@ def test_cheap_batching_makes_speculation_lose_at_high_concurrency():
     assert _best(p, 4, 4) == 0
 
 
-def test_choose_starts_at_k_max_then_explores_every_k():
+def test_choose_starts_at_k_max_then_explores_every_k_for_a_few_steps():
     p = KPlanner(3)
     assert p.choose(2, 2) == 3  # nothing measured yet
     p = _planner(0.02, t_verify=lambda n: 0.1, t_draft=lambda b: 0.01, k_max=3)
-    chosen = [p.choose(2, 2) for _ in range(4 * EXPLORE_EVERY)]
-    assert chosen.count(0) >= len(chosen) - 4
-    assert {1, 2, 3} <= set(chosen)
+    chosen = [p.choose(2, 2) for _ in range(3 * EXPLORE_EVERY + EXPLORE_STEPS)]
+    assert chosen.count(0) == len(chosen) - 3 * EXPLORE_STEPS
+    # Each exploration is a run of EXPLORE_STEPS steps at one k, every k in turn.
+    runs = "".join(map(str, chosen)).replace("0", " ").split()
+    assert runs == [str(k) * EXPLORE_STEPS for k in (1, 2, 3)]
+
+
+def test_a_near_tie_does_not_flip_the_choice():
+    p = _planner(0.9, t_verify=lambda n: 0.300, t_draft=lambda b: 0.150, k_max=2)
+    p.current = 0
+    p.rate = lambda k, *_: {0: 1.0, 1: 1.0 + HYSTERESIS / 2, 2: 0.5}[k]
+    assert p.choose(1, 1) == 0
+    p.rate = lambda k, *_: {0: 1.0, 1: 1.0 + 2 * HYSTERESIS, 2: 0.5}[k]
+    assert p.choose(1, 1) == 1
 
 
 def test_acceptance_counts_a_rejection_only_for_chains_cut_short():
