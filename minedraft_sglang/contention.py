@@ -50,7 +50,8 @@ def _stage(name: str, args):
         return lambda: drafter.draft(reqs, args.k)
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    model = AutoModelForCausalLM.from_pretrained(args.target, dtype=dtype).eval()
+    # .to(): some checkpoints keep norms in float32, which a plain forward then mixes.
+    model = AutoModelForCausalLM.from_pretrained(args.target, dtype=dtype).to(dtype).eval()
     prompt = torch.arange(100, 100 + PROMPT_LEN).repeat(args.batch, 1)
     window = torch.full((args.batch, args.k + 1), 7)
     cache = DynamicCache()
@@ -60,7 +61,7 @@ def _stage(name: str, args):
     def verify():
         with torch.inference_mode():
             model(window, past_key_values=cache, use_cache=True)
-        cache.crop(PROMPT_LEN)
+        cache.crop(-(args.k + 1))
 
     return verify
 
@@ -68,16 +69,19 @@ def _stage(name: str, args):
 def _loop(name: str, args, core: int, start, stop, out) -> None:
     """Pin, build the stage, wait for ``start``, run until ``stop``; put the
     durations (seconds) in ``out``."""
-    _pin(core)
-    run = _stage(name, args)
-    run()
-    start.wait()
     times = []
-    while not stop.is_set():
-        t = time.perf_counter()
+    try:
+        _pin(core)
+        run = _stage(name, args)
         run()
-        times.append(time.perf_counter() - t)
-    out.put((name, times))
+        start.wait()
+        while not stop.is_set():
+            t = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t)
+    finally:
+        # Also on failure: the parent waits for one entry per stage.
+        out.put((name, times))
 
 
 def measure(args, together: str | None, stages: tuple[str, ...]) -> dict[str, float]:
@@ -102,6 +106,8 @@ def measure(args, together: str | None, stages: tuple[str, ...]) -> dict[str, fl
     results = dict(out.get() for _ in workers)
     for w in workers:
         w.join()
+    if not all(results.values()):
+        raise RuntimeError(f"a stage failed (see its traceback above): {sorted(results)}")
     return {s: statistics.median(results[s][1:] or results[s]) for s in stages}
 
 
