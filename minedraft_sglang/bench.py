@@ -212,9 +212,9 @@ VARIANTS: dict[str, Callable[[int], list[RunSpec]]] = {
 def build_plan(B: int, variants: list[str], concurrencies: list[int],
                modes: Optional[list[str]] = None) -> list[RunSpec]:
     runs = base_runs(B) + [spec for v in variants for spec in VARIANTS[v](B)]
-    modes = OrderedDict((r.mode, r) for r in runs if r.expand)
+    protos = OrderedDict((r.mode, r) for r in runs if r.expand)
     for c in concurrencies:
-        for mode, proto in modes.items():
+        for mode, proto in protos.items():
             if not any(r.mode == mode and r.concurrency == c for r in runs):
                 runs.append(RunSpec(f"{mode}@{c}", mode, proto.engine, c, proto.flags))
     # The reference for the exactness check is the first run: plain first.

@@ -38,6 +38,8 @@ def test_k_sweep_runs_at_2b_only_and_adaptive_expands():
     names = [s.name for s in bench.build_plan(1, ["adaptive", "ksweep"], [4])]
     assert [n for n in names if n.startswith("psd-k")] == ["psd-k1@2B", "psd-k2@2B", "psd-k4@2B"]
     assert "adaptive@2B" in names and "adaptive@4" in names and "psd-k1@4" not in names
+    only = [s.name for s in bench.build_plan(1, ["adaptive", "ksweep"], [4], ["adaptive"])]
+    assert only == ["plain@B", "plain@2B", "adaptive@2B", "plain@4", "adaptive@4"]
 
 
 def test_exactness_is_enforced_in_float32_only():
