@@ -908,8 +908,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     diffs = {spec.name: sorted({i for x in samples[spec.name] for i in mismatches(x["replies"], reference)})
              for spec in plan}
     ours_identical = not any(diffs[s.name] for s in plan if s.engine != "standalone")
-    exact = served_dtype(args.server_args) == "float32"
     env["dtype"] = served_dtype(args.server_args)
+    exact = env["dtype"] == "float32"
     for run in runs:
         run["agreement"] = agreement(samples[run["name"]], reference)
     report = {"env": env, "runs": runs}

@@ -27,6 +27,7 @@ import psutil
 import pytest
 
 from minedraft_sglang import tiny_models
+from minedraft_sglang.cpu_affinity import parse_cores
 from minedraft_sglang.launcher import Server, minedraft_args
 
 pytestmark = pytest.mark.server
@@ -58,13 +59,10 @@ def _threads(pid: int) -> dict[int, str]:
 
 
 def _cpus_allowed(pid: int, tid: int) -> set[int]:
+    # The kernel writes the list in the syntax --minedraft-draft-cores takes.
     for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
         if line.startswith("Cpus_allowed_list:"):
-            cores: set[int] = set()
-            for part in line.split(":", 1)[1].strip().split(","):
-                lo, _, hi = part.partition("-")
-                cores.update(range(int(lo), int(hi or lo) + 1))
-            return cores
+            return set(parse_cores(line.split(":", 1)[1].strip()))
     raise AssertionError(f"no Cpus_allowed_list for task {tid}")
 
 
