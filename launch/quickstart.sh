@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash launch/setup.sh
 source launch/cpu_env.sh
-exec .venv/bin/python -m minedraft_sglang.quickstart "$@"
+exec .venv/bin/python -m minedraft_sglang.lab.quickstart "$@"

@@ -3,7 +3,7 @@
 # the drafter on GPU 1 drafting one sub-batch while the target verifies the other.
 #   launch/serve_gpu_two.sh [sglang args...]
 # Environment (defaults in brackets):
-#   TARGET        target model folder [the Qwen2.5-Coder 1.5B from `python -m minedraft_sglang.real_models`]
+#   TARGET        target model folder [the Qwen2.5-Coder 1.5B from `python -m minedraft_sglang.lab.real_models`]
 #   DRAFT         draft model folder  [the Qwen2.5-Coder 0.5B, same place]
 #   K             drafts per request, --speculative-num-steps [4]
 #   MODE          --minedraft-mode psd|auto|sequential [psd]

@@ -36,10 +36,12 @@ def eagle_sample_around(original, verify_input, batch, logits_output, grammar_ma
     """MINEDRAFT verifies apply exact per-position penalties, and batches with
     sampled requests use our rejection sampling (verify.sample_chain);
     everything else is SGLang's."""
-    from minedraft_sglang.verify import apply_chain_penalties, in_minedraft_verify, sample_chain
+    from minedraft_sglang.verify import current_verify, sample_chain
 
-    if in_minedraft_verify() and not batch.forward_mode.is_idle():
-        apply_chain_penalties(logits_output.next_token_logits)
+    context = current_verify()
+    if context is not None and not batch.forward_mode.is_idle():
+        if context.penalties is not None:
+            context.penalties(logits_output.next_token_logits)
         if not batch.sampling_info.is_all_greedy:
-            return sample_chain(verify_input, batch, logits_output, grammar_mask)
+            return sample_chain(verify_input, batch, logits_output, context, grammar_mask)
     return original(verify_input, batch, logits_output, grammar_mask, *args, **kwargs)

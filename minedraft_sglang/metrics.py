@@ -1,7 +1,15 @@
-"""Per-step timing: overlap ratio, Prometheus metrics, log line, JSON trace."""
+"""Per-step timing: the step record and trace file, overlap ratio,
+Prometheus metrics, log line.
+
+``StepRecord`` is the contract between the worker, which writes one per engine
+step, and whoever reads the trace (``--minedraft-trace-file``: one JSON object
+per line), such as the benchmark's timeline and Chrome trace.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
 import logging
 import os
@@ -14,6 +22,78 @@ logger = logging.getLogger(__name__)
 LOG_INTERVAL = 40
 
 _SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class StepMode(str, enum.Enum):
+    """What the drafter does while the target verifies, in one engine step."""
+
+    # Drafts the other sub-batch for its next step.
+    PSD = "psd"
+    # Nothing: the verified requests were drafted before the verify (classic SD).
+    SEQUENTIAL = "sequential"
+    # Drafts the verified requests' next step, betting every draft is accepted (PEARL).
+    DRAFT_AHEAD = "draft_ahead"
+    # k = 0: the whole batch verifies its last token alone, a plain decode step.
+    PLAIN = "plain"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+Interval = tuple[float, float]  # (start, end), time.monotonic() seconds
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRecord:
+    step: int
+    pid: int
+    mode: StepMode
+    # psd: the other sub-batch's drafting; sequential: the drafting before
+    # the verify; draft_ahead: the guess drafted beside it.
+    draft: Interval
+    verify: Interval
+    verify_bs: int
+    draft_bs: int
+    # Drafts the target verified, summed over requests (TETRIS verifies fewer than k each).
+    verified_drafts: int
+    # Drafts per verified request (0: a plain decode step).
+    k: int
+    draft_thread: str
+    # [verify_bs] tokens each verified request committed: accepted drafts + 1.
+    accept_lens: tuple[int, ...]
+
+    @property
+    def step_seconds(self) -> float:
+        return max(self.draft[1], self.verify[1]) - min(self.draft[0], self.verify[0])
+
+    @property
+    def overlap(self) -> float:
+        return overlap_ratio(self.draft, self.verify, self.step_seconds)
+
+    def to_json(self) -> str:
+        """One trace line; the derived ``step_seconds`` and ``overlap`` are
+        written too, for readers without this class."""
+        fields = dataclasses.asdict(self)
+        return json.dumps({**fields, "step_seconds": self.step_seconds, "overlap": self.overlap})
+
+    @classmethod
+    def from_json(cls, line: str) -> "StepRecord":
+        raw = json.loads(line)
+        values = {f.name: raw[f.name] for f in dataclasses.fields(cls)}
+        return cls(
+            **{
+                **values,
+                "mode": StepMode(values["mode"]),
+                "draft": tuple(values["draft"]),
+                "verify": tuple(values["verify"]),
+                "accept_lens": tuple(values["accept_lens"]),
+            }
+        )
+
+
+def read_trace(path) -> list[StepRecord]:
+    with open(path) as f:
+        return [StepRecord.from_json(line) for line in f if line.strip()]
 
 
 def overlap_ratio(draft: tuple[float, float], verify: tuple[float, float], step: float) -> float:
@@ -54,14 +134,14 @@ class PrometheusMetrics:
             multiprocess_mode="mostrecent",
         )
 
-    def observe(self, record: dict, accept_lens: Sequence[int]) -> None:
-        self.draft.observe(record["draft"][1] - record["draft"][0])
-        self.verify.observe(record["verify"][1] - record["verify"][0])
-        self.step.observe(record["step_seconds"])
-        for n in accept_lens:
+    def observe(self, record: StepRecord) -> None:
+        self.draft.observe(record.draft[1] - record.draft[0])
+        self.verify.observe(record.verify[1] - record.verify[0])
+        self.step.observe(record.step_seconds)
+        for n in record.accept_lens:
             self.accept.observe(n)
-        if record["mode"] == "psd":
-            self.overlap.set(record["overlap"])
+        if record.mode is StepMode.PSD:
+            self.overlap.set(record.overlap)
 
 
 class StepTracer:
@@ -71,62 +151,67 @@ class StepTracer:
         self.count = 0
         self.mode_counts: dict[str, int] = {}
         self.overlap_sum = 0.0
-        self._window: list[tuple[dict, Sequence[int]]] = []
+        self._window: list[StepRecord] = []
         self._lock = threading.Lock()
 
     def summary(self) -> dict:
-        psd = self.mode_counts.get("psd", 0)
+        psd = self.mode_counts.get(StepMode.PSD.value, 0)
         return {
             "steps": dict(self.mode_counts),
             "mean_overlap_ratio": self.overlap_sum / psd if psd else None,
         }
 
     def step(
-        self, mode, draft, verify, verify_bs, draft_bs, draft_thread: str,
-        accept_lens: Sequence[int], verified_drafts: int, k: int,
-    ) -> dict:
-        start = min(draft[0], verify[0])
-        step = max(draft[1], verify[1]) - start
-        record = {
-            "step": self.count,
-            "pid": os.getpid(),
-            "mode": mode,
-            "draft": list(draft),
-            "verify": list(verify),
-            "verify_bs": verify_bs,
-            "draft_bs": draft_bs,
-            "step_seconds": step,
-            "verified_drafts": verified_drafts,
-            # Drafts per verified request (0: a plain decode step).
-            "k": k,
-            "overlap": overlap_ratio(draft, verify, step),
-            "draft_thread": draft_thread,
-        }
+        self,
+        *,
+        mode: StepMode,
+        draft: Interval,
+        verify: Interval,
+        verify_bs: int,
+        draft_bs: int,
+        draft_thread: str,
+        accept_lens: Sequence[int],
+        verified_drafts: int,
+        k: int,
+    ) -> StepRecord:
+        record = StepRecord(
+            step=self.count,
+            pid=os.getpid(),
+            mode=mode,
+            draft=tuple(draft),
+            verify=tuple(verify),
+            verify_bs=verify_bs,
+            draft_bs=draft_bs,
+            verified_drafts=verified_drafts,
+            k=k,
+            draft_thread=draft_thread,
+            accept_lens=tuple(accept_lens),
+        )
         self.count += 1
-        self.mode_counts[mode] = self.mode_counts.get(mode, 0) + 1
-        if mode == "psd":
-            self.overlap_sum += record["overlap"]
+        self.mode_counts[mode.value] = self.mode_counts.get(mode.value, 0) + 1
+        if mode is StepMode.PSD:
+            self.overlap_sum += record.overlap
         if self.path:
             with self._lock, open(self.path, "a") as f:
-                f.write(json.dumps({**record, "accept_lens": list(accept_lens)}) + "\n")
+                f.write(record.to_json() + "\n")
         if self.prometheus is not None:
-            self.prometheus.observe(record, accept_lens)
-        self._window.append((record, accept_lens))
+            self.prometheus.observe(record)
+        self._window.append(record)
         if len(self._window) >= LOG_INTERVAL:
             self._log_window()
         return record
 
     def _log_window(self) -> None:
-        records = [r for r, _ in self._window]
-        lens = [n for _, a in self._window for n in a]
-        psd = [r["overlap"] for r in records if r["mode"] == "psd"]
+        records = self._window
+        lens = [n for r in records for n in r.accept_lens]
+        psd = [r.overlap for r in records if r.mode is StepMode.PSD]
         logger.info(
-            "MineDraft steps %d-%d: psd %d, sequential %d, sub-batch sizes (mean) %.1f verify / %.1f draft, "
+            "MineDraft steps %d-%d: psd %d, other %d, sub-batch sizes (mean) %.1f verify / %.1f draft, "
             "accept len %.2f, overlap ratio %s",
-            records[0]["step"], records[-1]["step"], len(psd), len(records) - len(psd),
-            sum(r["verify_bs"] for r in records) / len(records),
-            sum(r["draft_bs"] for r in records) / len(records),
+            records[0].step, records[-1].step, len(psd), len(records) - len(psd),
+            sum(r.verify_bs for r in records) / len(records),
+            sum(r.draft_bs for r in records) / len(records),
             sum(lens) / max(len(lens), 1),
             f"{sum(psd) / len(psd):.2f}" if psd else "n/a",
         )
-        self._window.clear()
+        self._window = []

@@ -32,11 +32,40 @@ from sglang.srt.speculative.eagle_worker_common import (
 )
 from sglang.srt.speculative.spec_info import SpecInput, SpecInputType
 
-from minedraft_sglang.acceptance import rejection_sample
+from minedraft_sglang.sampling.acceptance import rejection_sample
+from minedraft_sglang.sampling.penalties import PenaltyFn, chain_penalties
+from minedraft_sglang.sampling.probs import target_probs
 
-# Set while a MINEDRAFT verify runs on this thread, so the eagle_sample hook
-# (hooks.py) handles only our verifies.
-_active = threading.local()
+
+@dataclasses.dataclass(frozen=True)
+class VerifyContext:
+    """What the eagle_sample hook (hooks.py) needs from the MINEDRAFT verify
+    running on its thread: SGLang calls the hook deep inside its own verify,
+    so these cannot travel as arguments."""
+
+    # Exact per-position penalties; None when no request has one.
+    penalties: Optional[PenaltyFn]
+    # [bs] drafts to verify per request (TETRIS); None: all of them.
+    num_drafts: Optional[torch.Tensor]
+    generator: Optional[torch.Generator]
+
+
+_current = threading.local()
+
+
+def current_verify() -> Optional[VerifyContext]:
+    """The MINEDRAFT verify running on this thread, if any: the hook must
+    leave every other verify (SGLang's own algorithms) alone."""
+    return getattr(_current, "context", None)
+
+
+@contextlib.contextmanager
+def _verifying(context: VerifyContext):
+    _current.context = context
+    try:
+        yield
+    finally:
+        _current.context = None
 
 
 class MineDraftState(SpecInput):
@@ -107,9 +136,7 @@ def verify_chain(
     bs, num_steps = draft_tokens.shape
     device = batch.device
     parents, scores = chain_topology(num_steps, bs, device)
-    _active.generator = generator
-    _active.num_drafts = num_drafts
-    _active.penalties = chain_penalties(batch.reqs, draft_tokens)
+    context = VerifyContext(chain_penalties(batch.reqs, draft_tokens), num_drafts, generator)
     # SGLang's speculative penalties are "relaxed" (one vector for the whole
     # chain, counting only the last token of each step); ours replace them.
     # (In a sub-batch view these whole-batch tensors are also unsliced:
@@ -136,8 +163,7 @@ def verify_chain(
         # stops there, and the sampling path reads num_drafts itself.
         rows = torch.arange(bs, device=device)
         batch.spec_info.retrieve_next_token[rows, num_drafts] = -1
-    _active.on = True
-    try:
+    with _verifying(context):
         return run_eagle_verify(
             batch,
             target_worker=target_worker,
@@ -152,82 +178,9 @@ def verify_chain(
             finalize_tree_path=True,
             grammar_barrier=grammar_barrier,
         )
-    finally:
-        _active.on = False
 
 
-def in_minedraft_verify() -> bool:
-    return getattr(_active, "on", False)
-
-
-def _is_penalized(params) -> bool:
-    return (
-        params.frequency_penalty != 0.0
-        or params.presence_penalty != 0.0
-        or params.repetition_penalty != 1.0
-        or params.min_new_tokens > 0
-    )
-
-
-def _stop_token_ids(req) -> set[int]:
-    """The tokens min_new_tokens holds back: SGLang's own set (see
-    BatchedMinNewTokensPenalizer)."""
-    tokenizer = req.tokenizer
-    ids = (req.sampling_params.stop_token_ids or set()) | (req.eos_token_ids or set())
-    if tokenizer is not None:
-        ids |= getattr(tokenizer, "additional_stop_token_ids", None) or set()
-        if tokenizer.eos_token_id is not None:
-            ids |= {tokenizer.eos_token_id}
-    return {t for t in ids if t is not None}
-
-
-def chain_penalties(reqs, drafts: torch.Tensor):
-    """Exact frequency/presence/repetition penalties and min_new_tokens at
-    every position of each chain: position j follows the request's output
-    plus drafts 1..j, so it is penalised exactly as plain decoding would
-    penalise that token. Returns a function that applies them to [bs*W, V]
-    logits (additive first, then scaling, as SGLang does), or None when no
-    request has a penalty."""
-    if not any(_is_penalized(r.sampling_params) for r in reqs):
-        return None
-    bs, k = drafts.shape
-    width = k + 1
-
-    def apply(logits: torch.Tensor) -> None:
-        vocab, device = logits.shape[-1], logits.device
-        counts = torch.zeros(bs, vocab, device=device)
-        for i, req in enumerate(reqs):
-            if req.output_ids:
-                counts[i] = torch.bincount(torch.tensor(req.output_ids, device=device), minlength=vocab)[:vocab]
-        steps = F.one_hot(drafts.to(device, torch.int64), vocab).float().cumsum(1)
-        counts = counts[:, None, :] + F.pad(steps, (0, 0, 1, 0))  # [bs, W, V]
-        seen = counts > 0
-
-        def per_req(name):
-            return torch.tensor([float(getattr(r.sampling_params, name)) for r in reqs], device=device).view(bs, 1, 1)
-
-        additive = -per_req("frequency_penalty") * counts - per_req("presence_penalty") * seen
-        out_lens = torch.tensor([len(r.output_ids) for r in reqs], device=device).view(bs, 1)
-        held = (out_lens + torch.arange(width, device=device)) < per_req("min_new_tokens").view(bs, 1)
-        for i, req in enumerate(reqs):
-            if held[i].any():
-                stops = torch.tensor(sorted(_stop_token_ids(req)), dtype=torch.int64, device=device)
-                stops = stops[stops < vocab]
-                additive[i, :, stops] = torch.where(held[i, :, None], float("-inf"), additive[i, :, stops])
-        logits.add_(additive.view(bs * width, vocab))
-        scaling = torch.where(seen, per_req("repetition_penalty"), 1.0).view(bs * width, vocab)
-        logits.copy_(torch.where(logits < 0, logits * scaling, logits / scaling))
-
-    return apply
-
-
-def apply_chain_penalties(logits: torch.Tensor) -> None:
-    penalties = getattr(_active, "penalties", None)
-    if penalties is not None:
-        penalties(logits)
-
-
-def sample_chain(verify_input, batch: ScheduleBatch, logits_output, grammar_mask=None):
+def sample_chain(verify_input, batch: ScheduleBatch, logits_output, context: VerifyContext, grammar_mask=None):
     """Rejection-sample a chain verify; returns what SGLang's eagle_sample
     returns: (predict [bs*W], accept_lens [bs], accept_index [bs, W])."""
     sampling_info = batch.sampling_info
@@ -243,32 +196,12 @@ def sample_chain(verify_input, batch: ScheduleBatch, logits_output, grammar_mask
     probs = target_probs(logits.view(bs, width, -1), sampling_info)
     drafts = verify_input.draft_token.view(bs, width)[:, 1:].to(torch.int64)
     q = F.one_hot(drafts, probs.shape[-1]).to(probs.dtype)
-    num_drafts = getattr(_active, "num_drafts", None)
+    num_drafts = context.num_drafts
     if num_drafts is None:
         num_drafts = torch.full((bs,), width - 1, dtype=torch.int64, device=probs.device)
-    out, accept_lens = rejection_sample(drafts, q, probs, num_drafts, getattr(_active, "generator", None))
+    out, accept_lens = rejection_sample(drafts, q, probs, num_drafts, context.generator)
     predict = out.clamp_min(0).to(torch.int32).flatten()
     cols = torch.arange(width, device=probs.device)
     rows = torch.arange(bs, device=probs.device)[:, None] * width
     accept_index = torch.where(cols[None, :] < accept_lens[:, None], rows + cols[None, :], -1)
     return predict, accept_lens.to(torch.int32), accept_index.to(torch.int32)
-
-
-def target_probs(logits: torch.Tensor, sampling_info) -> torch.Tensor:
-    """[bs, W, V] logits -> the distributions the target samples from, with
-    each request's temperature, top-k, top-p and min-p (greedy requests have
-    top-k 1, so their distribution is one-hot at the argmax)."""
-    bs = logits.shape[0]
-    temps = sampling_info.temperatures.view(bs, 1, 1).to(logits.dtype)
-    probs = torch.softmax(logits.float() / temps, dim=-1)
-    top_k = sampling_info.top_ks.view(bs, 1, 1)
-    ranked, order = probs.sort(dim=-1, descending=True)
-    rank = torch.arange(probs.shape[-1], device=probs.device)
-    keep = (
-        (rank < top_k.clamp_min(1))
-        # Same rule as SGLang's sampler: drop a token once the mass before it exceeds top-p.
-        & ((ranked.cumsum(-1) - ranked) <= sampling_info.top_ps.view(bs, 1, 1))
-        & (ranked >= sampling_info.min_ps.view(bs, 1, 1) * ranked[..., :1])
-    )
-    ranked = ranked * keep
-    return torch.zeros_like(probs).scatter_(-1, order, ranked / ranked.sum(-1, keepdim=True))

@@ -16,6 +16,7 @@ makes the scheduler's result processing look at just those rows.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -34,9 +35,10 @@ from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
 from minedraft_sglang import adaptive_k, cpu_affinity, devices, metrics
 from minedraft_sglang.config import MineDraftConfig
 from minedraft_sglang.drafters import create_drafter
-from minedraft_sglang.drafters.base import DraftRequest
+from minedraft_sglang.drafters.base import Drafter, DraftRequest
+from minedraft_sglang.metrics import StepMode
 from minedraft_sglang.sub_batches import SubBatches
-from minedraft_sglang.tetris import tetris_select
+from minedraft_sglang.sampling.tetris import tetris_select
 from minedraft_sglang.verify import MineDraftState, sub_batch_view, verify_chain
 
 logger = logging.getLogger(__name__)
@@ -61,6 +63,18 @@ class _Drafts:
         self.anchor = anchor
 
 
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """What one engine step does: verify ``verify_rows`` (indices into the
+    running batch) while the drafter drafts ``k`` tokens per request for
+    ``draft_rows`` (psd) or the verified rows' next step (draft_ahead)."""
+
+    mode: StepMode
+    verify_rows: list[int]
+    draft_rows: list[int]
+    k: int
+
+
 class MineDraftWorker(BaseSpecWorker):
     def __init__(self, server_args, gpu_id: int, nccl_port: int, target_worker):
         super().__init__()
@@ -68,42 +82,66 @@ class MineDraftWorker(BaseSpecWorker):
         self._target_worker = target_worker
         self._draft_worker = None
         self.model_runner = target_worker.model_runner
-        self.device = self.model_runner.device
         spec = get_spec()
-        self.topk = 1
-        self.speculative_num_steps = spec.speculative_num_steps
-        self.config = MineDraftConfig.from_env()
-        # k: drafts per request SD would verify. With TETRIS the drafter
-        # proposes k + extra and the budget is k per verified request.
-        self.k = self.speculative_num_steps - (self.config.tetris_extra if self.config.tetris else 0)
-        self.speculative_num_draft_tokens = spec.speculative_num_draft_tokens
-        # --minedraft-k auto: k (and k = 0, a plain decode step) is chosen
-        # every step in 0..speculative_num_steps from the measured costs.
-        self.planner = adaptive_k.KPlanner(self.speculative_num_steps) if self.config.k == "auto" else None
-        target_on_cuda = torch.device(self.device).type == "cuda"
-        placement = devices.place_drafter(
-            self.config.draft_device, self.model_runner.gpu_id if target_on_cuda else None
+        config = MineDraftConfig.from_env()
+        target_on_cuda = torch.device(self.model_runner.device).type == "cuda"
+        placement = devices.place_drafter(config.draft_device, self.model_runner.gpu_id if target_on_cuda else None)
+        drafter = create_drafter(
+            device=placement.device,
+            model_path=spec.speculative_draft_model_path,
+            target_path=server_args.model_path,
+            target_dtype=self.model_runner.dtype,
         )
-        self.draft_device = placement.device
-        self.drafter = create_drafter(
-            self.config, placement.device, spec.speculative_draft_model_path, server_args.model_path,
-            self.model_runner.dtype,
-        )
-        if self.drafter.aux_layer_ids is not None:
+        if drafter.aux_layer_ids is not None:
             # EAGLE-3: the target returns these layers' outputs side by side
             # as its hidden states.
-            self.model_runner.model.set_eagle3_layers_to_capture(self.drafter.aux_layer_ids)
+            self.model_runner.model.set_eagle3_layers_to_capture(drafter.aux_layer_ids)
             if target_on_cuda:
                 # The target's CUDA graphs were captured without the aux
                 # outputs (SGLang's EAGLE-3 sets the layers before capture).
                 self.model_runner.recapture_decode_cuda_graph()
+        self._init_loop(
+            config=config,
+            drafter=drafter,
+            draft_device=placement.device,
+            device=self.model_runner.device,
+            num_steps=spec.speculative_num_steps,
+            num_draft_tokens=spec.speculative_num_draft_tokens,
+            prometheus=server_args.enable_metrics,
+        )
+
+    def _init_loop(
+        self,
+        *,
+        config: MineDraftConfig,
+        drafter: Drafter,
+        draft_device: str,
+        device,
+        num_steps: int,
+        num_draft_tokens: int,
+        prometheus: bool = False,
+    ) -> None:
+        """The PSD loop's own state, apart from SGLang's objects (the unit
+        tests build a worker through this alone)."""
+        self.config = config
+        self.drafter = drafter
+        self.draft_device = draft_device
+        self.device = device
+        self.topk = 1
+        self.speculative_num_steps = num_steps
+        self.speculative_num_draft_tokens = num_draft_tokens
+        # k: drafts per request SD would verify. With TETRIS the drafter
+        # proposes k + extra and the budget is k per verified request.
+        self.k = num_steps - (config.tetris_extra if config.tetris else 0)
+        # --minedraft-k auto: k (and k = 0, a plain decode step) is chosen
+        # every step in 0..speculative_num_steps from the measured costs.
+        self.planner = adaptive_k.KPlanner(num_steps) if config.k == "auto" else None
         self.cores = self._split_cores()
         self.sub_batches = SubBatches()
         self.pending: dict[str, _Drafts] = {}
         self.drafter_failures = 0
         self.tracer = metrics.StepTracer(
-            self.config.trace_file,
-            metrics.PrometheusMetrics(self.speculative_num_steps) if server_args.enable_metrics else None,
+            config.trace_file, metrics.PrometheusMetrics(num_steps) if prometheus else None
         )
         # One thread owns the drafter: PSD drafts there while this (the
         # scheduler) thread runs the target's verify.
@@ -111,7 +149,7 @@ class MineDraftWorker(BaseSpecWorker):
             max_workers=1,
             thread_name_prefix="minedraft-drafter",
             initializer=_init_drafter_thread,
-            initargs=(self.draft_device, self.cores.drafter if self.cores else None),
+            initargs=(draft_device, self.cores.drafter if self.cores else None),
         )
         # Started now, not at the first PSD step, so /server_info and /proc
         # show both threads with their cores from the start.
@@ -119,12 +157,12 @@ class MineDraftWorker(BaseSpecWorker):
         self.drafter_tid = self.executor.submit(threading.get_native_id).result()
         logger.info(
             "MineDraft: mode=%s drafter=%s on %s, k=%s, drafts per request=%d, tetris=%s",
-            self.config.mode,
-            type(self.drafter).__name__,
-            self.draft_device,
+            config.mode,
+            type(drafter).__name__,
+            draft_device,
             f"auto (0..{self.k})" if self.planner else self.k,
-            self.speculative_num_steps,
-            self.config.tetris,
+            num_steps,
+            config.tetris,
         )
 
     def _split_cores(self) -> Optional[cpu_affinity.CoreSplit]:
@@ -217,19 +255,24 @@ class MineDraftWorker(BaseSpecWorker):
         for rid in self.drafter.active_rids() - set(rids):
             # Retracted (or aborted) requests: their drafts are stale.
             self._release(rid)
+        plan = self._plan(rids)
+        return self._step(batch, plan, on_publish=on_publish, grammar_barrier=grammar_barrier)
+
+    def _plan(self, rids: list[str]) -> StepPlan:
+        everyone = list(range(len(rids)))
         if self.config.mode != "sequential":
             verify_rows, draft_rows = self.sub_batches.split(rids)
             if verify_rows and draft_rows:
                 k = self._choose_k(len(verify_rows), len(draft_rows))
                 if k:
-                    return self._step(batch, "psd", verify_rows, draft_rows, k, on_publish, grammar_barrier)
-                return self._step(batch, "plain", list(range(len(rids))), [], 0, on_publish, grammar_barrier)
+                    return StepPlan(StepMode.PSD, verify_rows, draft_rows, k)
+                return StepPlan(StepMode.PLAIN, everyone, [], 0)
         # Sequential mode, or one half is empty (e.g. a single running
         # request): nothing to overlap across sub-batches.
         ahead = self.config.mode == "auto"
         k = self._choose_k(len(rids), 0, ahead)
-        mode = "plain" if k == 0 else "draft_ahead" if ahead else "sequential"
-        return self._step(batch, mode, list(range(len(rids))), [], k, on_publish, grammar_barrier)
+        mode = StepMode.PLAIN if k == 0 else StepMode.DRAFT_AHEAD if ahead else StepMode.SEQUENTIAL
+        return StepPlan(mode, everyone, [], k)
 
     def _choose_k(self, verify_bs: int, draft_bs: int, ahead: bool = False) -> int:
         """Drafts per request for the drafting done in this step."""
@@ -263,8 +306,8 @@ class MineDraftWorker(BaseSpecWorker):
             speculative_num_draft_tokens=self.speculative_num_draft_tokens,
         )
 
-    def _step(self, batch, mode: str, verify_rows, draft_rows, k: int, on_publish, grammar_barrier):
-        """One engine step: verify ``verify_rows`` on the target while the
+    def _step(self, batch: ScheduleBatch, plan: StepPlan, *, on_publish, grammar_barrier) -> GenerationBatchResult:
+        """One engine step: verify ``plan.verify_rows`` on the target while the
         drafter drafts k tokens per request in the background for
           psd:         the other sub-batch (``draft_rows``), for the next step;
           draft_ahead: the verified requests themselves, assuming all their
@@ -273,11 +316,12 @@ class MineDraftWorker(BaseSpecWorker):
           plain:       nothing (k = 0: every request verifies its last token
                        alone, a plain decode step).
         """
+        mode, verify_rows, draft_rows, k = plan.mode, plan.verify_rows, plan.draft_rows, plan.k
         reqs = batch.reqs
         verify_reqs = [reqs[i] for i in verify_rows]
         t0 = time.monotonic()
         missing = []
-        if mode == "plain":
+        if mode is StepMode.PLAIN:
             for r in verify_reqs:
                 self.pending.pop(r.rid, None)
             drafts = torch.zeros(len(verify_reqs), 0, dtype=torch.int64)
@@ -299,16 +343,16 @@ class MineDraftWorker(BaseSpecWorker):
             logprobs = torch.stack([d.probs for d in taken]).clamp_min(1e-30).log()
             num_drafts = tetris_select(logprobs, self.k * len(verify_reqs)).to(self.device)
         background: Optional[Future] = None
-        if mode == "psd":
+        if mode is StepMode.PSD:
             background = self.executor.submit(
                 _timed, self._draft, _draft_requests([reqs[i] for i in draft_rows]), k
             )
-        elif mode == "draft_ahead":
+        elif mode is StepMode.DRAFT_AHEAD:
             ahead = _draft_requests(verify_reqs, extra=drafts.tolist())
             background = self.executor.submit(_timed, self._draft_ahead, ahead, k)
         view = batch if len(verify_rows) == len(reqs) else sub_batch_view(batch, verify_rows)
         t1 = time.monotonic()
-        result = self._verify(view, drafts, num_drafts, grammar_barrier)
+        result = self._verify(view, drafts, num_drafts=num_drafts, grammar_barrier=grammar_barrier)
         t2 = time.monotonic()
         if background is not None:
             _, draft_interval, draft_thread = background.result()
@@ -320,12 +364,17 @@ class MineDraftWorker(BaseSpecWorker):
         accept_lens = result.accept_lens.tolist()
         if self.planner is not None:
             self._measure(
-                mode, k, drafts, accept_lens, (t0, t1, t2),
-                n_missing=len(missing), background=background and draft_interval, draft_bs=len(draft_rows),
+                plan, drafts, accept_lens, (t0, t1, t2),
+                n_missing=len(missing), background=background and draft_interval,
             )
         self.tracer.step(
-            mode, draft_interval, (t1, t2), len(verify_rows), len(draft_rows) or len(verify_rows),
-            draft_thread, accept_lens,
+            mode=mode,
+            draft=draft_interval,
+            verify=(t1, t2),
+            verify_bs=len(verify_rows),
+            draft_bs=len(draft_rows) or len(verify_rows),
+            draft_thread=draft_thread,
+            accept_lens=accept_lens,
             verified_drafts=int(num_drafts.sum()) if num_drafts is not None else drafts.numel(),
             k=drafts.shape[1],
         )
@@ -336,9 +385,10 @@ class MineDraftWorker(BaseSpecWorker):
         result.new_seq_lens = new_seq_lens
         return self._finish(result, new_seq_lens, verify_rows, on_publish)
 
-    def _measure(self, mode, k, drafts, accept_lens, times, *, n_missing, background, draft_bs) -> None:
+    def _measure(self, plan: StepPlan, drafts, accept_lens, times, *, n_missing, background) -> None:
         """Feed the planner this step's stage costs and acceptance."""
         t0, t1, t2 = times
+        k = plan.k
         bs, width = drafts.shape
         self.planner.observe_verify(bs * (width + 1), t2 - t1)
         if n_missing:
@@ -346,7 +396,7 @@ class MineDraftWorker(BaseSpecWorker):
             self.planner.observe_draft(n_missing, k, t1 - t0)
         if background:
             # psd: the other half, k tokens; draft_ahead: the verified rows, k + 1.
-            requests, forwards = (bs, k + 1) if mode == "draft_ahead" else (draft_bs, k)
+            requests, forwards = (bs, k + 1) if plan.mode is StepMode.DRAFT_AHEAD else (len(plan.draft_rows), k)
             self.planner.observe_draft(requests, forwards, background[1] - background[0])
         if width:
             self.planner.observe_acceptance([n - 1 for n in accept_lens], [width] * bs)
@@ -404,7 +454,7 @@ class MineDraftWorker(BaseSpecWorker):
             # Zero probability also tells TETRIS not to spend budget here.
             return last[:, None].repeat(1, num_tokens), torch.zeros(len(draft_reqs), num_tokens)
 
-    def _verify(self, batch: ScheduleBatch, drafts: torch.Tensor, num_drafts, grammar_barrier):
+    def _verify(self, batch: ScheduleBatch, drafts: torch.Tensor, *, num_drafts, grammar_barrier):
         bonus = torch.tensor(
             [req.output_ids[-1] for req in batch.reqs], dtype=torch.int32, device=self.device
         )

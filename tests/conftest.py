@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from minedraft_sglang import tiny_eagle, tiny_models
-from minedraft_sglang.launcher import Server, minedraft_args
+from minedraft_sglang.lab import tiny_eagle, tiny_models
+from minedraft_sglang.lab.launcher import Server, minedraft_args
 
 K = 3  # --speculative-num-steps used by the test servers
 

@@ -7,12 +7,12 @@ import random
 
 import torch
 
-from minedraft_sglang.config import DRAFTER_FOR_ARCHITECTURE, MineDraftConfig
+from minedraft_sglang.config import DRAFTER_FOR_ARCHITECTURE
 from minedraft_sglang.drafters.base import Drafter
 
 
 def create_drafter(
-    config: MineDraftConfig, device: str, model_path: str, target_path: str, target_dtype: torch.dtype
+    *, device: str, model_path: str, target_path: str, target_dtype: torch.dtype
 ) -> Drafter:
     """The drafter for the draft checkpoint's architecture (validated at
     startup by plugin.validate_server_args), on ``device``."""

@@ -1,0 +1,86 @@
+"""``minedraft-sglang-cpu``: the stock SGLang server on a CPU-only machine.
+
+    minedraft-sglang-cpu --model-path PATH [sglang.launch_server args...]
+    python -m minedraft_sglang.cpu_server ...                  (the same)
+    python -m minedraft_sglang.cpu_server --print-env          (shell exports, for the stock command)
+
+It runs ``python -m sglang.launch_server`` with the CPU flags below first and
+the caller's arguments after them (SGLang's argparse keeps the last value, so
+each can be overridden), in an environment set up *before* Python starts:
+SGLang decides "CPU or not" once, while its first modules import, and the
+``sgl_kernel`` fallback module must be importable in every process it spawns.
+The plugin runs too late for either (``docs/design.md``, "CPU serving").
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+# sgl_kernel's CUDA library cannot load without a GPU; it then falls back to
+# `import common_ops`, which this folder provides (cpu_kernels/ops.py).
+SHIM_DIR = Path(__file__).resolve().parent / "cpu_kernels" / "shim"
+
+CPU_ENV = {
+    # SGLang's CPU branches (and its non-vllm rotary embedding) key on this.
+    "SGLANG_USE_CPU_ENGINE": "1",
+    # One OpenMP thread per process: on a 2-core machine oversubscribed
+    # threads made identical batches take 5-11 s instead of 0.25 s.
+    "OMP_NUM_THREADS": "1",
+    # Models are local folders; never reach for the hub.
+    "HF_HUB_OFFLINE": "1",
+}
+
+# - torch_native serves plain prefill/decode, but speculative decoding needs
+#   the intel_amx backend's draft/verify support; asking for intel_amx via
+#   --attention-backend is rewritten to torch_native without AMX, the split
+#   prefill/decode flags are not.
+# - CUDA graphs on CPU mean a torch.compile graph runner that rejects
+#   speculative decoding; the per-phase flags (not the deprecated
+#   --disable-cuda-graph) keep that overridable.
+# - The memory flags keep the KV pool small on a 24 GiB machine.
+# - --sleep-on-idle: an idle scheduler otherwise polls at full speed, and on a
+#   2-core machine two idle servers take a core away from a busy one.
+CPU_FLAGS = (
+    "--device", "cpu",
+    "--attention-backend", "torch_native",
+    "--prefill-attention-backend", "intel_amx",
+    "--decode-attention-backend", "intel_amx",
+    "--mem-fraction-static", "0.1",
+    "--max-total-tokens", "16384",
+    "--cuda-graph-backend-decode", "disabled",
+    "--cuda-graph-backend-prefill", "disabled",
+    "--sleep-on-idle",
+)  # fmt: skip
+
+
+def cpu_environ(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` with CPU serving set up (an OMP_NUM_THREADS of the caller's is kept)."""
+    out = {**env, "SGLANG_USE_CPU_ENGINE": "1", "HF_HUB_OFFLINE": env.get("HF_HUB_OFFLINE", "1")}
+    out.setdefault("OMP_NUM_THREADS", CPU_ENV["OMP_NUM_THREADS"])
+    paths = [p for p in out.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if str(SHIM_DIR) not in paths:
+        out["PYTHONPATH"] = os.pathsep.join([str(SHIM_DIR), *paths])
+    return out
+
+
+def server_command(args: Sequence[str], python: str = sys.executable) -> list[str]:
+    return [python, "-m", "sglang.launch_server", *CPU_FLAGS, *args]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    env = cpu_environ(os.environ)
+    if argv == ["--print-env"]:
+        for name in (*CPU_ENV, "PYTHONPATH"):
+            print(f"export {name}={shlex.quote(env[name])}")
+        return
+    cmd = server_command(argv)
+    os.execve(cmd[0], cmd, env)
+
+
+if __name__ == "__main__":
+    main()

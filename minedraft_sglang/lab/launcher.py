@@ -1,0 +1,104 @@
+"""Start and stop real SGLang servers on CPU (quickstart, tests, benchmarks).
+
+Every server is the stock ``python -m sglang.launch_server`` started through
+``minedraft-sglang-cpu`` (``minedraft_sglang.cpu_server``, which
+``launch/serve_cpu.sh`` runs too), so what is tested is what a user runs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import requests
+
+# The CPU server command, with this interpreter.
+SERVE_CPU = (sys.executable, "-m", "minedraft_sglang.cpu_server")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A CPU server process with a log file; use as a context manager or
+    call ``stop()``."""
+
+    def __init__(self, args: Sequence[str], log_path: Path, port: Optional[int] = None, env=None):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(log_path)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        # float32 unless ``args`` say otherwise (the last --dtype wins): exact
+        # comparisons with plain decoding need it.
+        cmd = [*SERVE_CPU, "--dtype", "float32", *args, "--port", str(self.port)]
+        full_env = {**os.environ, **(env or {})}
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
+        )
+
+    def wait_ready(self, timeout: float = 600) -> "Server":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"server exited with {self.proc.returncode}; log tail:\n{self.log_tail()}"
+                )
+            try:
+                if requests.get(self.url + "/health_generate", timeout=30).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise TimeoutError(f"server not ready in {timeout}s; log tail:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        self._log.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def generate(self, text, max_new_tokens: int, **extra) -> dict:
+        payload = {
+            "text": text,
+            "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0, **extra.pop("sampling", {})},
+            **extra,
+        }
+        r = requests.post(self.url + "/generate", json=payload, timeout=600)
+        r.raise_for_status()
+        return r.json()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+    def __enter__(self) -> "Server":
+        return self.wait_ready()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def minedraft_args(model: str, draft: str, mode: str, num_steps: int = 3, extra: Sequence[str] = ()) -> list[str]:
+    return [
+        "--model-path", model,
+        "--speculative-algorithm", "MINEDRAFT",
+        "--speculative-draft-model-path", draft,
+        "--speculative-num-steps", str(num_steps),
+        "--minedraft-mode", mode,
+        *extra,
+    ]

@@ -1,0 +1,208 @@
+"""The benchmark: its run plan, aggregation and figures on hand-made data
+(fast), and the quick mode end to end on real servers (four of them, three
+started together), which must report every field with a sane value. No
+timing thresholds: this machine's timings are noise; the numbers are checked
+for shape, not speed."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from minedraft_sglang.lab import bench, plots
+
+REPO = Path(__file__).resolve().parents[2]
+
+RUNS = ["plain@B", "plain@2B", "STANDALONE@B", "STANDALONE@2B", "seq@B", "seq@2B", "psd@2B"]
+B, N, TOKENS, K = 2, 6, 12, 3
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_plan_is_data_driven():
+    plan = bench.build_plan(2, ["tetris"], [1, 4])
+    names = [s.name for s in plan]
+    assert names[:8] == [*RUNS, "tetris@2B"]
+    tetris = plan[7]
+    assert (tetris.engine, tetris.flags, tetris.concurrency, tetris.sub_batch_size) == (
+        "psd", ("--minedraft-tetris",), 4, 2)
+    # Concurrency 1 is new for every mode; 4 (= 2B) already exists for all of them.
+    assert names[8:] == ["plain@1", "STANDALONE@1", "seq@1", "psd@1", "tetris@1"]
+    assert plan[-1].flags == ("--minedraft-tetris",)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--variants", "nope"])
+
+
+def test_k_sweep_runs_at_2b_only_and_adaptive_expands():
+    names = [s.name for s in bench.build_plan(1, ["adaptive", "ksweep"], [4])]
+    assert [n for n in names if n.startswith("psd-k")] == ["psd-k1@2B", "psd-k2@2B", "psd-k4@2B"]
+    assert "adaptive@2B" in names and "adaptive@4" in names and "psd-k1@4" not in names
+    only = [s.name for s in bench.build_plan(1, ["adaptive", "ksweep"], [4], ["adaptive"])]
+    assert only == ["plain@B", "plain@2B", "adaptive@2B", "plain@4", "adaptive@4"]
+
+
+def test_exactness_is_enforced_in_float32_only():
+    assert bench.served_dtype("") == "float32"
+    assert bench.served_dtype("--mem-fraction-static 0.8 --dtype bfloat16") == "bfloat16"
+    ref = [{"output_ids": [1, 2, 3, 4]}, {"output_ids": [5, 6]}]
+    run = [{"replies": [{"output_ids": [1, 2, 9, 4]}, {"output_ids": [5, 6]}]}]
+    assert bench.agreement(run, ref) == {"identical_requests": 1, "requests": 2, "mean_common_prefix": 2.0}
+
+
+def test_rounds_alternate_direction():
+    assert bench.order(["a", "b", "c"], 3) == [
+        (0, "a"), (0, "b"), (0, "c"), (1, "c"), (1, "b"), (1, "a"), (2, "a"), (2, "b"), (2, "c")]
+
+
+def _reply(ids, ttft, latency, verify_ct=None, accept=None):
+    meta = {"completion_tokens": len(ids), "e2e_latency": latency}
+    if verify_ct:
+        meta.update(spec_verify_ct=verify_ct, spec_accept_length=accept)
+    return {"output_ids": ids, "meta_info": meta, "ttft_s": ttft, "latency_s": latency}
+
+
+def _step(i, mode, draft, verify, bs=2, thread="MainThread"):
+    return {"step": i, "mode": mode, "draft": list(draft), "verify": list(verify), "verify_bs": bs,
+            "draft_bs": bs, "overlap": 1.0 if mode == "psd" else 0.0, "draft_thread": thread,
+            "accept_lens": [2] * bs, "step_seconds": max(draft[1], verify[1]) - min(draft[0], verify[0])}
+
+
+def test_run_record_means_over_repeats():
+    spec = bench.RunSpec("seq@B", "seq", "sequential", 2)
+    # Repeat 1: 10 tokens in 1 s; requests: ttft 0.1 s, 0.1 + 4 * 0.05 s.
+    one = {"replies": [_reply([1] * 5, 0.1, 0.3, 2, 2.5), _reply([2] * 5, 0.1, 0.3, 3, 1.0)],
+           "makespan": 1.0, "steps": [_step(0, "sequential", (0, 0.01), (0.01, 0.03))]}
+    two = {**one, "makespan": 0.5, "steps": [_step(0, "sequential", (0, 0.03), (0.03, 0.05))]}
+    r = bench.run_record(spec, [one, two])
+    assert r["throughput_repeats"] == [10.0, 20.0]
+    assert r["throughput_tok_s"] == 15.0 and r["throughput_stdev"] == 5.0
+    assert r["ttft_ms"] == pytest.approx(100) and r["tpot_ms"] == pytest.approx(50)
+    # (2.5 * 2 + 1.0 * 3) / 5 verifies
+    assert r["accept_length"] == pytest.approx(1.6)
+    # draft 10 and 30 ms, verify 20 ms: means over repeats
+    assert r["t_draft_step_ms"] == pytest.approx(20) and r["t_verify_ms"] == pytest.approx(20)
+    assert r["t_step_ms"] == pytest.approx(40) and r["overlap"] == 0.0
+    # 2 requests x 2 tokens in 30 ms, then in 50 ms
+    assert r["in_step_tok_s"] == pytest.approx((4 / 0.03 + 4 / 0.05) / 2)
+    assert r["makespan_per_request_ms"] == pytest.approx(375)
+
+
+def test_draft_prefill_is_drafting_beyond_the_median():
+    # Drafts of 1, 1, 5, 1 s at one batch size: the 5 s one holds 4 s of prompt
+    # prefill; a lone psd step is its own median.
+    steps = [_step(i, "sequential", (0, d), (d, d + 1)) for i, d in enumerate((1, 1, 5, 1))]
+    steps.append(_step(4, "psd", (0, 2), (0, 3)))
+    assert bench.draft_prefill_seconds(steps) == pytest.approx(4.0)
+    metrics = bench.trace_metrics(bench.RunSpec("seq@B", "seq", "sequential", 2), steps[:4], 8)
+    assert metrics["draft_prefill_ms_per_request"] == pytest.approx(500.0)
+    assert metrics["t_draft_median_ms"] == pytest.approx(1000.0) and metrics["t_draft_step_ms"] == pytest.approx(2000)
+
+
+def test_chrome_trace_and_timeline(tmp_path):
+    seq = [_step(0, "sequential", (10.0, 10.01), (10.01, 10.03))]
+    psd = [_step(5, "psd", (20.0, 20.01), (20.0, 20.02), thread="minedraft-drafter_0"),
+           _step(6, "sequential", (20.02, 20.03), (20.03, 20.04))]
+    path = tmp_path / "trace.json"
+    plots.chrome_trace({"seq@B": seq, "psd@2B": psd}, path)
+    events = json.loads(path.read_text())["traceEvents"]
+    meta = {(e["pid"], e["tid"]): e["args"]["name"] for e in events if e["ph"] == "M"}
+    assert meta[(1, 0)] == "seq@B" and meta[(2, 0)] == "psd@2B"
+    assert meta[(2, 1)] == "scheduler thread (target)" and meta[(2, 2)] == "minedraft-drafter_0 (drafter)"
+    spans = [(e["pid"], e["tid"], e["name"], e["ts"], e["dur"]) for e in events if e["ph"] == "X"]
+    assert spans == [
+        (1, 1, "verify", 10000.0, 20000.0), (1, 1, "draft", 0.0, 10000.0),
+        (2, 1, "verify", 0.0, 20000.0), (2, 2, "draft", 0.0, 10000.0),
+        (2, 1, "verify", 30000.0, 10000.0), (2, 1, "draft", 20000.0, 10000.0),
+    ]
+    # Read back (for --rescore): the same steps, times from the run's start.
+    back = plots.read_chrome_trace(path)
+    assert [s["step"] for s in back["psd@2B"]] == [5, 6] and back["psd@2B"][0]["mode"] == "psd"
+    assert [s["draft_thread"] for s in back["psd@2B"]] == ["minedraft-drafter_0", "MainThread"]
+    assert back["psd@2B"][1]["verify"] == pytest.approx([0.03, 0.04])
+    assert back["psd@2B"][0]["accept_lens"] == [2, 2] and back["psd@2B"][0]["verify_bs"] == 2
+    assert back["seq@B"][0]["step_seconds"] == pytest.approx(0.03)
+    assert plots.window(psd, 1, "psd") == psd[:1]
+    png = tmp_path / "timeline.png"
+    plots.timeline({"seq@B": seq, "psd@2B": psd}, png)
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.server
+def test_bench_quick_reports_every_field(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        ["bash", str(REPO / "launch" / "bench_cpu.sh"), "--quick",
+         "-b", str(B), "-n", str(N), "--max-new-tokens", str(TOKENS), "-k", str(K), "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "greedy outputs identical" in proc.stdout
+    report = json.loads(out.read_text())
+
+    env = report["env"]
+    assert (env["k"], env["B"], env["N"], env["max_new_tokens"], env["repeats"]) == (K, B, N, TOKENS, 1)
+    assert env["max_alive"] == 3  # --quick's default: the CI time budget
+    for key in ("date", "cpu_count", "torch", "sglang", "target", "draft", "command"):
+        assert env[key], key
+
+    runs = {r["name"]: r for r in report["runs"]}
+    assert list(runs) == RUNS
+    for name, r in runs.items():
+        assert r["completion_tokens"] == N * TOKENS, name  # ignore_eos
+        assert r["concurrency"] == (2 * B if name.endswith("2B") else B)
+        assert len(r["throughput_repeats"]) == 1 and r["throughput_stdev"] == 0
+        for key in ("throughput_tok_s", "ttft_ms", "tpot_ms", "makespan_per_request_ms", "vs_plain",
+                    "vs_standalone"):
+            assert 0 < r[key] < math.inf, (name, key)
+        if r["engine"] == "plain":
+            assert r["vs_plain"] == 1 and r["accept_length"] is None and r["overlap"] is None
+            continue
+        assert 1 <= r["accept_length"] <= K + 1, name
+        assert 0 < r["predicted_tok_s"] < math.inf and -1 < r["prediction_error"] < math.inf, name
+        if r["engine"] == "standalone":
+            assert r["vs_standalone"] == 1 and r["steps"] is None and r["overlap"] is None
+            continue
+        assert r["steps"] > 0, name
+        assert r["t_draft_step_ms"] > 0 and r["t_verify_ms"] > 0 and r["t_step_ms"] > 0, name
+        assert 0 < r["in_step_tok_s"] < math.inf, name
+        assert 0 < r["t_draft_median_ms"] and 0 < r["t_verify_median_ms"] and 0 < r["t_step_median_ms"], name
+        assert r["draft_prefill_ms_per_request"] >= 0, name
+        assert 0 <= r["overlap"] <= 1, name
+    assert runs["seq@B"]["overlap"] == runs["seq@2B"]["overlap"] == 0
+    # PSD's sub-batch is B: each step verifies one half of the 2B running requests.
+    assert runs["psd@2B"]["sub_batch_size"] == B and runs["psd@2B"]["mean_verify_bs"] <= B
+    assert runs["seq@2B"]["mean_verify_bs"] > runs["seq@B"]["mean_verify_bs"]
+
+    summary = report["summary"]
+    assert summary["outputs_identical"] is True and not summary["mismatched_prompts"]
+    for key, value in summary.items():
+        if key.startswith(("psd_over", "seq_over", "standalone_over")):
+            assert 0 < value < math.inf, key
+    assert 0 <= summary["psd_overlap"] <= 1
+
+    cm = report["cost_model"]
+    assert 0 <= cm["alpha"] <= 1 and 1 <= cm["ideal_psd_speedup"] <= 2
+    assert [(p["run"], p["model"]) for p in cm["predictions"]] == [
+        ("STANDALONE@B", "sd"), ("STANDALONE@2B", "sd"), ("seq@B", "sd"), ("seq@2B", "sd"),
+        ("psd@2B", "psd isolated"), ("psd@2B", "psd contention")]
+    for p in cm["predictions"]:
+        assert 0 < p["predicted_tok_s"] <= p["steady_state_tok_s"], p
+        assert p["predicted_step_ms"] > 0 and p["error"] > -1, p
+        if p["run"].startswith(("seq", "psd")):
+            assert p["step_error"] > -1 and p["measured_median_step_ms"] > 0, p
+    assert all(s > 0 for s in cm["slowdown"]) and cm["draft_prefill_s_per_request"] >= 0
+    for mode in ("sd", "psd"):
+        assert 1 <= cm["plan_isolated"][mode]["k"] <= 8 and cm["plan_isolated"][mode]["in_flight"] <= 2 * B
+
+    figures = report["figures"]
+    for key in ("throughput_png", "timeline_png"):
+        with open(figures[key], "rb") as f:
+            assert f.read(8) == PNG_MAGIC, key
+    events = json.loads(open(figures["chrome_trace"]).read())["traceEvents"]
+    processes = {e["args"]["name"] for e in events if e["name"] == "process_name"}
+    assert processes == {"seq@B", "seq@2B", "psd@2B"}
+    assert sum(e["ph"] == "X" for e in events) == 2 * sum(runs[n]["steps"] + runs[n]["fallback_steps"]
+                                                           for n in processes)

@@ -1,0 +1,98 @@
+"""Bad MINEDRAFT input fails at startup with one clear line, not a traceback:
+every case is refused while the launcher parses its arguments, before any
+model is loaded."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from minedraft_sglang.lab import tiny_models
+
+# The user's launch script, not the library call: what users run is what fails clearly.
+SERVE_CPU_SH = Path(__file__).resolve().parents[2] / "launch" / "serve_cpu.sh"
+
+# name: (extra args, extra env, text the one "error:" line must hold).
+# "@name" in the args stands for a draft folder made by _draft_folders.
+CASES = {
+    "unknown mode": (["--minedraft-mode", "fast"], {}, "--minedraft-mode"),
+    # "no CUDA device" here, "no such device" on a machine with fewer GPUs.
+    "missing draft device": (["--minedraft-draft-device", "cuda:3"], {}, "--minedraft-draft-device 'cuda:3': "),
+    "vocab mismatch": (["@mismatch-vocab"], {}, "has vocabulary size 1088"),
+    "missing draft path": (["--speculative-draft-model-path", "/nonexistent/draft"], {}, "no such directory"),
+    "draft cores not allowed": (["--minedraft-draft-cores", "64"], {}, "--minedraft-draft-cores '64': cores 64"),
+    "draft cores take all": (
+        ["--minedraft-draft-cores", ",".join(map(str, sorted(os.sched_getaffinity(0))))], {},
+        "takes every allowed core",
+    ),
+    "draft cores bad syntax": (["--minedraft-draft-cores", "one"], {}, "is not 'auto' or a core list"),
+    "adaptive k with TETRIS": (["--minedraft-tetris", "--minedraft-k", "auto"], {}, "--minedraft-k auto does not combine"),
+    "tree drafts": (["--speculative-eagle-topk", "2"], {}, "--speculative-eagle-topk must be 1"),
+    "negative draft max len": (["--minedraft-draft-max-len", "-1"], {}, "--minedraft-draft-max-len must be >= 0"),
+    "draft tokens != steps + 1": (
+        ["--speculative-num-steps", "3", "--speculative-num-draft-tokens", "7"], {},
+        "--speculative-num-draft-tokens must be --speculative-num-steps + 1 (4)",
+    ),
+    "config env not JSON": ([], {"SGLANG_MINEDRAFT_CONFIG": '{"mode": "psd",'}, "SGLANG_MINEDRAFT_CONFIG is not valid JSON"),
+    "draft dir without config.json": (["@empty"], {}, "cannot read config.json"),
+    "unsupported draft architecture": (["@gpt2"], {}, "architecture GPT2LMHeadModel is not supported"),
+    "drafter kind vs checkpoint": (
+        ["--minedraft-drafter", "eagle3"], {}, "needs --minedraft-drafter standalone"
+    ),
+}
+
+
+def _draft_folders(tmp: Path) -> dict[str, str]:
+    (tmp / "empty").mkdir()
+    # The tiny draft relabelled as an architecture no drafter runs (same
+    # vocabulary, so only the architecture check can fail).
+    src, gpt2 = tiny_models.model_path("draft"), tmp / "gpt2"
+    gpt2.mkdir()
+    for f in src.iterdir():
+        if f.name != "config.json":
+            (gpt2 / f.name).symlink_to(f)
+    config = json.loads((src / "config.json").read_text())
+    (gpt2 / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
+    return {
+        "@mismatch-vocab": str(tiny_models.model_path("mismatch-vocab")),
+        "@empty": str(tmp / "empty"),
+        "@gpt2": str(gpt2),
+    }
+
+
+def _launch(extra: list[str], env: dict, folders: dict[str, str]) -> subprocess.CompletedProcess:
+    draft = str(tiny_models.model_path("draft"))
+    if extra and extra[0] in folders:
+        extra = ["--speculative-draft-model-path", folders[extra[0]]]
+    args = ["--model-path", str(tiny_models.model_path("target")), "--speculative-algorithm", "MINEDRAFT",
+            "--speculative-draft-model-path", draft, *extra, "--port", "1"]
+    return subprocess.run(
+        ["bash", str(SERVE_CPU_SH), *args],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHON": sys.executable, **env},
+    )
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    folders = _draft_folders(tmp_path_factory.mktemp("drafts"))
+    # Argument parsing imports SGLang (~10 s of CPU each): two at a time.
+    with ThreadPoolExecutor(2) as ex:
+        futures = {name: ex.submit(_launch, extra, env, folders) for name, (extra, env, _) in CASES.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_startup_error_is_one_clear_line(results, name):
+    proc = results[name]
+    expected = CASES[name][2]
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    error_lines = [l for l in proc.stderr.splitlines() if "error:" in l]
+    assert len(error_lines) == 1 and expected in error_lines[0], proc.stderr[-3000:]

@@ -1,0 +1,48 @@
+"""The --minedraft-* configuration: parsing, validation, the environment hand-off."""
+
+from __future__ import annotations
+
+import pytest
+
+from minedraft_sglang.config import MineDraftConfig, MineDraftConfigError, config_from_argv
+
+
+def test_config_round_trips_through_env(monkeypatch):
+    cfg = config_from_argv(["--model-path", "x", "--minedraft-mode", "sequential", "--minedraft-draft-device", "cpu"])
+    monkeypatch.setenv("SGLANG_MINEDRAFT_CONFIG", cfg.to_env())
+    assert MineDraftConfig.from_env() == cfg
+    assert cfg.mode == "sequential"
+
+
+@pytest.mark.parametrize(
+    "kwargs, flag",
+    [
+        ({"mode": "fast"}, "--minedraft-mode"),
+        ({"draft_device": "gpu1"}, "--minedraft-draft-device"),
+        ({"draft_device": "cuda:7"}, "--minedraft-draft-device"),
+        ({"drafter": "magic"}, "--minedraft-drafter"),
+        ({"draft_max_len": -1}, "--minedraft-draft-max-len"),
+        ({"draft_cores": "1-"}, "--minedraft-draft-cores"),
+        ({"draft_cores": "999"}, "--minedraft-draft-cores"),
+    ],
+)
+def test_bad_config_names_the_flag(kwargs, flag):
+    with pytest.raises(MineDraftConfigError, match=flag):
+        MineDraftConfig(**kwargs).validate()
+
+
+def test_k_is_auto_unless_the_user_chose_one():
+    base = ["--model-path", "x"]
+    assert config_from_argv(base).k == "auto"
+    assert config_from_argv([*base, "--speculative-num-steps", "3"]).k == "fixed"
+    assert config_from_argv([*base, "--speculative-num-steps=3"]).k == "fixed"
+    assert config_from_argv([*base, "--minedraft-tetris"]).k == "fixed"
+    assert config_from_argv([*base, "--speculative-num-steps", "3", "--minedraft-k", "auto"]).k == "auto"
+    with pytest.raises(MineDraftConfigError, match="--minedraft-k auto does not combine"):
+        config_from_argv([*base, "--minedraft-tetris", "--minedraft-k", "auto"])
+
+
+def test_env_with_unknown_key_is_refused(monkeypatch):
+    monkeypatch.setenv("SGLANG_MINEDRAFT_CONFIG", '{"mode": "psd", "speculate_harder": true}')
+    with pytest.raises(MineDraftConfigError, match="unknown keys"):
+        MineDraftConfig.from_env()

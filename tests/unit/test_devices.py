@@ -1,0 +1,193 @@
+"""Drafter placement and memory accounting (pure functions, no GPU needed)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from minedraft_sglang import devices
+from minedraft_sglang.devices import DeviceError, Placement
+
+
+@pytest.mark.parametrize(
+    "text,kind,index",
+    [("cpu", "cpu", None), ("cuda", "cuda", None), ("cuda:0", "cuda", 0), ("cuda:12", "cuda", 12)],
+)
+def test_parse_valid(text, kind, index):
+    assert devices.parse_draft_device(text) == devices.DraftDevice(kind, index)
+
+
+@pytest.mark.parametrize("text", ["gpu1", "cuda:", "cuda:-1", "cpu:0", "CUDA:1", " cuda:1", "cuda:1 ", "mps", ""])
+def test_parse_invalid_names_the_flag(text):
+    with pytest.raises(DeviceError) as e:
+        devices.parse_draft_device(text)
+    msg = str(e.value)
+    assert msg.startswith("--minedraft-draft-device") and repr(text) in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    "text,target_gpu,count,expected",
+    [
+        ("cpu", 0, 2, Placement("cpu", False)),
+        ("cpu", None, 0, Placement("cpu", False)),
+        ("cuda:1", 0, 2, Placement("cuda:1", False)),
+        ("cuda:0", 0, 1, Placement("cuda:0", True)),
+        ("cuda", 0, 2, Placement("cuda:0", True)),
+        ("cuda", 3, 4, Placement("cuda:3", True)),  # bare 'cuda' follows the target
+        ("cuda:0", 3, 4, Placement("cuda:0", False)),
+        ("cuda:0", None, 1, Placement("cuda:0", False)),  # target on CPU
+    ],
+)
+def test_place_drafter(text, target_gpu, count, expected):
+    placement = devices.place_drafter(text, target_gpu, count)
+    assert placement == expected
+    assert placement.two_device == (expected.device != "cpu" and not expected.shares_target_gpu)
+
+
+@pytest.mark.parametrize(
+    "text,count,needle",
+    [
+        ("cuda:1", 1, "no such device (this machine has 1 CUDA device)"),
+        ("cuda:2", 2, "no such device (this machine has 2 CUDA devices)"),
+        ("cuda:0", 0, "this machine has no CUDA device"),
+        ("cuda", 0, "this machine has no CUDA device"),
+    ],
+)
+def test_place_drafter_missing_device(text, count, needle):
+    with pytest.raises(DeviceError) as e:
+        devices.place_drafter(text, 0, count)
+    msg = str(e.value)
+    assert msg.startswith(f"--minedraft-draft-device {text!r}") and needle in msg and "\n" not in msg
+
+
+LLAMA_1B = {  # Llama 3.2 1B's published shape
+    "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+    "vocab_size": 128256, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+}
+
+
+def test_kv_bytes_per_token():
+    assert devices.kv_bytes_per_token(LLAMA_1B, 2) == 2 * 16 * 8 * 64 * 2
+    # No head_dim or kv heads given: hidden / heads, and plain multi-head attention.
+    mha = {"hidden_size": 512, "num_attention_heads": 8, "num_hidden_layers": 3}
+    assert devices.kv_bytes_per_token(mha, 4) == 2 * 3 * 8 * 64 * 4
+    assert devices.kv_bytes_per_token({"text_config": mha}, 4) == 2 * 3 * 8 * 64 * 4
+
+
+def test_dtype_bytes():
+    assert devices.dtype_bytes(LLAMA_1B) == 2
+    assert devices.dtype_bytes({"dtype": "float32"}) == 4
+    assert devices.dtype_bytes({"text_config": {"torch_dtype": "torch.float32"}}) == 4
+    assert devices.dtype_bytes({}) == 2
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_param_count_matches_transformers(tied):
+    transformers = pytest.importorskip("transformers")
+    cfg = dict(LLAMA_1B, num_hidden_layers=2, vocab_size=1000, tie_word_embeddings=tied)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))
+    expected = sum(p.numel() for p in model.parameters())
+    assert devices.param_count(cfg) == expected
+
+
+def test_param_count_llama_3_2_1b():
+    # Published size: 1.24B parameters.
+    assert 1.23e9 < devices.param_count(LLAMA_1B) < 1.25e9
+
+
+def test_drafter_bytes_and_mem_fraction():
+    need = devices.drafter_bytes(LLAMA_1B, max_requests=7, max_len=100, elem_bytes=2)
+    assert need == devices.param_count(LLAMA_1B) * 2 + 32768 * 100 * 8
+    gpu = 80 * 2**30
+    fraction = devices.target_mem_fraction(need, gpu, base_fraction=0.85)
+    assert fraction == round(0.85 - need / gpu, 3)
+    with pytest.raises(DeviceError) as e:
+        devices.target_mem_fraction(70 * 2**30, gpu, base_fraction=0.85)
+    assert "70.0 GiB of the target GPU's 80.0 GiB" in str(e.value)
+
+
+def test_cli(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_1B))
+    gpu = 80 * 2**30
+    cmd = [sys.executable, "-m", "minedraft_sglang.devices", "--draft-model-path", str(tmp_path),
+           "--gpu-bytes", str(gpu), "--max-requests", "16", "--max-len", "1000"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    need = devices.drafter_bytes(LLAMA_1B, 16, 1000, 2)
+    assert float(out) == devices.target_mem_fraction(need, gpu)
+    bad = subprocess.run(cmd[:4] + [str(tmp_path / "missing")] + cmd[5:], capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.startswith("error:")
+
+
+# ---------------------------------------------------------------- launch scripts
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _launch(script, tmp_path, env, *args):
+    """Run a launch script with a stand-in interpreter that prints the
+    sglang.launch_server command line and runs anything else for real."""
+    fake = tmp_path / "python"
+    fake.write_text(
+        f'#!/bin/sh\nif [ "$2" = sglang.launch_server ]; then shift 2; printf "%s\\n" "$@"; exit 0; fi\n'
+        f'exec {sys.executable} "$@"\n'
+    )
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "MINEDRAFT_CACHE_DIR": "/models", **env}
+    return subprocess.run(["bash", str(REPO / "launch" / script), *args], capture_output=True, text=True, env=env)
+
+
+def _flags(stdout):
+    lines = stdout.split("\n")
+    return {a: b for a, b in zip(lines, lines[1:]) if a.startswith("--")}
+
+
+def test_serve_gpu_two(tmp_path):
+    result = _launch("serve_gpu_two.sh", tmp_path, {}, "--port", "31000")
+    assert result.returncode == 0, result.stderr
+    flags = _flags(result.stdout)
+    assert flags["--model-path"] == "/models/qwen2.5-coder-1.5b"
+    assert flags["--speculative-draft-model-path"] == "/models/qwen2.5-coder-0.5b"
+    assert flags["--speculative-algorithm"] == "MINEDRAFT"
+    assert flags["--minedraft-draft-device"] == "cuda:1"
+    assert flags["--attention-backend"] == "flashinfer"
+    assert 0 < float(flags["--mem-fraction-static"]) < 1
+    assert result.stdout.split("\n")[-3:-1] == ["--port", "31000"]  # caller's flags last: they win
+
+
+def test_serve_gpu_single(tmp_path):
+    result = _launch("serve_gpu_single.sh", tmp_path, {"MEM_FRACTION": "0.6", "TARGET": "/t", "DRAFT": "/d", "K": "3"})
+    assert result.returncode == 0, result.stderr
+    flags = _flags(result.stdout)
+    assert (flags["--model-path"], flags["--speculative-draft-model-path"]) == ("/t", "/d")
+    assert flags["--speculative-num-steps"] == "3"
+    assert flags["--minedraft-draft-device"] == "cuda:0"
+    assert flags["--mem-fraction-static"] == "0.6"
+
+
+def test_serve_gpu_single_computes_mem_fraction(tmp_path):
+    (tmp_path / "draft").mkdir()
+    (tmp_path / "draft" / "config.json").write_text(json.dumps(LLAMA_1B))
+    result = _launch("serve_gpu_single.sh", tmp_path, {"DRAFT": str(tmp_path / "draft"), "DRAFT_MAX_LEN": "512"})
+    if torch.cuda.is_available():
+        gpu = torch.cuda.get_device_properties(0).total_memory
+        expected = devices.target_mem_fraction(devices.drafter_bytes(LLAMA_1B, 256, 512, 2), gpu)
+        assert float(_flags(result.stdout)["--mem-fraction-static"]) == expected
+        assert _flags(result.stdout)["--minedraft-draft-max-len"] == "512"
+    else:
+        # The estimate needs the GPU's size; without one the script stops before SGLang.
+        assert result.returncode != 0 and "no CUDA device to measure" in result.stderr
+        assert "--model-path" not in result.stdout
+
+
+def test_place_drafter_counts_this_machines_gpus():
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count:
+        assert devices.place_drafter(f"cuda:{count - 1}", 0) == Placement(f"cuda:{count - 1}", count == 1)
+    with pytest.raises(DeviceError, match="no such device" if count else "no CUDA device"):
+        devices.place_drafter(f"cuda:{count}", 0)
