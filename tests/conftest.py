@@ -10,7 +10,9 @@ are ordered by the servers they use, so few restarts happen.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -80,20 +82,44 @@ MAX_ALIVE = 3
 
 
 class ServerPool:
+    """Servers by name, started on demand; at most ``max_alive`` at once (the
+    least recently used one stops to make room). A server that died in an
+    earlier test starts afresh (recorded in ``restarts``)."""
+
     def __init__(self, tmp: Path):
         self.tmp = tmp
-        self.specs = _specs(tmp)
+        self.max_alive = MAX_ALIVE
+        self.specs: dict[str, tuple[list[str], dict]] = {name: (args, {}) for name, args in _specs(tmp).items()}
         self.servers: dict[str, Server] = {}  # in least-recently-used order
+        self.logs: dict[str, Path] = {}
+        self.startup_s: dict[str, float] = {}
+        self.restarts: list[str] = []
+
+    def register(self, name: str, args: list[str], env: Optional[dict] = None) -> None:
+        """A server spec of one test module (extra environment in ``env``)."""
+        self.specs[name] = (args, env or {})
 
     def get(self, name: str) -> Server:
         server = self.servers.pop(name, None)
+        if server is not None and server.proc.poll() is not None:
+            # Died in an earlier test: that test failed; start afresh.
+            self.restarts.append(name)
+            server.stop()
+            server = None
         if server is None:
-            while len(self.servers) >= MAX_ALIVE:
+            while len(self.servers) >= self.max_alive:
                 self.servers.pop(next(iter(self.servers))).stop()
+            args, env = self.specs[name]
             log = self.tmp / f"{name}.{sum(1 for _ in self.tmp.glob(name + '.*log'))}.log"
-            server = Server(self.specs[name], log).wait_ready()
+            t0 = time.monotonic()
+            server = Server(args, log, env=env).wait_ready()
+            self.startup_s[name] = time.monotonic() - t0
+            self.logs[name] = log
         self.servers[name] = server
         return server
+
+    def log_text(self, name: str) -> str:
+        return self.logs[name].read_text(errors="replace")
 
     def trace_path(self, name: str) -> Path:
         return self.tmp / f"{name}.trace.jsonl"

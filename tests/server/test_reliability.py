@@ -85,64 +85,26 @@ def _specs() -> dict[str, tuple[list[str], dict]]:
     }
 
 
-class Servers:
-    """The plain server plus at most one MINEDRAFT server at a time."""
-
-    def __init__(self, tmp: Path):
-        self.tmp = tmp
-        self.specs = _specs()
-        self.running: dict[str, Server] = {}
-        self.logs: dict[str, Path] = {}
-        self.startup_s: dict[str, float] = {}
-        self.restarts: list[str] = []
-
-    def get(self, name: str) -> Server:
-        server = self.running.get(name)
-        if server is not None:
-            if server.proc.poll() is None:
-                return server
-            # Died in an earlier test: that test failed; start afresh.
-            self.restarts.append(name)
-            server.stop()
-            del self.running[name]
-        if name != "plain":
-            for other in [n for n in self.running if n != "plain"]:
-                self.running.pop(other).stop()
-        args, env = self.specs[name]
-        log = self.tmp / f"{name}-{len(self.restarts)}.log"
-        t0 = time.monotonic()
-        server = Server(args, log, env=env)
-        self.running[name] = server
-        self.logs[name] = log
-        server.wait_ready(timeout=600)
-        self.startup_s[name] = time.monotonic() - t0
-        return server
-
-    def log_text(self, name: str) -> str:
-        return self.logs[name].read_text(errors="replace")
-
-    def close(self) -> None:
-        for server in self.running.values():
-            server.stop()
-        self.running.clear()
-
-
 # What each scenario tried and saw (counts for docs/reliability.md); written
 # to reliability-stats.json in the fixture's folder and printed (pytest -s).
 STATS: dict[str, dict] = {}
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory, pool):
-    # This module runs its own servers: make room on the machine.
+def servers(pool):
+    """The shared pool, holding the plain server plus one MINEDRAFT server at
+    a time: these servers are larger (COMMON), so the others stop first."""
     pool.close()
-    s = Servers(tmp_path_factory.mktemp("reliability"))
-    yield s
-    s.close()
-    STATS["startup_s"] = {k: round(v, 1) for k, v in s.startup_s.items()}
-    STATS["restarts"] = s.restarts
-    (s.tmp / "reliability-stats.json").write_text(json.dumps(STATS, indent=1))
-    print(f"\nreliability stats ({s.tmp / 'reliability-stats.json'}):\n{json.dumps(STATS, indent=1)}")
+    previous, pool.max_alive = pool.max_alive, 2
+    for name, (args, env) in _specs().items():
+        pool.register(name, args, env)
+    yield pool
+    pool.close()
+    pool.max_alive = previous
+    STATS["startup_s"] = {k: round(pool.startup_s[k], 1) for k in _specs() if k in pool.startup_s}
+    STATS["restarts"] = [name for name in pool.restarts if name in _specs()]
+    (pool.tmp / "reliability-stats.json").write_text(json.dumps(STATS, indent=1))
+    print(f"\nreliability stats ({pool.tmp / 'reliability-stats.json'}):\n{json.dumps(STATS, indent=1)}")
 
 
 # ------------------------------------------------------------------ helpers
