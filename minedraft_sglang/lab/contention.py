@@ -1,20 +1,4 @@
-"""How much PSD's two stages slow each other on this machine, outside SGLang.
-
-    python -m minedraft_sglang.lab.contention --target DIR --draft DIR [--dtype bfloat16] [-k 3] [-b 1]
-
-Stage "draft": our real drafter (``StandaloneDrafter.draft``, k tokens for b
-requests). Stage "verify": a transformers forward of the target over b x (k+1)
-tokens after a cached prompt (what a verify computes, without SGLang). Each
-stage is pinned to its own core and timed
-
-    alone      the other core idle
-    threads    both at once, two threads of one process (how the server runs)
-    processes  both at once, two processes (no shared GIL)
-
-Slowdown = median together / median alone. threads vs processes isolates the
-GIL; alone vs processes what the cores share (memory bandwidth, caches).
-Run it alone on the machine.
-"""
+"""How much PSD's two stages slow each other on this machine, outside SGLang; manual: docs/lab.md, "Contention"."""
 
 from __future__ import annotations
 

@@ -1,39 +1,4 @@
-"""Cost model and planner for SD vs PSD (pure functions, no SGLang).
-
-Inputs, all measurable on the device pair with sequential SD alone:
-
-    t_d(b)      one draft step (one token for each of b requests) on the drafter
-    t_v(b, k)   one target verify of b requests with k drafts each
-    alpha       per-token acceptance rate, or the mean accept length L at some k
-
-Model (steady-state decode):
-
-    L(alpha, k) = (1 - alpha^(k+1)) / (1 - alpha)   tokens per verify, bonus included
-    SD  step    = k*t_d(b) + t_v(b, k)              b requests in flight
-    PSD step    = max(s_d*k*t_d(b), s_v*t_v(b, k))  2b in flight, b verified per step
-    throughput  = b * L / step
-    TPOT        = step / L (SD), 2 * step / L (PSD: a request is verified every other step)
-
-A finite run (N requests of T tokens each, c in flight) is modelled as
-ceil(N/c) waves; each pays one target prefill (an input: e.g. plain
-decoding's TTFT at that concurrency), the drafter's prefill of its w prompts
-(w * p_d, not overlapped: new requests are drafted before they are verified)
-and (T - 1)/L rounds, the first token coming from prefill. A round is one SD step over the wave, or two PSD steps over its
-halves (a lone request runs SD). The last wave may be smaller, and its steps
-cheaper.
-
-s_d, s_v are how much each stage slows down when both run at once: 1 on two
-devices that share nothing (the setting PSD is designed for); on a CPU whose
-cores share memory bandwidth they are measured (bench: the psd run's stage
-times over sequential's at the same b).
-
-Stage times are linear: t_d(b) = a_d + c_d*b, t_v(b, k) = a_v + c_v*b*(k+1)
-(verify cost depends on the tokens verified), fitted by least squares to the
-measured points; one point gives a constant. The planner searches k and the
-(sub-)batch size under a concurrency cap and an optional TPOT limit.
-
-    python -m minedraft_sglang.lab.cost_model --from bench.json [--max-concurrency C] [--tpot-limit-ms T]
-"""
+"""Cost model and planner for SD vs PSD (pure functions, no SGLang); manual: docs/lab.md, "Cost model"."""
 
 from __future__ import annotations
 
@@ -221,7 +186,7 @@ def _stage_keys(runs: list[dict]) -> tuple[str, str]:
 
 
 def from_bench(report: dict) -> dict:
-    """Cost-model inputs from a bench.py report: the sequential runs' stage
+    """Cost-model inputs from a benchmark report (lab.bench --out): the sequential runs' stage
     times, drafter prefill and acceptance, and the psd run's slowdowns."""
     k = report["env"]["k"]
     runs = report["runs"]
@@ -264,7 +229,9 @@ def format_plan(p: dict) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description="SD vs PSD plan from a bench.py JSON report")
+    ap = argparse.ArgumentParser(
+        description="SD vs PSD plan from the benchmark's JSON report (python -m minedraft_sglang.lab.bench --out)"
+    )
     ap.add_argument("--from", dest="report", required=True, help="JSON written by minedraft_sglang.lab.bench --out")
     ap.add_argument("--max-concurrency", type=int, help="requests in flight at most (default: the report's 2B)")
     ap.add_argument("--k-max", type=int, default=8, help="largest k to consider (default 8)")

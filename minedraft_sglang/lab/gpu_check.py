@@ -6,34 +6,10 @@ step against one SD step on Llama-shaped random-weight models.
     launch/gpu_check.sh [same flags]
 
 It imports only torch, flashinfer and the standard library (plus our pure-torch
-``acceptance`` and ``metrics`` modules), so it runs on a GPU machine without
-SGLang or transformers, and needs no network. Exit status: 0 every check
-passed and every benchmark ran, 1 otherwise, 2 no GPU (without --cpu-smoke).
-
-Checks:
-  attention-flashinfer-*  FlashInfer's paged prefill kernel run as SGLang runs
-                          TARGET_VERIFY (k+1 chain queries per request, causal
-                          within the chain, ragged prefixes, pages scattered
-                          over a pool) vs a per-request fp32 reference
-  attention-sdpa-*        the torch SDPA fallback vs the same reference
-  llama-verify-*          a whole verify forward of a small Llama with each
-                          attention vs the reference attention
-  greedy-accept, rejection-sample
-                          acceptance.py on the device vs on the CPU, same inputs
-
-Benchmark (B = --batch, the sub-batch size; k = --k; prefixes ragged in
-[ctx/2, ctx]; drafting and verification are replayed as CUDA graphs):
-  draft       k greedy draft steps for B requests (+ copying the drafts to the
-              target's GPU)
-  verify      one target forward over k+1 tokens for B requests + acceptance
-  SD step     draft then verify, same B requests, one stream
-  PSD step    draft sub-batch B on a second stream (or the second GPU) while
-              the target verifies sub-batch A; the step ends when both have
-  overlap     (draft + verify - PSD step) / min(draft, verify): 1 = the
-              shorter stage is fully hidden
-  PSD/SD      SD step / PSD step: throughput ratio at the same sub-batch size
-  PSD/SD@2B   SD step at 2B requests / (2 x PSD step): against SD serving as
-              many requests at once as PSD does
+``sampling`` and ``metrics`` modules), so it runs on a GPU machine without
+SGLang or transformers. Exit status: 0 every check passed and every benchmark
+ran, 1 otherwise, 2 no GPU (without --cpu-smoke). What it checks and measures:
+docs/gpu.md.
 """
 
 from __future__ import annotations

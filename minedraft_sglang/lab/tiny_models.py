@@ -1,28 +1,4 @@
-"""Tiny Llama models built offline in seconds for tests and the quickstart.
-
-Nothing here is downloaded: the tokenizer is a byte-level BPE trained on a
-generated English-ish corpus, the models are seeded random Llamas, plus a
-"bigram" pair built so that speculative decoding accepts every draft token.
-
-Models (all share one tokenizer of VOCAB_SIZE tokens, float32 safetensors):
-  target          4 layers, hidden 256, 4 heads / 2 KV heads, random weights
-  draft           2 layers, hidden 128, random weights unrelated to target
-  bigram          target-shaped; next token depends only on the current token
-  bigram-draft    1 layer; the same greedy next token as bigram for every token
-  bigram-mixed-draft  bigram-draft, but after a third of the tokens ("hard")
-                  it guesses wrong with low confidence (TETRIS's test case)
-  mismatch-vocab  draft-shaped with a different vocab_size (must be rejected)
-
-Built on request only (``wide_model_path``), bfloat16, random weights: a pair
-heavy enough that a forward costs tens of milliseconds of arithmetic on one
-core, not Python overhead; the parallelism proof needs that.
-  wide-target     8 layers, hidden 1024, MLP 4096 (~240 MB)
-  wide-draft      3 layers of the same width (~90 MB): k=3 drafts cost about one verify
-
-Built once into $MINEDRAFT_CACHE_DIR (default ~/.cache/minedraft_sglang/tiny-models),
-one folder per model named with a fingerprint of this file, so editing the recipe
-rebuilds. `python -m minedraft_sglang.lab.tiny_models [NAME...]` prints the paths.
-"""
+"""Tiny Llama models built offline in seconds for tests and the quickstart; manual: docs/lab.md, "Tiny models"."""
 
 import hashlib
 import os

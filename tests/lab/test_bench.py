@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from minedraft_sglang.lab import bench, plots
+from minedraft_sglang.lab.bench import aggregate, cli, measure, plots, servers
+from minedraft_sglang.lab.bench.plan import RunSpec, build_plan
+from minedraft_sglang.metrics import StepMode, StepRecord
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -23,37 +25,37 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def test_plan_is_data_driven():
-    plan = bench.build_plan(2, ["tetris"], [1, 4])
-    names = [s.name for s in plan]
+    runs = build_plan(2, ["tetris"], [1, 4])
+    names = [s.name for s in runs]
     assert names[:8] == [*RUNS, "tetris@2B"]
-    tetris = plan[7]
+    tetris = runs[7]
     assert (tetris.engine, tetris.flags, tetris.concurrency, tetris.sub_batch_size) == (
         "psd", ("--minedraft-tetris",), 4, 2)
     # Concurrency 1 is new for every mode; 4 (= 2B) already exists for all of them.
     assert names[8:] == ["plain@1", "STANDALONE@1", "seq@1", "psd@1", "tetris@1"]
-    assert plan[-1].flags == ("--minedraft-tetris",)
+    assert runs[-1].flags == ("--minedraft-tetris",)
     with pytest.raises(SystemExit):
-        bench.parse_args(["--variants", "nope"])
+        cli.parse_args(["--variants", "nope"])
 
 
 def test_k_sweep_runs_at_2b_only_and_adaptive_expands():
-    names = [s.name for s in bench.build_plan(1, ["adaptive", "ksweep"], [4])]
+    names = [s.name for s in build_plan(1, ["adaptive", "ksweep"], [4])]
     assert [n for n in names if n.startswith("psd-k")] == ["psd-k1@2B", "psd-k2@2B", "psd-k4@2B"]
     assert "adaptive@2B" in names and "adaptive@4" in names and "psd-k1@4" not in names
-    only = [s.name for s in bench.build_plan(1, ["adaptive", "ksweep"], [4], ["adaptive"])]
+    only = [s.name for s in build_plan(1, ["adaptive", "ksweep"], [4], modes=["adaptive"])]
     assert only == ["plain@B", "plain@2B", "adaptive@2B", "plain@4", "adaptive@4"]
 
 
 def test_exactness_is_enforced_in_float32_only():
-    assert bench.served_dtype("") == "float32"
-    assert bench.served_dtype("--mem-fraction-static 0.8 --dtype bfloat16") == "bfloat16"
+    assert servers.served_dtype("") == "float32"
+    assert servers.served_dtype("--mem-fraction-static 0.8 --dtype bfloat16") == "bfloat16"
     ref = [{"output_ids": [1, 2, 3, 4]}, {"output_ids": [5, 6]}]
     run = [{"replies": [{"output_ids": [1, 2, 9, 4]}, {"output_ids": [5, 6]}]}]
-    assert bench.agreement(run, ref) == {"identical_requests": 1, "requests": 2, "mean_common_prefix": 2.0}
+    assert aggregate.agreement(run, ref) == {"identical_requests": 1, "requests": 2, "mean_common_prefix": 2.0}
 
 
 def test_rounds_alternate_direction():
-    assert bench.order(["a", "b", "c"], 3) == [
+    assert measure.order(["a", "b", "c"], 3) == [
         (0, "a"), (0, "b"), (0, "c"), (1, "c"), (1, "b"), (1, "a"), (2, "a"), (2, "b"), (2, "c")]
 
 
@@ -65,18 +67,17 @@ def _reply(ids, ttft, latency, verify_ct=None, accept=None):
 
 
 def _step(i, mode, draft, verify, bs=2, thread="MainThread"):
-    return {"step": i, "mode": mode, "draft": list(draft), "verify": list(verify), "verify_bs": bs,
-            "draft_bs": bs, "overlap": 1.0 if mode == "psd" else 0.0, "draft_thread": thread,
-            "accept_lens": [2] * bs, "step_seconds": max(draft[1], verify[1]) - min(draft[0], verify[0])}
+    return StepRecord(step=i, pid=1, mode=StepMode(mode), draft=tuple(draft), verify=tuple(verify), verify_bs=bs,
+                      draft_bs=bs, verified_drafts=K * bs, k=K, draft_thread=thread, accept_lens=(2,) * bs)
 
 
 def test_run_record_means_over_repeats():
-    spec = bench.RunSpec("seq@B", "seq", "sequential", 2)
+    spec = RunSpec("seq@B", "seq", "sequential", 2)
     # Repeat 1: 10 tokens in 1 s; requests: ttft 0.1 s, 0.1 + 4 * 0.05 s.
     one = {"replies": [_reply([1] * 5, 0.1, 0.3, 2, 2.5), _reply([2] * 5, 0.1, 0.3, 3, 1.0)],
            "makespan": 1.0, "steps": [_step(0, "sequential", (0, 0.01), (0.01, 0.03))]}
     two = {**one, "makespan": 0.5, "steps": [_step(0, "sequential", (0, 0.03), (0.03, 0.05))]}
-    r = bench.run_record(spec, [one, two])
+    r = aggregate.run_record(spec, [one, two])
     assert r["throughput_repeats"] == [10.0, 20.0]
     assert r["throughput_tok_s"] == 15.0 and r["throughput_stdev"] == 5.0
     assert r["ttft_ms"] == pytest.approx(100) and r["tpot_ms"] == pytest.approx(50)
@@ -95,8 +96,8 @@ def test_draft_prefill_is_drafting_beyond_the_median():
     # prefill; a lone psd step is its own median.
     steps = [_step(i, "sequential", (0, d), (d, d + 1)) for i, d in enumerate((1, 1, 5, 1))]
     steps.append(_step(4, "psd", (0, 2), (0, 3)))
-    assert bench.draft_prefill_seconds(steps) == pytest.approx(4.0)
-    metrics = bench.trace_metrics(bench.RunSpec("seq@B", "seq", "sequential", 2), steps[:4], 8)
+    assert aggregate.draft_prefill_seconds(steps) == pytest.approx(4.0)
+    metrics = aggregate.trace_metrics(RunSpec("seq@B", "seq", "sequential", 2), steps[:4], 8)
     assert metrics["draft_prefill_ms_per_request"] == pytest.approx(500.0)
     assert metrics["t_draft_median_ms"] == pytest.approx(1000.0) and metrics["t_draft_step_ms"] == pytest.approx(2000)
 
@@ -119,12 +120,12 @@ def test_chrome_trace_and_timeline(tmp_path):
     ]
     # Read back (for --rescore): the same steps, times from the run's start.
     back = plots.read_chrome_trace(path)
-    assert [s["step"] for s in back["psd@2B"]] == [5, 6] and back["psd@2B"][0]["mode"] == "psd"
-    assert [s["draft_thread"] for s in back["psd@2B"]] == ["minedraft-drafter_0", "MainThread"]
-    assert back["psd@2B"][1]["verify"] == pytest.approx([0.03, 0.04])
-    assert back["psd@2B"][0]["accept_lens"] == [2, 2] and back["psd@2B"][0]["verify_bs"] == 2
-    assert back["seq@B"][0]["step_seconds"] == pytest.approx(0.03)
-    assert plots.window(psd, 1, "psd") == psd[:1]
+    assert [s.step for s in back["psd@2B"]] == [5, 6] and back["psd@2B"][0].mode is StepMode.PSD
+    assert [s.draft_thread for s in back["psd@2B"]] == ["minedraft-drafter_0", "MainThread"]
+    assert back["psd@2B"][1].verify == pytest.approx((0.03, 0.04))
+    assert back["psd@2B"][0].accept_lens == (2, 2) and back["psd@2B"][0].verify_bs == 2
+    assert back["seq@B"][0].step_seconds == pytest.approx(0.03)
+    assert plots.window(psd, 1, StepMode.PSD) == psd[:1]
     png = tmp_path / "timeline.png"
     plots.timeline({"seq@B": seq, "psd@2B": psd}, png)
     assert png.read_bytes()[:8] == PNG_MAGIC

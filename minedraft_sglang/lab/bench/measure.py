@@ -1,0 +1,65 @@
+"""The measurement: --repeats rounds, each visiting every server (in reverse
+order on odd rounds), each visit running that server's runs; one Sample per
+run and round. Manual: docs/lab.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+from tqdm import tqdm
+
+from minedraft_sglang.lab.bench.aggregate import Sample, request_metrics
+from minedraft_sglang.lab.bench.client import flush_cache, send_all
+from minedraft_sglang.lab.bench.plan import RunSpec
+from minedraft_sglang.lab.bench.servers import ModeServer, Pool, ServerSettings, mode_servers, stop_all
+
+T = TypeVar("T")
+
+
+def order(servers: list[T], repeats: int) -> list[tuple[int, T]]:
+    """(round, server) visits: every server each round, serpentine, so slow
+    drift of the machine lands on every mode alike and the last server of a
+    round is the first of the next (no restart between)."""
+    visits = []
+    for r in range(repeats):
+        visits += [(r, s) for s in (servers if r % 2 == 0 else servers[::-1])]
+    return visits
+
+
+def run_all(plan: list[RunSpec], *, settings: ServerSettings, max_alive: int, repeats: int,
+            prompts: list[str], max_new_tokens: int) -> dict[str, list[Sample]]:
+    """Every run of ``plan`` ``repeats`` times, with at most ``max_alive``
+    servers alive: run name -> one Sample per repeat. Every server is stopped
+    on return, also on an error."""
+    servers = mode_servers(plan, settings)
+    visits = order(servers, repeats)
+    pool = Pool([s for _, s in visits], max_alive)
+    samples: dict[str, list[Sample]] = {spec.name: [] for spec in plan}
+    bar = tqdm(total=repeats * len(plan) * len(prompts), unit="req", desc="bench", mininterval=1)
+    try:
+        for index, (round_, s) in enumerate(visits):
+            pool.visit(index)
+            for spec in s.specs:
+                bar.set_description(f"{spec.name} #{round_ + 1}")
+                sample = run_once(s, spec, prompts, max_new_tokens=max_new_tokens, on_done=lambda: bar.update(1))
+                samples[spec.name].append(sample)
+                tput = request_metrics(sample["replies"], sample["makespan"])["throughput_tok_s"]
+                tqdm.write(f"[bench]   {spec.name} round {round_ + 1}: {tput:.1f} tok/s")
+    finally:
+        bar.close()
+        # Every server: the pool's, and any started but never ready.
+        stop_all(servers)
+    return samples
+
+
+def run_once(server: ModeServer, spec: RunSpec, prompts: list[str], *, max_new_tokens: int,
+             on_done: Callable[[], None]) -> Sample:
+    """``spec`` on its ready ``server``, from an empty prefix cache."""
+    url = server.server.url
+    flush_cache(url)
+    before = len(server.steps())
+    replies, makespan = send_all(url, prompts, max_new_tokens=max_new_tokens, concurrency=spec.concurrency,
+                                 on_done=on_done)
+    return {"replies": replies, "makespan": makespan, "steps": server.steps()[before:]}
