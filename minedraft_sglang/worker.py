@@ -252,8 +252,9 @@ class MineDraftWorker(BaseSpecWorker):
         if batch.forward_mode.is_extend() or batch.is_extend_in_batch:
             return self._prefill(batch, on_publish)
         rids = [req.rid for req in batch.reqs]
-        for rid in self.drafter.active_rids() - set(rids):
-            # Retracted (or aborted) requests: their drafts are stale.
+        for rid in (self.drafter.active_rids() | self.pending.keys()) - set(rids):
+            # Retracted (or aborted) requests: their drafts are stale. (A
+            # request whose draft failed holds placeholder drafts only.)
             self._release(rid)
         plan = self._plan(rids)
         return self._step(batch, plan, on_publish=on_publish, grammar_barrier=grammar_barrier)
@@ -450,9 +451,10 @@ class MineDraftWorker(BaseSpecWorker):
             for req in draft_reqs:
                 # Its cache rows may be half written.
                 self.drafter.release(req.rid)
-            last = torch.tensor([req.token(len(req) - 1) for req in draft_reqs])
+            # On the drafter's device, like the drafts they are stacked with.
+            last = torch.tensor([req.token(len(req) - 1) for req in draft_reqs], device=self.draft_device)
             # Zero probability also tells TETRIS not to spend budget here.
-            return last[:, None].repeat(1, num_tokens), torch.zeros(len(draft_reqs), num_tokens)
+            return last[:, None].repeat(1, num_tokens), torch.zeros(len(draft_reqs), num_tokens, device=self.draft_device)
 
     def _verify(self, batch: ScheduleBatch, drafts: torch.Tensor, *, num_drafts, grammar_barrier):
         bonus = torch.tensor(
