@@ -12,7 +12,6 @@ import argparse
 import dataclasses
 import json
 import os
-from typing import List, Optional
 
 ENV_VAR = "SGLANG_MINEDRAFT_CONFIG"
 ALGORITHM_NAME = "MINEDRAFT"
@@ -54,17 +53,13 @@ class MineDraftConfig:
     tetris_extra: int = 2
     # Logs a timestamped draft/verify interval per step (used by the
     # concurrency test and the overlap timeline).
-    trace_file: Optional[str] = None
+    trace_file: str | None = None
 
-    def validate(self) -> "MineDraftConfig":
+    def validate(self) -> MineDraftConfig:
         if self.mode not in MODES:
-            raise MineDraftConfigError(
-                f"--minedraft-mode {self.mode!r} is not one of {', '.join(MODES)}"
-            )
+            raise MineDraftConfigError(f"--minedraft-mode {self.mode!r} is not one of {', '.join(MODES)}")
         if self.drafter not in DRAFTERS:
-            raise MineDraftConfigError(
-                f"--minedraft-drafter {self.drafter!r} is not one of {', '.join(DRAFTERS)}"
-            )
+            raise MineDraftConfigError(f"--minedraft-drafter {self.drafter!r} is not one of {', '.join(DRAFTERS)}")
         if self.k not in K_POLICIES:
             raise MineDraftConfigError(f"--minedraft-k {self.k!r} is not one of {', '.join(K_POLICIES)}")
         if self.k == "auto" and self.tetris:
@@ -75,20 +70,16 @@ class MineDraftConfig:
         validate_device(self.draft_device)
         validate_cores(self.draft_cores, self.draft_device)
         if self.tetris_extra < 0:
-            raise MineDraftConfigError(
-                f"--minedraft-tetris-extra must be >= 0, got {self.tetris_extra}"
-            )
+            raise MineDraftConfigError(f"--minedraft-tetris-extra must be >= 0, got {self.tetris_extra}")
         if self.draft_max_len < 0:
-            raise MineDraftConfigError(
-                f"--minedraft-draft-max-len must be >= 0, got {self.draft_max_len}"
-            )
+            raise MineDraftConfigError(f"--minedraft-draft-max-len must be >= 0, got {self.draft_max_len}")
         return self
 
     def to_env(self) -> str:
         return json.dumps(dataclasses.asdict(self))
 
     @classmethod
-    def from_env(cls) -> "MineDraftConfig":
+    def from_env(cls) -> MineDraftConfig:
         raw = os.environ.get(ENV_VAR)
         if not raw:
             return cls().validate()
@@ -99,9 +90,7 @@ class MineDraftConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise MineDraftConfigError(
-                f"{ENV_VAR} has unknown keys {unknown}; known: {sorted(known)}"
-            )
+            raise MineDraftConfigError(f"{ENV_VAR} has unknown keys {unknown}; known: {sorted(known)}")
         if "k" not in values and values.get("tetris"):
             values["k"] = "fixed"
         return cls(**values).validate()
@@ -208,13 +197,13 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _default_k(argv: List[str], tetris: bool) -> str:
+def _default_k(argv: list[str], tetris: bool) -> str:
     # A k the user chose stays what they chose.
     fixed = tetris or any(a == "--speculative-num-steps" or a.startswith("--speculative-num-steps=") for a in argv)
     return "fixed" if fixed else "auto"
 
 
-def config_from_argv(argv: List[str]) -> MineDraftConfig:
+def config_from_argv(argv: list[str]) -> MineDraftConfig:
     parser = argparse.ArgumentParser(add_help=False)
     add_cli_args(parser)
     args, _ = parser.parse_known_args(argv)

@@ -19,8 +19,8 @@ import ctypes
 import ctypes.util
 import os
 import re
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from typing import AbstractSet, Optional
 
 FLAG = "--minedraft-draft-cores"
 AUTO = "auto"
@@ -52,7 +52,7 @@ def parse_cores(text: str) -> frozenset[int]:
     return frozenset(cores)
 
 
-def split_cores(allowed: AbstractSet[int], draft_cores: str) -> Optional[CoreSplit]:
+def split_cores(allowed: AbstractSet[int], draft_cores: str) -> CoreSplit | None:
     """Split ``allowed`` (the process's cores) between scheduler and drafter.
 
     None when ``auto`` finds a single core: draft and verify must then share

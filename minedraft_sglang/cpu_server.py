@@ -17,8 +17,8 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
 
 # sgl_kernel's CUDA library cannot load without a GPU; it then falls back to
 # `import common_ops`, which this folder provides (cpu_kernels/ops.py).
@@ -71,7 +71,7 @@ def server_command(args: Sequence[str], python: str = sys.executable) -> list[st
     return [python, "-m", "sglang.launch_server", *CPU_FLAGS, *args]
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     env = cpu_environ(os.environ)
     if argv == ["--print-env"]:

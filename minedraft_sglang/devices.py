@@ -24,7 +24,6 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 FLAG = "--minedraft-draft-device"
 
@@ -46,7 +45,7 @@ class DeviceError(ValueError):
 @dataclass(frozen=True)
 class DraftDevice:
     kind: str  # "cpu" or "cuda"
-    index: Optional[int]  # None for "cpu" and for a bare "cuda" (the target's GPU)
+    index: int | None  # None for "cpu" and for a bare "cuda" (the target's GPU)
 
 
 @dataclass(frozen=True)
@@ -67,7 +66,7 @@ def parse_draft_device(text: str) -> DraftDevice:
     return DraftDevice(m.group(1), index)
 
 
-def place_drafter(text: str, target_gpu: Optional[int], device_count: Optional[int] = None) -> Placement:
+def place_drafter(text: str, target_gpu: int | None, device_count: int | None = None) -> Placement:
     """``target_gpu`` is the target's CUDA index, None when the target runs on
     CPU; ``device_count`` defaults to this machine's."""
     dev = parse_draft_device(text)
@@ -80,9 +79,7 @@ def place_drafter(text: str, target_gpu: Optional[int], device_count: Optional[i
     index = dev.index if dev.index is not None else (target_gpu or 0)
     if index >= device_count:
         plural = "s" if device_count != 1 else ""
-        raise DeviceError(
-            f"{FLAG} {text!r}: no such device (this machine has {device_count} CUDA device{plural})"
-        )
+        raise DeviceError(f"{FLAG} {text!r}: no such device (this machine has {device_count} CUDA device{plural})")
     return Placement(f"cuda:{index}", index == target_gpu)
 
 
@@ -93,6 +90,7 @@ def cuda_device_count() -> int:
 
 
 # ---------------------------------------------------------------- memory
+
 
 def _text_config(hf_config: dict) -> dict:
     # Multimodal configs (Gemma 3, Llama 4, ...) nest the language model.
@@ -140,9 +138,7 @@ def drafter_bytes(hf_config: dict, max_requests: int, max_len: int, elem_bytes: 
     return param_count(hf_config) * elem_bytes + kv
 
 
-def target_mem_fraction(
-    drafter_total: int, gpu_bytes: int, base_fraction: float = DEFAULT_BASE_FRACTION
-) -> float:
+def target_mem_fraction(drafter_total: int, gpu_bytes: int, base_fraction: float = DEFAULT_BASE_FRACTION) -> float:
     """``--mem-fraction-static`` for a target sharing its GPU with a drafter
     that needs ``drafter_total`` bytes there."""
     fraction = base_fraction - drafter_total / gpu_bytes

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import threading
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class StepRecord:
         return json.dumps({**fields, "step_seconds": self.step_seconds, "overlap": self.overlap})
 
     @classmethod
-    def from_json(cls, line: str) -> "StepRecord":
+    def from_json(cls, line: str) -> StepRecord:
         raw = json.loads(line)
         values = {f.name: raw[f.name] for f in dataclasses.fields(cls)}
         return cls(
@@ -114,18 +114,18 @@ class PrometheusMetrics:
     def __init__(self, num_steps: int):
         from prometheus_client import Gauge, Histogram
 
-        self.draft = Histogram(
-            "minedraft_draft_seconds", "Drafting time per engine step.", buckets=_SECONDS_BUCKETS
-        )
+        self.draft = Histogram("minedraft_draft_seconds", "Drafting time per engine step.", buckets=_SECONDS_BUCKETS)
         self.verify = Histogram(
             "minedraft_verify_seconds", "Target verify time per engine step.", buckets=_SECONDS_BUCKETS
         )
         self.step = Histogram(
-            "minedraft_step_seconds", "Wall time per engine step (draft and verify together).",
+            "minedraft_step_seconds",
+            "Wall time per engine step (draft and verify together).",
             buckets=_SECONDS_BUCKETS,
         )
         self.accept = Histogram(
-            "minedraft_accept_length", "Tokens committed per verified request (accepted drafts + bonus).",
+            "minedraft_accept_length",
+            "Tokens committed per verified request (accepted drafts + bonus).",
             buckets=tuple(range(1, num_steps + 2)),
         )
         self.overlap = Gauge(
@@ -145,7 +145,7 @@ class PrometheusMetrics:
 
 
 class StepTracer:
-    def __init__(self, path: Optional[str], prometheus: Optional[PrometheusMetrics] = None):
+    def __init__(self, path: str | None, prometheus: PrometheusMetrics | None = None):
         self.path = path
         self.prometheus = prometheus
         self.count = 0
@@ -208,7 +208,10 @@ class StepTracer:
         logger.info(
             "MineDraft steps %d-%d: psd %d, other %d, sub-batch sizes (mean) %.1f verify / %.1f draft, "
             "accept len %.2f, overlap ratio %s",
-            records[0].step, records[-1].step, len(psd), len(records) - len(psd),
+            records[0].step,
+            records[-1].step,
+            len(psd),
+            len(records) - len(psd),
             sum(r.verify_bs for r in records) / len(records),
             sum(r.draft_bs for r in records) / len(records),
             sum(lens) / max(len(lens), 1),

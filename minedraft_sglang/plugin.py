@@ -71,8 +71,7 @@ def register() -> None:
         HookType.AROUND,
     )
     HookRegistry.register(
-        "sglang.srt.managers.scheduler_components.internal_state."
-        "SchedulerInternalStateController._add_speculative",
+        "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController._add_speculative",
         hooks.add_speculative_state_around,
         HookType.AROUND,
     )
@@ -114,9 +113,7 @@ def _spec_class():
         ):
             from sglang.srt.managers.overlap_utils import FutureMap
 
-            return FutureMap(
-                device, self, req_to_token_pool, needs_cpu_seq_lens, needs_confidence_relay
-            )
+            return FutureMap(device, self, req_to_token_pool, needs_cpu_seq_lens, needs_confidence_relay)
 
         def handle_server_args(self, server_args) -> None:
             handle_server_args(server_args)
@@ -132,9 +129,7 @@ def handle_server_args(sa) -> None:
     sa.disable_overlap_schedule = True
     sa.enable_mixed_chunk = False
     if sa.speculative_eagle_topk not in (None, 1):
-        raise MineDraftConfigError(
-            "--speculative-eagle-topk must be 1 with MINEDRAFT (chain drafts)"
-        )
+        raise MineDraftConfigError("--speculative-eagle-topk must be 1 with MINEDRAFT (chain drafts)")
     sa.speculative_eagle_topk = 1
     if sa.speculative_num_steps is None:
         sa.speculative_num_steps = DEFAULT_NUM_STEPS
@@ -160,13 +155,9 @@ def validate_server_args(sa) -> None:
     config = MineDraftConfig.from_env()
     draft = sa.speculative_draft_model_path
     if not draft:
-        raise MineDraftConfigError(
-            "--speculative-draft-model-path is required with --speculative-algorithm MINEDRAFT"
-        )
+        raise MineDraftConfigError("--speculative-draft-model-path is required with --speculative-algorithm MINEDRAFT")
     if not os.path.isdir(draft):
-        raise MineDraftConfigError(
-            f"--speculative-draft-model-path {draft!r}: no such directory"
-        )
+        raise MineDraftConfigError(f"--speculative-draft-model-path {draft!r}: no such directory")
     draft_config = _read_config(draft, "--speculative-draft-model-path")
     _check_drafter_kind(draft, draft_config, config.drafter)
     draft_vocab = _vocab_size(draft_config, draft, "--speculative-draft-model-path")

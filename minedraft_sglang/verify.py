@@ -19,11 +19,9 @@ import contextlib
 import copy
 import dataclasses
 import threading
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
-
 from sglang.srt.managers.schedule_batch import ScheduleBatch
 from sglang.srt.speculative.eagle_utils import default_tree_mask_mode
 from sglang.srt.speculative.eagle_worker_common import (
@@ -44,16 +42,16 @@ class VerifyContext:
     so these cannot travel as arguments."""
 
     # Exact per-position penalties; None when no request has one.
-    penalties: Optional[PenaltyFn]
+    penalties: PenaltyFn | None
     # [bs] drafts to verify per request (TETRIS); None: all of them.
-    num_drafts: Optional[torch.Tensor]
-    generator: Optional[torch.Generator]
+    num_drafts: torch.Tensor | None
+    generator: torch.Generator | None
 
 
 _current = threading.local()
 
 
-def current_verify() -> Optional[VerifyContext]:
+def current_verify() -> VerifyContext | None:
     """The MINEDRAFT verify running on this thread, if any: the hook must
     leave every other verify (SGLang's own algorithms) alone."""
     return getattr(_current, "context", None)
@@ -103,9 +101,7 @@ def sub_batch_view(batch: ScheduleBatch, rows: list[int]) -> ScheduleBatch:
     forward or one result-processing pass. ``batch`` itself is left intact."""
     view = copy.copy(batch)
     view.spec_info = None
-    view.sampling_info = dataclasses.replace(
-        batch.sampling_info, penalizer_orchestrator=_KeepPenalties()
-    )
+    view.sampling_info = dataclasses.replace(batch.sampling_info, penalizer_orchestrator=_KeepPenalties())
     view.filter_batch(keep_indices=rows)
     view.sampling_info.penalizer_orchestrator = None
     return view
@@ -124,12 +120,12 @@ def verify_chain(
     bonus_tokens: torch.Tensor,  # [bs] the last committed token of each request
     draft_tokens: torch.Tensor,  # [bs, k] on the target device
     *,
-    num_drafts: Optional[torch.Tensor] = None,  # [bs]: verify only this many (TETRIS)
+    num_drafts: torch.Tensor | None = None,  # [bs]: verify only this many (TETRIS)
     target_worker,
     req_to_token_pool,
     token_to_kv_pool_allocator,
     grammar_barrier=None,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
 ):
     """One target verify forward of ``[bonus, d_1..d_k]`` per request;
     returns SGLang's GenerationBatchResult (accept_lens include the bonus)."""

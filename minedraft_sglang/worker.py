@@ -21,11 +21,10 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Optional, Sequence
 
 import torch
-
 from sglang.srt.managers.schedule_batch import ScheduleBatch
 from sglang.srt.managers.utils import GenerationBatchResult
 from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode
@@ -37,8 +36,8 @@ from minedraft_sglang.config import MineDraftConfig
 from minedraft_sglang.drafters import create_drafter
 from minedraft_sglang.drafters.base import Drafter, DraftRequest
 from minedraft_sglang.metrics import StepMode
-from minedraft_sglang.sub_batches import SubBatches
 from minedraft_sglang.sampling.tetris import tetris_select
+from minedraft_sglang.sub_batches import SubBatches
 from minedraft_sglang.verify import MineDraftState, sub_batch_view, verify_chain
 
 logger = logging.getLogger(__name__)
@@ -56,7 +55,7 @@ class _Drafts:
 
     __slots__ = ("tokens", "probs", "base_len", "anchor")
 
-    def __init__(self, tokens, probs, base_len: int, anchor: Optional[int] = None):
+    def __init__(self, tokens, probs, base_len: int, anchor: int | None = None):
         self.tokens = tokens
         self.probs = probs
         self.base_len = base_len
@@ -165,7 +164,7 @@ class MineDraftWorker(BaseSpecWorker):
             config.tetris,
         )
 
-    def _split_cores(self) -> Optional[cpu_affinity.CoreSplit]:
+    def _split_cores(self) -> cpu_affinity.CoreSplit | None:
         """On a CPU drafter, pin this (the scheduler) thread to its share of
         the cores; the drafter's thread pins itself to the rest as it starts.
         Decided once, from the cores the process had before either pin."""
@@ -192,16 +191,16 @@ class MineDraftWorker(BaseSpecWorker):
         return None
 
     def alloc_memory_pool(self, **kwargs):
-        self.req_to_token_pool, self.token_to_kv_pool_allocator = (
-            self._target_worker.get_memory_pool()
-        )
+        self.req_to_token_pool, self.token_to_kv_pool_allocator = self._target_worker.get_memory_pool()
         # SGLang's request cap defaults to thousands; dense per-request draft
         # KV for all of them would not fit, so the drafter holds at most
         # MAX_DRAFT_REQUESTS (requests beyond it are verified without drafts).
         max_requests = min(self.model_runner.max_running_requests, MAX_DRAFT_REQUESTS)
-        max_len = self.config.draft_max_len or min(
-            self.model_runner.model_config.context_len, DEFAULT_DRAFT_MAX_LEN
-        ) + self.speculative_num_draft_tokens
+        max_len = (
+            self.config.draft_max_len
+            or min(self.model_runner.model_config.context_len, DEFAULT_DRAFT_MAX_LEN)
+            + self.speculative_num_draft_tokens
+        )
         nbytes = self.drafter.allocate(max_requests, max_len)
         self.drafter_slots = max_requests
         logger.info(
@@ -343,11 +342,9 @@ class MineDraftWorker(BaseSpecWorker):
         if self.config.tetris:
             logprobs = torch.stack([d.probs for d in taken]).clamp_min(1e-30).log()
             num_drafts = tetris_select(logprobs, self.k * len(verify_reqs)).to(self.device)
-        background: Optional[Future] = None
+        background: Future | None = None
         if mode is StepMode.PSD:
-            background = self.executor.submit(
-                _timed, self._draft, _draft_requests([reqs[i] for i in draft_rows]), k
-            )
+            background = self.executor.submit(_timed, self._draft, _draft_requests([reqs[i] for i in draft_rows]), k)
         elif mode is StepMode.DRAFT_AHEAD:
             ahead = _draft_requests(verify_reqs, extra=drafts.tolist())
             background = self.executor.submit(_timed, self._draft_ahead, ahead, k)
@@ -365,8 +362,12 @@ class MineDraftWorker(BaseSpecWorker):
         accept_lens = result.accept_lens.tolist()
         if self.planner is not None:
             self._measure(
-                plan, drafts, accept_lens, (t0, t1, t2),
-                n_missing=len(missing), background=background and draft_interval,
+                plan,
+                drafts,
+                accept_lens,
+                (t0, t1, t2),
+                n_missing=len(missing),
+                background=background and draft_interval,
             )
         self.tracer.step(
             mode=mode,
@@ -446,7 +447,10 @@ class MineDraftWorker(BaseSpecWorker):
             logger.warning(
                 "MineDraft drafter failed (%s: %s); %d request(s) fall back to plain "
                 "decoding for this step (%d failures so far)",
-                type(e).__name__, e, len(draft_reqs), self.drafter_failures,
+                type(e).__name__,
+                e,
+                len(draft_reqs),
+                self.drafter_failures,
             )
             for req in draft_reqs:
                 # Its cache rows may be half written.
@@ -454,12 +458,12 @@ class MineDraftWorker(BaseSpecWorker):
             # On the drafter's device, like the drafts they are stacked with.
             last = torch.tensor([req.token(len(req) - 1) for req in draft_reqs], device=self.draft_device)
             # Zero probability also tells TETRIS not to spend budget here.
-            return last[:, None].repeat(1, num_tokens), torch.zeros(len(draft_reqs), num_tokens, device=self.draft_device)
+            return last[:, None].repeat(1, num_tokens), torch.zeros(
+                len(draft_reqs), num_tokens, device=self.draft_device
+            )
 
     def _verify(self, batch: ScheduleBatch, drafts: torch.Tensor, *, num_drafts, grammar_barrier):
-        bonus = torch.tensor(
-            [req.output_ids[-1] for req in batch.reqs], dtype=torch.int32, device=self.device
-        )
+        bonus = torch.tensor([req.output_ids[-1] for req in batch.reqs], dtype=torch.int32, device=self.device)
         return verify_chain(
             batch,
             bonus,
@@ -487,7 +491,7 @@ class MineDraftWorker(BaseSpecWorker):
         if self.draft_device.startswith("cuda"):
             torch.cuda.synchronize(self.draft_device)
 
-    def _finish(self, result, new_seq_lens, verified_rows: Optional[list[int]], on_publish):
+    def _finish(self, result, new_seq_lens, verified_rows: list[int] | None, on_publish):
         if on_publish is not None:
             on_publish(new_seq_lens)
         result.next_draft_input = MineDraftState()
@@ -497,7 +501,7 @@ class MineDraftWorker(BaseSpecWorker):
         return result
 
 
-def _draft_requests(reqs, extra: Optional[list[list[int]]] = None) -> list[DraftRequest]:
+def _draft_requests(reqs, extra: list[list[int]] | None = None) -> list[DraftRequest]:
     """Snapshots of the requests' tokens (plus ``extra`` tokens each) that the
     drafter thread can read while the scheduler thread moves on."""
     extra = extra or [[] for _ in reqs]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Optional
 
 import pytest
 
@@ -33,7 +32,10 @@ def _specs(tmp: Path) -> dict[str, list[str]]:
         "seq-target": minedraft_args(m["target"], m["draft"], "sequential", K, trace("seq-target")),
         # Small prefill chunks: long prompts go through chunked prefill.
         "psd-target": minedraft_args(
-            m["target"], m["draft"], "psd", K,
+            m["target"],
+            m["draft"],
+            "psd",
+            K,
             [*trace("psd-target"), "--enable-metrics", "--chunked-prefill-size", "32"],
         ),
         # The target drafting for itself: its greedy drafts are often, not
@@ -41,12 +43,24 @@ def _specs(tmp: Path) -> dict[str, list[str]]:
         "psd-self": minedraft_args(m["target"], m["target"], "psd", K),
         # SGLang's own speculative decoding on CPU, for comparison.
         "standalone-self": [
-            "--model-path", m["target"], "--speculative-algorithm", "STANDALONE",
-            "--speculative-draft-model-path", m["target"], "--speculative-num-steps", str(K),
-            "--speculative-eagle-topk", "1", "--speculative-num-draft-tokens", str(K + 1),
+            "--model-path",
+            m["target"],
+            "--speculative-algorithm",
+            "STANDALONE",
+            "--speculative-draft-model-path",
+            m["target"],
+            "--speculative-num-steps",
+            str(K),
+            "--speculative-eagle-topk",
+            "1",
+            "--speculative-num-draft-tokens",
+            str(K + 1),
         ],
         "tetris-target": minedraft_args(
-            m["target"], m["target"], "psd", K,
+            m["target"],
+            m["target"],
+            "psd",
+            K,
             [*trace("tetris-target"), "--minedraft-tetris", "--minedraft-tetris-extra", "2"],
         ),
         # EAGLE heads trained on the target's own text (tiny_eagle.py).
@@ -72,7 +86,10 @@ def _specs(tmp: Path) -> dict[str, list[str]]:
         # wrong and unsure after the rest: with and without TETRIS.
         "psd-mixed": minedraft_args(m["bigram"], m["bigram-mixed-draft"], "psd", K, trace("psd-mixed")),
         "tetris-mixed": minedraft_args(
-            m["bigram"], m["bigram-mixed-draft"], "psd", K,
+            m["bigram"],
+            m["bigram-mixed-draft"],
+            "psd",
+            K,
             [*trace("tetris-mixed"), "--minedraft-tetris", "--minedraft-tetris-extra", "2"],
         ),
     }
@@ -95,7 +112,7 @@ class ServerPool:
         self.startup_s: dict[str, float] = {}
         self.restarts: list[str] = []
 
-    def register(self, name: str, args: list[str], env: Optional[dict] = None) -> None:
+    def register(self, name: str, args: list[str], env: dict | None = None) -> None:
         """A server spec of one test module (extra environment in ``env``)."""
         self.specs[name] = (args, env or {})
 

@@ -52,18 +52,14 @@ def _request_ranges(req_pool_indices, start_offset, end_offset):
         packed += end - start
 
 
-def assign_req_to_token_pool_cpu(
-    req_pool_indices, req_to_token, start_offset, end_offset, out_cache_loc, pool_len
-):
+def assign_req_to_token_pool_cpu(req_pool_indices, req_to_token, start_offset, end_offset, out_cache_loc, pool_len):
     """req_to_token[r, start:end] = the next (end - start) packed slots of out_cache_loc."""
     table = req_to_token.view(-1, pool_len)
     for row, start, end, packed in _request_ranges(req_pool_indices, start_offset, end_offset):
         table[row, start:end] = out_cache_loc[packed : packed + end - start]
 
 
-def assign_extend_cache_locs_cpu(
-    req_pool_indices, req_to_token, start_offset, end_offset, out_cache_loc, pool_len
-):
+def assign_extend_cache_locs_cpu(req_pool_indices, req_to_token, start_offset, end_offset, out_cache_loc, pool_len):
     """The inverse gather: out_cache_loc packs req_to_token[r, start:end] over requests."""
     table = req_to_token.view(-1, pool_len)
     for row, start, end, packed in _request_ranges(req_pool_indices, start_offset, end_offset):
@@ -80,9 +76,7 @@ def assign_draft_cache_locs_contiguous_cpu(
         out_cache_loc[i * n : (i + 1) * n] = table[row, seq_len : seq_len + n]
 
 
-def build_draft_decode_metadata_cpu(
-    req_to_token, req_pool_indices, seq_lens, topk, num_steps, pool_len
-):
+def build_draft_decode_metadata_cpu(req_to_token, req_pool_indices, seq_lens, topk, num_steps, pool_len):
     """One req_to_token row per (request, draft branch): committed slots, then that branch's draft slots.
 
     Branch k's draft slots sit at seq_len + k*num_steps in the request's row, the
@@ -95,9 +89,7 @@ def build_draft_decode_metadata_cpu(
         for branch in range(topk):
             draft_start = seq_len + branch * num_steps
             out[i * topk + branch, :seq_len] = table[row, :seq_len]
-            out[i * topk + branch, seq_len : seq_len + num_steps] = table[
-                row, draft_start : draft_start + num_steps
-            ]
+            out[i * topk + branch, seq_len : seq_len + num_steps] = table[row, draft_start : draft_start + num_steps]
     return out
 
 
@@ -165,9 +157,7 @@ def verify_tree_greedy_cpu(
         accept_index[b, : len(accepted_path)] = torch.tensor(accepted_path)
         accept_counts.append(len(accepted_path) - 1)
 
-    predicts[torch.tensor(predict_at, dtype=torch.long)] = torch.tensor(
-        predict_value, dtype=predicts.dtype
-    )
+    predicts[torch.tensor(predict_at, dtype=torch.long)] = torch.tensor(predict_value, dtype=predicts.dtype)
     accept_token_num.copy_(torch.tensor(accept_counts, dtype=torch.long))
 
 
@@ -395,13 +385,11 @@ def extend_attention_cpu(
     """
     _reject_cross_attention(is_cross_attn, encoder_lens)
     mask_offset = 0
-    for i, (row, seq_len, extend_len, start) in enumerate(
-        zip(
-            req_pool_indices.tolist(),
-            seq_lens.tolist(),
-            extend_seq_lens.tolist(),
-            extend_start_loc.tolist(),
-        )
+    for row, seq_len, extend_len, start in zip(
+        req_pool_indices.tolist(),
+        seq_lens.tolist(),
+        extend_seq_lens.tolist(),
+        extend_start_loc.tolist(),
     ):
         prefix_len = seq_len - extend_len
         new = slice(start, start + extend_len)
@@ -430,9 +418,7 @@ def extend_attention_cpu(
 
 # Schemas follow SGLang's call sites; (a!)... marks the tensors an op writes.
 _SCHEMAS = {
-    copy_all_layer_kv_cache_cpu: (
-        "(Tensor data_ptrs, Tensor strides, Tensor tgt_loc, Tensor src_loc) -> ()"
-    ),
+    copy_all_layer_kv_cache_cpu: ("(Tensor data_ptrs, Tensor strides, Tensor tgt_loc, Tensor src_loc) -> ()"),
     assign_req_to_token_pool_cpu: (
         "(Tensor req_pool_indices, Tensor(a!) req_to_token, Tensor start_offset, "
         "Tensor end_offset, Tensor out_cache_loc, int pool_len) -> ()"

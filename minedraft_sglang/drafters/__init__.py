@@ -11,9 +11,7 @@ from minedraft_sglang.config import DRAFTER_FOR_ARCHITECTURE
 from minedraft_sglang.drafters.base import Drafter
 
 
-def create_drafter(
-    *, device: str, model_path: str, target_path: str, target_dtype: torch.dtype
-) -> Drafter:
+def create_drafter(*, device: str, model_path: str, target_path: str, target_dtype: torch.dtype) -> Drafter:
     """The drafter for the draft checkpoint's architecture (validated at
     startup by plugin.validate_server_args), on ``device``."""
     from transformers import AutoConfig

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -49,7 +49,7 @@ class Drafter(abc.ABC):
     # target then captures them in prefill and verify. EAGLE-3 names the
     # target layers whose outputs it reads.
     needs_target_features = False
-    aux_layer_ids: Optional[list[int]] = None
+    aux_layer_ids: list[int] | None = None
 
     def observe(self, rid: str, start: int, features: torch.Tensor) -> None:
         """The target's features of positions ``start``.. of a request (a

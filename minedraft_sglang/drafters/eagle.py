@@ -27,7 +27,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +55,7 @@ def aux_layer_ids(config) -> list[int]:
 
 
 class EagleHead(nn.Module):
-    def __init__(self, config, version: int, embed: nn.Embedding, lm_head: Optional[nn.Linear]):
+    def __init__(self, config, version: int, embed: nn.Embedding, lm_head: nn.Linear | None):
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
         super().__init__()
@@ -153,9 +153,7 @@ def load_eagle_head(model_path: str, target_path: str) -> EagleHead:
     version = EAGLE_ARCHITECTURES[config.architectures[0]]
     embed_w, head_w = target_embed_and_head(target_path)
     embed = nn.Embedding.from_pretrained(embed_w, freeze=True)
-    weights = {
-        _canonical_name(name): w for name, w in _safetensors(model_path).items() if name != "t2d"
-    }
+    weights = {_canonical_name(name): w for name, w in _safetensors(model_path).items() if name != "t2d"}
     own_head = "lm_head.weight" in weights
     lm_head = None
     if version == 1 or not own_head:
@@ -189,7 +187,7 @@ def _canonical_name(name: str) -> str:
     name = name.removeprefix("model.")
     for old, new in _RENAMES:
         if name.startswith(old):
-            return new + name[len(old):]
+            return new + name[len(old) :]
     return name
 
 
@@ -206,7 +204,7 @@ def save_eagle_head(head: EagleHead, config, path: str) -> None:
             continue
         layer_prefix = "midlayer." if head.version == 3 else "layers.0."
         if name.startswith("layer."):
-            name = layer_prefix + name[len("layer."):]
+            name = layer_prefix + name[len("layer.") :]
         elif name.startswith("hidden_norm."):
             name = layer_prefix + name  # SGLang keeps it inside the layer
         state[name] = tensor.contiguous()
@@ -241,7 +239,9 @@ class EagleDrafter(CachedDrafter):
         self.dtype = dtype
         config = self.head.layer.self_attn.config
         self.aux_layer_ids = aux_layer_ids(config) if self.head.version == 3 else None
-        self.cache = SlotKVCache(1, config.num_key_value_heads, self.head.layer.self_attn.head_dim, dtype, self.device, _Slot)
+        self.cache = SlotKVCache(
+            1, config.num_key_value_heads, self.head.layer.self_attn.head_dim, dtype, self.device, _Slot
+        )
 
     def observe(self, rid: str, start: int, features: torch.Tensor) -> None:
         slot = self.cache.slot(rid)
@@ -312,7 +312,9 @@ class EagleDrafter(CachedDrafter):
             position = position + 1
             feature, head_input = self._run(token[:, None], feature, position, live_t, slot_index, start)
             head_input = head_input[:, 0]
-        take = torch.tensor([len(f) for f in forced], device=self.device)[:, None] + torch.arange(num_tokens, device=self.device)
+        take = torch.tensor([len(f) for f in forced], device=self.device)[:, None] + torch.arange(
+            num_tokens, device=self.device
+        )
         return DraftOutput(tokens=out_tokens.gather(1, take), probs=out_probs.gather(1, take) * live_t)
 
     def _run(self, tokens, features, positions, valid, slot_index, start):

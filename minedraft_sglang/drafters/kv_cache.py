@@ -8,7 +8,7 @@ each keeps in its slot objects.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -94,7 +94,7 @@ class SlotKVCache:
         positions: torch.Tensor,  # [bs, T]
         valid: torch.Tensor,  # [bs, T] or broadcastable: False rows write to scratch
         slot_index: torch.Tensor,  # [bs]
-        start: Optional[torch.Tensor] = None,  # [bs]: first valid row of each slot
+        start: torch.Tensor | None = None,  # [bs]: first valid row of each slot
     ) -> torch.Tensor:
         """Self-attention of ``x`` over its slot's rows up to each query's
         position, after writing this forward's K/V rows; returns o_proj's
@@ -114,7 +114,9 @@ class SlotKVCache:
             mask &= key_pos[None, None, :] >= start[:, None, None]
         keys = self.k[layer_id, slot_index, :kv_len].transpose(1, 2)
         values = self.v[layer_id, slot_index, :kv_len].transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None], scale=attn.scaling, enable_gqa=True)
+        o = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask[:, None], scale=attn.scaling, enable_gqa=True
+        )
         return attn.o_proj(o.transpose(1, 2).reshape(bs, T, -1))
 
 

@@ -17,7 +17,7 @@ all reduce to that one rule.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -44,11 +44,7 @@ class StandaloneDrafter(CachedDrafter):
         from transformers import AutoModelForCausalLM
 
         self.device = torch.device(device)
-        self.model = (
-            AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-            .to(self.device)
-            .eval()
-        )
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
         config = self.model.config
         self.cache = SlotKVCache(
             config.num_hidden_layers,
@@ -116,9 +112,7 @@ class StandaloneDrafter(CachedDrafter):
         out_tokens = torch.zeros(bs, num_tokens, dtype=torch.long, device=self.device)
         out_probs = torch.zeros(bs, num_tokens, dtype=torch.float32, device=self.device)
         slot_index = slot_index.to(self.device)
-        hidden = self._forward(
-            tokens.to(self.device), positions.to(self.device), valid.to(self.device), slot_index
-        )
+        hidden = self._forward(tokens.to(self.device), positions.to(self.device), valid.to(self.device), slot_index)
         logits = self._logits(hidden[torch.arange(bs, device=self.device), last.to(self.device)])
         positions = positions.to(self.device).gather(1, last.to(self.device)[:, None])
         live = ~torch.tensor(overflow, device=self.device)[:, None]

@@ -104,8 +104,9 @@ def main(argv=None) -> None:
     p.add_argument("-b", "--batch", type=int, default=1)
     p.add_argument("--seconds", type=float, default=15, help="measured seconds per setting")
     p.add_argument("--warmup", type=float, default=25, help="seconds to load the models before measuring")
-    p.add_argument("--cores", type=lambda s: [int(c) for c in s.split(",")], default=[0, 1],
-                   help="verify core, draft core")
+    p.add_argument(
+        "--cores", type=lambda s: [int(c) for c in s.split(",")], default=[0, 1], help="verify core, draft core"
+    )
     args = p.parse_args(argv)
     alone = {**measure(args, None, ("verify",)), **measure(args, None, ("draft",))}
     report = {"loadavg_start": os.getloadavg(), "alone_s": alone, "settings": vars(args)}

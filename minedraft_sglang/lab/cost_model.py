@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
 
 from minedraft_sglang.adaptive_k import accept_length
 
@@ -40,7 +40,7 @@ class Linear:
         return self.intercept + self.slope * x
 
     @staticmethod
-    def fit(points: Sequence[tuple[float, float]]) -> "Linear":
+    def fit(points: Sequence[tuple[float, float]]) -> Linear:
         """Least squares through (x, y) points; a constant when the x values
         do not vary. A negative slope (noise) is clamped to 0 so that bigger
         batches never get cheaper, and a negative intercept to 0 (a line
@@ -75,7 +75,7 @@ class Measurement:
 
 @dataclass(frozen=True)
 class StageTimes:
-    draft: Linear   # seconds per draft step vs b
+    draft: Linear  # seconds per draft step vs b
     verify: Linear  # seconds per verify vs verified tokens b*(k+1)
 
     def t_d(self, b: float) -> float:
@@ -85,7 +85,7 @@ class StageTimes:
         return self.verify(b * (k + 1))
 
     @staticmethod
-    def fit(points: Iterable[Measurement]) -> "StageTimes":
+    def fit(points: Iterable[Measurement]) -> StageTimes:
         points = list(points)
         return StageTimes(
             draft=Linear.fit([(p.b, p.t_draft_token) for p in points]),
@@ -106,15 +106,26 @@ def sd_throughput(times: StageTimes, b: float, k: int, alpha: float) -> float:
     return b * accept_length(alpha, k) / sd_step(times, b, k)
 
 
-def psd_throughput(times: StageTimes, b: float, k: int, alpha: float,
-                   slowdown_draft: float = 1.0, slowdown_verify: float = 1.0) -> float:
+def psd_throughput(
+    times: StageTimes, b: float, k: int, alpha: float, slowdown_draft: float = 1.0, slowdown_verify: float = 1.0
+) -> float:
     """Output tokens/s of PSD with sub-batch b (2b in flight)."""
     return b * accept_length(alpha, k) / psd_step(times, b, k, slowdown_draft, slowdown_verify)
 
 
-def makespan(times: StageTimes, k: int, alpha: float, n_requests: int, tokens: int, in_flight: int,
-             psd: bool = False, prefill_s: float = 0.0, slowdown_draft: float = 1.0,
-             slowdown_verify: float = 1.0, draft_prefill_s: float = 0.0) -> float:
+def makespan(
+    times: StageTimes,
+    k: int,
+    alpha: float,
+    n_requests: int,
+    tokens: int,
+    in_flight: int,
+    psd: bool = False,
+    prefill_s: float = 0.0,
+    slowdown_draft: float = 1.0,
+    slowdown_verify: float = 1.0,
+    draft_prefill_s: float = 0.0,
+) -> float:
     """Seconds for ``n_requests`` requests of ``tokens`` output tokens each,
     at most ``in_flight`` at once (see the module docstring)."""
     rounds = (tokens - 1) / accept_length(alpha, k)
@@ -136,19 +147,27 @@ def ideal_speedup(times: StageTimes, b: float, k: int) -> float:
     return sd_step(times, b, k) / psd_step(times, b, k)
 
 
-def relative_error(predicted: Optional[float], measured: Optional[float]) -> Optional[float]:
+def relative_error(predicted: float | None, measured: float | None) -> float | None:
     """(predicted - measured) / measured."""
     if predicted is None or not measured:
         return None
     return (predicted - measured) / measured
 
 
-def plan(times: StageTimes, alpha: float, max_concurrency: int, k_max: int = 8,
-         tpot_limit: Optional[float] = None, slowdown_draft: float = 1.0, slowdown_verify: float = 1.0) -> dict:
+def plan(
+    times: StageTimes,
+    alpha: float,
+    max_concurrency: int,
+    k_max: int = 8,
+    tpot_limit: float | None = None,
+    slowdown_draft: float = 1.0,
+    slowdown_verify: float = 1.0,
+) -> dict:
     """Best (k, batch) for SD and best (k, sub-batch) for PSD by throughput,
     with at most ``max_concurrency`` requests in flight and, if given, TPOT
     (seconds) at most ``tpot_limit``. A mode with no feasible point is None."""
-    def best(kind: str) -> Optional[dict]:
+
+    def best(kind: str) -> dict | None:
         choice = None
         sizes = range(1, (max_concurrency if kind == "sd" else max_concurrency // 2) + 1)
         for k in range(1, k_max + 1):
@@ -163,8 +182,15 @@ def plan(times: StageTimes, alpha: float, max_concurrency: int, k_max: int = 8,
                     continue
                 tput = b * length / step
                 if choice is None or tput > choice["throughput"]:
-                    choice = {"k": k, "batch": b, "in_flight": b if kind == "sd" else 2 * b,
-                              "throughput": tput, "tpot_s": tpot, "step_s": step, "accept_length": length}
+                    choice = {
+                        "k": k,
+                        "batch": b,
+                        "in_flight": b if kind == "sd" else 2 * b,
+                        "throughput": tput,
+                        "tpot_s": tpot,
+                        "step_s": step,
+                        "accept_length": length,
+                    }
         return choice
 
     sd, psd = best("sd"), best("psd")
@@ -176,6 +202,7 @@ def plan(times: StageTimes, alpha: float, max_concurrency: int, k_max: int = 8,
 
 
 # ------------------------------------------------------------------ bench.json
+
 
 def _stage_keys(runs: list[dict]) -> tuple[str, str]:
     """Median stage times where the report has them (the drafter's prompt
@@ -194,17 +221,24 @@ def from_bench(report: dict) -> dict:
     if not seq:
         raise ValueError("the report has no sequential MINEDRAFT run with stage times")
     draft_key, verify_key = _stage_keys(runs)
-    points = [Measurement(b=r["mean_verify_bs"], k=k, t_draft_token=r[draft_key] / 1000 / k,
-                          t_verify=r[verify_key] / 1000) for r in seq]
+    points = [
+        Measurement(b=r["mean_verify_bs"], k=k, t_draft_token=r[draft_key] / 1000 / k, t_verify=r[verify_key] / 1000)
+        for r in seq
+    ]
     lengths = [r["accept_length"] for r in seq if r.get("accept_length")]
     alpha = alpha_from_accept_length(min(k + 1.0, max(1.0, sum(lengths) / len(lengths))), k)
     prefill = [r["draft_prefill_ms_per_request"] / 1000 for r in seq if r.get("draft_prefill_ms_per_request")]
-    return {"k": k, "points": points, "times": StageTimes.fit(points), "alpha": alpha,
-            "draft_prefill_s": sum(prefill) / len(prefill) if draft_key == "t_draft_median_ms" and prefill else 0.0,
-            "slowdown": measured_slowdown(runs)}
+    return {
+        "k": k,
+        "points": points,
+        "times": StageTimes.fit(points),
+        "alpha": alpha,
+        "draft_prefill_s": sum(prefill) / len(prefill) if draft_key == "t_draft_median_ms" and prefill else 0.0,
+        "slowdown": measured_slowdown(runs),
+    }
 
 
-def measured_slowdown(runs: list[dict]) -> Optional[tuple[float, float]]:
+def measured_slowdown(runs: list[dict]) -> tuple[float, float] | None:
     """(s_d, s_v): the psd run's stage times over those of the sequential run
     whose batch is the psd sub-batch size; None without such a pair."""
     draft_key, verify_key = _stage_keys(runs)
@@ -218,17 +252,19 @@ def measured_slowdown(runs: list[dict]) -> Optional[tuple[float, float]]:
 
 
 def format_plan(p: dict) -> str:
-    def line(name: str, c: Optional[dict], unit: str) -> str:
+    def line(name: str, c: dict | None, unit: str) -> str:
         if c is None:
             return f"  {name}: no (k, batch) meets the limits"
-        return (f"  {name}: k={c['k']} {unit}={c['batch']} ({c['in_flight']} in flight): "
-                f"{c['throughput']:.2f} tok/s, TPOT {1000 * c['tpot_s']:.1f} ms, accept {c['accept_length']:.2f}")
+        return (
+            f"  {name}: k={c['k']} {unit}={c['batch']} ({c['in_flight']} in flight): "
+            f"{c['throughput']:.2f} tok/s, TPOT {1000 * c['tpot_s']:.1f} ms, accept {c['accept_length']:.2f}"
+        )
 
     ratio = "-" if p["psd_over_sd"] is None else f"{p['psd_over_sd']:.2f}x"
     return "\n".join([line("SD ", p["sd"], "batch"), line("PSD", p["psd"], "sub-batch"), f"  PSD / SD: {ratio}"])
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description="SD vs PSD plan from the benchmark's JSON report (python -m minedraft_sglang.lab.bench --out)"
     )
@@ -245,10 +281,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"inputs from {args.report} (k={k}):")
     for m in inputs["points"]:
         print(f"  b={m.b:.1f}: t_d {1000 * m.t_draft_token:.2f} ms/token, t_v {1000 * m.t_verify:.2f} ms")
-    print(f"  fit: t_d(b) = {1000 * times.draft.intercept:.2f} + {1000 * times.draft.slope:.3f}*b ms, "
-          f"t_v(b,k) = {1000 * times.verify.intercept:.2f} + {1000 * times.verify.slope:.3f}*b*(k+1) ms")
-    print(f"  alpha {alpha:.3f} (accept length {accept_length(alpha, k):.2f} at k={k}); "
-          f"drafter prefill {1000 * inputs['draft_prefill_s']:.0f} ms per request")
+    print(
+        f"  fit: t_d(b) = {1000 * times.draft.intercept:.2f} + {1000 * times.draft.slope:.3f}*b ms, "
+        f"t_v(b,k) = {1000 * times.verify.intercept:.2f} + {1000 * times.verify.slope:.3f}*b*(k+1) ms"
+    )
+    print(
+        f"  alpha {alpha:.3f} (accept length {accept_length(alpha, k):.2f} at k={k}); "
+        f"drafter prefill {1000 * inputs['draft_prefill_s']:.0f} ms per request"
+    )
     limits = f"at most {concurrency} in flight" + (f", TPOT <= {args.tpot_limit_ms} ms" if tpot_limit else "")
     print(f"plan, two devices that do not slow each other down ({limits}):")
     print(format_plan(plan(times, alpha, concurrency, args.k_max, tpot_limit)))

@@ -22,14 +22,14 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from minedraft_sglang.sampling.acceptance import greedy_accept, rejection_sample
 from minedraft_sglang.metrics import overlap_ratio
+from minedraft_sglang.sampling.acceptance import greedy_accept, rejection_sample
 
 PAGE_SIZE = 16
 WARMUP = 3
@@ -41,6 +41,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 # ---------------------------------------------------------------- shapes
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -71,7 +72,9 @@ def parse_shape(text: str) -> Shape:
     for item in filter(None, overrides.split(",")):
         key, _, value = item.partition("=")
         if key not in Shape.__dataclass_fields__ or not value.isdigit():
-            raise argparse.ArgumentTypeError(f"bad shape override {item!r} (fields: {', '.join(Shape.__dataclass_fields__)})")
+            raise argparse.ArgumentTypeError(
+                f"bad shape override {item!r} (fields: {', '.join(Shape.__dataclass_fields__)})"
+            )
         fields[key] = int(value)
     return dataclasses.replace(SHAPES[name], **fields)
 
@@ -80,6 +83,7 @@ def parse_shape(text: str) -> Shape:
 # q [bs, q_len, H, D]; k, v [bs, max_kv, Hkv, D] where request i holds
 # kv_lens[i] keys and its q_len queries are its last q_len positions (the
 # chain being verified, already written to the cache).
+
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens: torch.Tensor) -> torch.Tensor:
     """One request at a time, in fp32, with an explicit softmax."""
@@ -108,7 +112,11 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens: t
     group = heads // kv_heads
     # GQA without copying K/V: the query heads sharing a KV head become extra
     # query rows of that head (row g * q_len + t is head g, chain position t).
-    qg = q.view(bs, q_len, kv_heads, group, head_dim).permute(0, 2, 3, 1, 4).reshape(bs, kv_heads, group * q_len, head_dim)
+    qg = (
+        q.view(bs, q_len, kv_heads, group, head_dim)
+        .permute(0, 2, 3, 1, 4)
+        .reshape(bs, kv_heads, group * q_len, head_dim)
+    )
     mask = chain_mask(kv_lens, q_len, k.shape[1]).repeat(1, group, 1)[:, None]
     out = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.view(bs, kv_heads, group, q_len, head_dim).permute(0, 3, 1, 2, 4).reshape(bs, q_len, heads, head_dim)
@@ -151,12 +159,21 @@ class FlashInferVerify:
         self.workspace = torch.empty(128 * 2**20, dtype=torch.uint8, device=device)
         self.wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
 
-    def plan(self, kv_lens: list[int], page_ids: list[torch.Tensor], q_len: int,
-             heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+    def plan(
+        self,
+        kv_lens: list[int],
+        page_ids: list[torch.Tensor],
+        q_len: int,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+    ) -> None:
         indptr, indices, last = flashinfer_pages(kv_lens, page_ids, PAGE_SIZE)
         qo_indptr = torch.arange(len(kv_lens) + 1, dtype=torch.int32) * q_len
-        self.wrapper.plan(qo_indptr, indptr, indices, last, heads, kv_heads, head_dim, PAGE_SIZE,
-                          causal=True, q_data_type=dtype)
+        self.wrapper.plan(
+            qo_indptr, indptr, indices, last, heads, kv_heads, head_dim, PAGE_SIZE, causal=True, q_data_type=dtype
+        )
 
     def run(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
         bs, q_len, heads, head_dim = q.shape
@@ -170,6 +187,7 @@ class FlashInferVerify:
 
 
 # ---------------------------------------------------------------- tiny Llama
+
 
 @dataclass
 class Layer:
@@ -186,7 +204,7 @@ class KVCache:
     k: list[torch.Tensor]  # per layer [bs, max_len, Hkv, D]
     v: list[torch.Tensor]
 
-    def rows(self, sl: slice) -> "KVCache":
+    def rows(self, sl: slice) -> KVCache:
         return KVCache([t[sl] for t in self.k], [t[sl] for t in self.v])
 
 
@@ -216,8 +234,14 @@ class Llama:
         ones = lambda: torch.ones(s.dim, device=device, dtype=dtype)  # noqa: E731
         self.embed = torch.randn(s.vocab, s.dim, generator=gen, device=device, dtype=dtype)
         self.layers = [
-            Layer(w(s.dim, (s.heads + 2 * s.kv_heads) * s.head_dim), w(s.heads * s.head_dim, s.dim),
-                  w(s.dim, 2 * s.ffn), w(s.ffn, s.dim), ones(), ones())
+            Layer(
+                w(s.dim, (s.heads + 2 * s.kv_heads) * s.head_dim),
+                w(s.heads * s.head_dim, s.dim),
+                w(s.dim, 2 * s.ffn),
+                w(s.ffn, s.dim),
+                ones(),
+                ones(),
+            )
             for _ in range(s.layers)
         ]
         self.norm = ones()
@@ -241,7 +265,9 @@ class Llama:
         x = self.embed[tokens]
         for layer, k_cache, v_cache in zip(self.layers, cache.k, cache.v):
             h = rms_norm(x, layer.attn_norm)
-            q, k, v = (h @ layer.wqkv).split([s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim], -1)
+            q, k, v = (h @ layer.wqkv).split(
+                [s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim], -1
+            )
             k_cache[rows, pos] = rope(k.view(bs, q_len, s.kv_heads, s.head_dim), cos, sin)
             v_cache[rows, pos] = v.view(bs, q_len, s.kv_heads, s.head_dim)
             q = rope(q.view(bs, q_len, s.heads, s.head_dim), cos, sin)
@@ -251,8 +277,9 @@ class Llama:
         return rms_norm(x, self.norm) @ self.lm_head
 
 
-def draft(model: Llama, cache: KVCache, attn: Callable, last_tokens: torch.Tensor,
-          start_pos: torch.Tensor, k: int) -> torch.Tensor:
+def draft(
+    model: Llama, cache: KVCache, attn: Callable, last_tokens: torch.Tensor, start_pos: torch.Tensor, k: int
+) -> torch.Tensor:
     """k greedy draft tokens per request after ``last_tokens`` (at start_pos)."""
     tokens, out = last_tokens[:, None], []
     for j in range(k):
@@ -261,8 +288,14 @@ def draft(model: Llama, cache: KVCache, attn: Callable, last_tokens: torch.Tenso
     return torch.cat(out, dim=1)
 
 
-def verify(model: Llama, cache: KVCache, attn: Callable, last_tokens: torch.Tensor,
-           drafts: torch.Tensor, start_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def verify(
+    model: Llama,
+    cache: KVCache,
+    attn: Callable,
+    last_tokens: torch.Tensor,
+    drafts: torch.Tensor,
+    start_pos: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One target forward over [last, drafts] and greedy acceptance."""
     logits = model.forward(torch.cat([last_tokens[:, None], drafts], dim=1), start_pos, cache, attn)
     num_drafts = torch.full_like(start_pos, drafts.shape[1])
@@ -272,12 +305,22 @@ def verify(model: Llama, cache: KVCache, attn: Callable, last_tokens: torch.Tens
 # ---------------------------------------------------------------- unit checks
 # Each check returns (error, tolerance, detail); it passes when error <= tolerance.
 
+
 def _dname(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def verify_case(bs: int, q_len: int, heads: int, kv_heads: int, head_dim: int, max_prefix: int,
-                dtype: torch.dtype, device: torch.device, gen: torch.Generator):
+def verify_case(
+    bs: int,
+    q_len: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    max_prefix: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    gen: torch.Generator,
+):
     """Random chain-verify inputs: prefixes of 1..max_prefix tokens, each
     request's pages scattered over a pool with spare pages, as an allocator
     leaves them. Returns q, k_pool, v_pool, page_ids, kv_lens."""
@@ -373,12 +416,20 @@ def check_rejection_sample(device: torch.device, gen: torch.Generator):
     expected = _accept_expectation(p, q, drafts)
     worst = 0.0
     for dev in (torch.device("cpu"), device):
-        def accept_lens(target: torch.Tensor, rows: int) -> torch.Tensor:
-            return rejection_sample(
-                drafts.expand(rows, k).to(dev), q.expand(rows, k, vocab).to(dev),
-                target.expand(rows, k + 1, vocab).to(dev), torch.full((rows,), k, device=dev),
-                torch.Generator(dev).manual_seed(3),
-            )[1].double().cpu()
+
+        def accept_lens(target: torch.Tensor, rows: int, dev: torch.device = dev) -> torch.Tensor:
+            return (
+                rejection_sample(
+                    drafts.expand(rows, k).to(dev),
+                    q.expand(rows, k, vocab).to(dev),
+                    target.expand(rows, k + 1, vocab).to(dev),
+                    torch.full((rows,), k, device=dev),
+                    torch.Generator(dev).manual_seed(3),
+                )[1]
+                .double()
+                .cpu()
+            )
+
         if any((accept_lens(target, 64) != want).any() for target, want in forced):
             return math.inf, 6.0, f"a forced outcome came out wrong on {dev}"
         accepted = accept_lens(p, n) - 1
@@ -397,8 +448,10 @@ def unit_checks(device: torch.device, k: int, backends: list[str], dtypes: list[
             (f"attention-{tag}", lambda b=backend, d=dtype: check_attention(b, d, device, k, gen)),
             (f"llama-verify-{tag}", lambda b=backend, d=dtype: check_model_verify(b, shape, d, device, k)),
         ]
-    named += [("greedy-accept", lambda: check_greedy_accept(device, gen)),
-              ("rejection-sample", lambda: check_rejection_sample(device, gen))]
+    named += [
+        ("greedy-accept", lambda: check_greedy_accept(device, gen)),
+        ("rejection-sample", lambda: check_rejection_sample(device, gen)),
+    ]
     return [_guarded(name, check) for name, check in named]
 
 
@@ -414,6 +467,7 @@ def _guarded(name: str, check: Callable[[], tuple]) -> dict:
 
 
 # ---------------------------------------------------------------- benchmark
+
 
 def synchronize(devices: list[torch.device]) -> None:
     for d in devices:
@@ -481,12 +535,18 @@ class Bench:
         self.max_len = -(-(args.ctx + k + 1) // PAGE_SIZE) * PAGE_SIZE
         start = torch.randint(args.ctx // 2, args.ctx + 1, (2 * b,), generator=gen)
         last = torch.randint(0, min(args.target.vocab, args.draft.vocab), (2 * b,), generator=gen)
-        self.subs = {name: SubBatch(rows, start[rows].to(target_device), last[rows].to(target_device))
-                     for name, rows in (("A", slice(0, b)), ("B", slice(b, 2 * b)), ("AB", slice(0, 2 * b)))}
+        self.subs = {
+            name: SubBatch(rows, start[rows].to(target_device), last[rows].to(target_device))
+            for name, rows in (("A", slice(0, b)), ("B", slice(b, 2 * b)), ("AB", slice(0, 2 * b)))
+        }
         self.target = Llama(args.target, args.dtype, target_device, seed=1)
         self.target_cache = self.target.new_cache(2 * b, self.max_len)
-        self.drafts = {name: torch.randint(0, args.target.vocab, (self.subs[name].start.numel(), k),
-                                           generator=gen).to(target_device) for name in ("A", "AB")}
+        self.drafts = {
+            name: torch.randint(0, args.target.vocab, (self.subs[name].start.numel(), k), generator=gen).to(
+                target_device
+            )
+            for name in ("A", "AB")
+        }
         self.drafters: dict[torch.device, tuple[Llama, KVCache]] = {}
 
     def drafter(self, device: torch.device) -> tuple[Llama, KVCache]:
@@ -500,19 +560,28 @@ class Bench:
         model, cache = self.drafter(device)
         sub = self.subs[name]
         start, last = sub.start.to(device), sub.last.to(device)
-        return cuda_graph(lambda: draft(model, cache.rows(sub.rows), sdpa_attention, last, start, self.args.k),
-                          device, self.notes, f"draft {name} on {device}")
+        return cuda_graph(
+            lambda: draft(model, cache.rows(sub.rows), sdpa_attention, last, start, self.args.k),
+            device,
+            self.notes,
+            f"draft {name} on {device}",
+        )
 
     def verify_stage(self, name: str) -> Callable[[], object]:
         sub, k = self.subs[name], self.args.k
         attn = model_attention(self.attention, self.target, (sub.start + k + 1).tolist(), self.max_len, k + 1)
         cache, drafts = self.target_cache.rows(sub.rows), self.drafts[name]
-        return cuda_graph(lambda: verify(self.target, cache, attn, sub.last, drafts, sub.start),
-                          self.device, self.notes, f"verify {name}")
+        return cuda_graph(
+            lambda: verify(self.target, cache, attn, sub.last, drafts, sub.start),
+            self.device,
+            self.notes,
+            f"verify {name}",
+        )
 
 
-def psd_step(draft_fn: Callable[[], torch.Tensor], verify_fn: Callable[[], object], target: torch.device,
-             streams: Optional[tuple]) -> None:
+def psd_step(
+    draft_fn: Callable[[], torch.Tensor], verify_fn: Callable[[], object], target: torch.device, streams: tuple | None
+) -> None:
     """Draft one sub-batch while the target verifies the other; the step ends
     when both have. Only the draft token ids cross to the target's GPU, on a
     stream of their own: a cross-device copy makes the destination's current
@@ -542,8 +611,10 @@ def run_benchmark(args, device: torch.device, attention: str, notes: list[str]) 
     bench = Bench(args, device, attention, notes)
     iters = args.iters
     verify_stages = {name: bench.verify_stage(name) for name in ("A", "AB")}
-    t_sd = {name: timed(_sd_step(bench.draft_stage(name, device), verify_stages[name]), iters, [device])
-            for name in ("A", "AB")}
+    t_sd = {
+        name: timed(_sd_step(bench.draft_stage(name, device), verify_stages[name]), iters, [device])
+        for name in ("A", "AB")
+    }
     t_verify = timed(verify_stages["A"], iters, [device])
     draft_devices = [device]
     if device.type == "cuda" and torch.cuda.device_count() >= 2:
@@ -552,32 +623,54 @@ def run_benchmark(args, device: torch.device, attention: str, notes: list[str]) 
     for draft_device in draft_devices:
         both = [device] if draft_device == device else [device, draft_device]
         draft_b = bench.draft_stage("B", draft_device)
-        t_draft = timed(lambda: draft_b().to(device, non_blocking=True), iters, both)
+        # timed() runs these closures before the loop moves on.
+        t_draft = timed(lambda: draft_b().to(device, non_blocking=True), iters, both)  # noqa: B023
         streams = (torch.cuda.Stream(draft_device), torch.cuda.Stream(device)) if device.type == "cuda" else None
-        t_psd = timed(lambda: psd_step(draft_b, verify_stages["A"], device, streams), iters, both)
+        t_psd = timed(lambda: psd_step(draft_b, verify_stages["A"], device, streams), iters, both)  # noqa: B023
         if device.type == "cpu":
             name = "CPU, back to back (smoke)"
         elif draft_device == device:
             name = "one GPU, drafter on a second stream"
         else:
             name = f"two GPUs, drafter on {draft_device}"
-        variants.append({
-            "name": name, "draft_device": str(draft_device), "t_draft": t_draft, "t_verify": t_verify,
-            "t_psd": t_psd, "overlap": overlap_ratio((0.0, t_draft), (0.0, t_verify), t_psd),
-            "ideal_psd_over_sd": (t_draft + t_verify) / max(t_draft, t_verify),
-            "psd_over_sd": t_sd["A"] / t_psd, "psd_over_sd_2x_batch": t_sd["AB"] / (2 * t_psd),
-        })
-    return {"attention": attention, "k": args.k, "batch": args.batch, "ctx": args.ctx,
-            "target": dataclasses.asdict(args.target), "draft": dataclasses.asdict(args.draft),
-            "dtype": _dname(args.dtype), "iters": iters,
-            "t_sd": t_sd["A"], "t_sd_2x_batch": t_sd["AB"], "variants": variants}
+        variants.append(
+            {
+                "name": name,
+                "draft_device": str(draft_device),
+                "t_draft": t_draft,
+                "t_verify": t_verify,
+                "t_psd": t_psd,
+                "overlap": overlap_ratio((0.0, t_draft), (0.0, t_verify), t_psd),
+                "ideal_psd_over_sd": (t_draft + t_verify) / max(t_draft, t_verify),
+                "psd_over_sd": t_sd["A"] / t_psd,
+                "psd_over_sd_2x_batch": t_sd["AB"] / (2 * t_psd),
+            }
+        )
+    return {
+        "attention": attention,
+        "k": args.k,
+        "batch": args.batch,
+        "ctx": args.ctx,
+        "target": dataclasses.asdict(args.target),
+        "draft": dataclasses.asdict(args.draft),
+        "dtype": _dname(args.dtype),
+        "iters": iters,
+        "t_sd": t_sd["A"],
+        "t_sd_2x_batch": t_sd["AB"],
+        "variants": variants,
+    }
 
 
 # ---------------------------------------------------------------- report
 
+
 def environment(device: torch.device) -> dict:
-    env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
-           "time_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "time_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+    }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["gpu_count"] = torch.cuda.device_count()
@@ -600,31 +693,45 @@ def _fmt(x) -> str:
 def table(report: dict) -> str:
     lines = [f"{'check':32} {'ok':4} {'max_err':>10} {'tol':>8} {'s':>6}  detail"]
     for c in report["checks"]:
-        lines.append(f"{c['name']:32} {'yes' if c['ok'] else 'NO':4} {_fmt(c['max_err']):>10} "
-                     f"{_fmt(c['tol']):>8} {c['seconds']:6.1f}  {c['detail']}")
+        lines.append(
+            f"{c['name']:32} {'yes' if c['ok'] else 'NO':4} {_fmt(c['max_err']):>10} "
+            f"{_fmt(c['tol']):>8} {c['seconds']:6.1f}  {c['detail']}"
+        )
     b = report.get("benchmark")
     if b:
         ms = lambda t: f"{t * 1e3:.2f}"  # noqa: E731
-        lines += ["", f"benchmark: attention={b['attention']} B={b['batch']} k={b['k']} ctx={b['ctx']}  "
-                      f"SD step {ms(b['t_sd'])} ms, SD step at 2B {ms(b['t_sd_2x_batch'])} ms",
-                  f"{'variant':40} {'draft ms':>9} {'verify ms':>9} {'PSD ms':>8} {'overlap':>8} "
-                  f"{'PSD/SD':>7} {'@2B':>6} {'ideal':>6}"]
+        lines += [
+            "",
+            f"benchmark: attention={b['attention']} B={b['batch']} k={b['k']} ctx={b['ctx']}  "
+            f"SD step {ms(b['t_sd'])} ms, SD step at 2B {ms(b['t_sd_2x_batch'])} ms",
+            f"{'variant':40} {'draft ms':>9} {'verify ms':>9} {'PSD ms':>8} {'overlap':>8} "
+            f"{'PSD/SD':>7} {'@2B':>6} {'ideal':>6}",
+        ]
         for v in b["variants"]:
-            lines.append(f"{v['name']:40} {ms(v['t_draft']):>9} {ms(v['t_verify']):>9} {ms(v['t_psd']):>8} "
-                         f"{v['overlap']:8.2f} {v['psd_over_sd']:7.2f} {v['psd_over_sd_2x_batch']:6.2f} "
-                         f"{v['ideal_psd_over_sd']:6.2f}")
+            lines.append(
+                f"{v['name']:40} {ms(v['t_draft']):>9} {ms(v['t_verify']):>9} {ms(v['t_psd']):>8} "
+                f"{v['overlap']:8.2f} {v['psd_over_sd']:7.2f} {v['psd_over_sd_2x_batch']:6.2f} "
+                f"{v['ideal_psd_over_sd']:6.2f}"
+            )
     lines += [f"note: {n}" for n in report["notes"]]
     return "\n".join(lines)
 
 
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m minedraft_sglang.lab.gpu_check",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cpu-smoke", action="store_true",
-                   help="run the same code paths on CPU with tiny shapes (SDPA, no streams), for CI")
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m minedraft_sglang.lab.gpu_check",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="run the same code paths on CPU with tiny shapes (SDPA, no streams), for CI",
+    )
     p.add_argument("--out", help="write the report as JSON here")
-    p.add_argument("--target", type=parse_shape, help="target shape: 8b, 1b, small, tiny, or NAME:field=value,... (default 8b)")
+    p.add_argument(
+        "--target", type=parse_shape, help="target shape: 8b, 1b, small, tiny, or NAME:field=value,... (default 8b)"
+    )
     p.add_argument("--draft", type=parse_shape, help="draft shape (default 1b)")
     p.add_argument("--batch", type=int, help="sub-batch size B (default 32)")
     p.add_argument("--k", type=int, default=4, help="draft tokens per request (default 4)")
@@ -634,8 +741,13 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--skip-benchmark", action="store_true", help="unit checks only")
     args = p.parse_args(argv)
     smoke = args.cpu_smoke
-    defaults = {"target": SHAPES["tiny" if smoke else "8b"], "draft": SHAPES["tiny-draft" if smoke else "1b"],
-                "batch": 2 if smoke else 32, "ctx": 48 if smoke else 1024, "iters": 2 if smoke else 20}
+    defaults = {
+        "target": SHAPES["tiny" if smoke else "8b"],
+        "draft": SHAPES["tiny-draft" if smoke else "1b"],
+        "batch": 2 if smoke else 32,
+        "ctx": 48 if smoke else 1024,
+        "iters": 2 if smoke else 20,
+    }
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -643,11 +755,14 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.cpu_smoke and not torch.cuda.is_available():
-        print("gpu_check: no CUDA GPU is visible (torch.cuda.is_available() is False). Run it on a GPU "
-              "machine, or pass --cpu-smoke to exercise the same code paths on CPU.", file=sys.stderr)
+        print(
+            "gpu_check: no CUDA GPU is visible (torch.cuda.is_available() is False). Run it on a GPU "
+            "machine, or pass --cpu-smoke to exercise the same code paths on CPU.",
+            file=sys.stderr,
+        )
         return 2
     t0 = time.perf_counter()
     device = torch.device("cpu") if args.cpu_smoke else torch.device("cuda", torch.cuda.current_device())

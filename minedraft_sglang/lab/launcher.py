@@ -13,8 +13,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import requests
 
@@ -32,7 +32,7 @@ class Server:
     """A CPU server process with a log file; use as a context manager or
     call ``stop()``."""
 
-    def __init__(self, args: Sequence[str], log_path: Path, port: Optional[int] = None, env=None):
+    def __init__(self, args: Sequence[str], log_path: Path, port: int | None = None, env=None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
@@ -46,13 +46,11 @@ class Server:
             cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
         )
 
-    def wait_ready(self, timeout: float = 600) -> "Server":
+    def wait_ready(self, timeout: float = 600) -> Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"server exited with {self.proc.returncode}; log tail:\n{self.log_tail()}"
-                )
+                raise RuntimeError(f"server exited with {self.proc.returncode}; log tail:\n{self.log_tail()}")
             try:
                 if requests.get(self.url + "/health_generate", timeout=30).status_code == 200:
                     return self
@@ -86,7 +84,7 @@ class Server:
                 self.proc.wait()
         self._log.close()
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         return self.wait_ready()
 
     def __exit__(self, *exc) -> None:
@@ -95,10 +93,15 @@ class Server:
 
 def minedraft_args(model: str, draft: str, mode: str, num_steps: int = 3, extra: Sequence[str] = ()) -> list[str]:
     return [
-        "--model-path", model,
-        "--speculative-algorithm", "MINEDRAFT",
-        "--speculative-draft-model-path", draft,
-        "--speculative-num-steps", str(num_steps),
-        "--minedraft-mode", mode,
+        "--model-path",
+        model,
+        "--speculative-algorithm",
+        "MINEDRAFT",
+        "--speculative-draft-model-path",
+        draft,
+        "--speculative-num-steps",
+        str(num_steps),
+        "--minedraft-mode",
+        mode,
         *extra,
     ]

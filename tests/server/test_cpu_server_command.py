@@ -31,7 +31,10 @@ def test_console_command_serves_without_the_env_script(tmp_path):
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen(
         [str(command), *args, "--dtype", "float32", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
     )
     try:
         url = f"http://127.0.0.1:{port}"

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from test_server import PROMPTS, _check_greedy_identical
 
 pytestmark = pytest.mark.server

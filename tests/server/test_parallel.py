@@ -26,8 +26,8 @@ from statistics import median
 import psutil
 import pytest
 
-from minedraft_sglang.lab import tiny_models
 from minedraft_sglang.cpu_affinity import parse_cores
+from minedraft_sglang.lab import tiny_models
 from minedraft_sglang.lab.launcher import Server, minedraft_args
 
 pytestmark = pytest.mark.server
@@ -122,9 +122,7 @@ def test_psd_draft_and_verify_run_in_parallel_on_disjoint_cores(wide_psd):
         "drafter_cpu_per_wall": (cpu1[drafter_tid] - cpu0[drafter_tid]) / (wall1 - wall0),
         "verifier_cpu_per_wall": (cpu1[verifier_tid] - cpu0[verifier_tid]) / (wall1 - wall0),
         "psd_step_median_s": median(s["step_seconds"] for s in psd),
-        "sequential_draft_plus_verify_median_s": median(
-            _span(s["draft"]) + _span(s["verify"]) for s in sequential
-        ),
+        "sequential_draft_plus_verify_median_s": median(_span(s["draft"]) + _span(s["verify"]) for s in sequential),
         "psd_steps_in_window": sum(s["mode"] == "psd" for s in window),
         "steps_in_window": len(window),
     }

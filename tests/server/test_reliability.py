@@ -33,7 +33,7 @@ import pytest
 import requests
 
 from minedraft_sglang.lab import tiny_models
-from minedraft_sglang.lab.launcher import Server, minedraft_args
+from minedraft_sglang.lab.launcher import minedraft_args
 
 pytestmark = pytest.mark.server
 
@@ -77,8 +77,16 @@ def _specs() -> dict[str, tuple[list[str], dict]]:
         # SGLANG_NEW_TOKEN_RATIO_DECAY_STEPS: after a retraction SGLang turns
         # cautious for ~600 steps by default; 1 lets it overcommit again soon.
         "tinykv": (
-            psd(["--max-total-tokens", str(KV_TOKENS), "--chunked-prefill-size", "256",
-                 "--schedule-conservativeness", "0.05"]),
+            psd(
+                [
+                    "--max-total-tokens",
+                    str(KV_TOKENS),
+                    "--chunked-prefill-size",
+                    "256",
+                    "--schedule-conservativeness",
+                    "0.05",
+                ]
+            ),
             {**no_faults, "SGLANG_NEW_TOKEN_RATIO_DECAY_STEPS": "1"},
         ),
         "fault": (psd(), {"MINEDRAFT_FAULT_INJECT": FAULT_SPEC}),
@@ -208,10 +216,12 @@ def _sharegpt_file(path: Path) -> Path:
         return text[0].upper() + text[1:] + rng.choice(".?!")
 
     rows = [
-        {"conversations": [
-            {"from": "human", "value": " ".join(sentence() for _ in range(rng.randint(1, 6)))},
-            {"from": "gpt", "value": sentence()},
-        ]}
+        {
+            "conversations": [
+                {"from": "human", "value": " ".join(sentence() for _ in range(rng.randint(1, 6)))},
+                {"from": "gpt", "value": sentence()},
+            ]
+        }
         for _ in range(600)
     ]
     path.write_text(json.dumps(rows))
@@ -221,14 +231,39 @@ def _sharegpt_file(path: Path) -> Path:
 def _bench_serving(server, dataset: Path, out: Path) -> subprocess.Popen:
     model = str(tiny_models.model_path("target"))
     cmd = [
-        sys.executable, "-m", "sglang.bench_serving",
-        "--backend", "sglang", "--base-url", server.url,
-        "--model", model, "--tokenizer", model,
-        "--dataset-name", "random", "--dataset-path", str(dataset),
-        "--random-input-len", "96", "--random-output-len", "32", "--random-range-ratio", "0.1",
-        "--num-prompts", str(BENCH_PROMPTS), "--max-concurrency", str(BENCH_CONCURRENCY),
-        "--temperature", "0", "--seed", "1",
-        "--output-file", str(out), "--output-details", "--disable-tqdm",
+        sys.executable,
+        "-m",
+        "sglang.bench_serving",
+        "--backend",
+        "sglang",
+        "--base-url",
+        server.url,
+        "--model",
+        model,
+        "--tokenizer",
+        model,
+        "--dataset-name",
+        "random",
+        "--dataset-path",
+        str(dataset),
+        "--random-input-len",
+        "96",
+        "--random-output-len",
+        "32",
+        "--random-range-ratio",
+        "0.1",
+        "--num-prompts",
+        str(BENCH_PROMPTS),
+        "--max-concurrency",
+        str(BENCH_CONCURRENCY),
+        "--temperature",
+        "0",
+        "--seed",
+        "1",
+        "--output-file",
+        str(out),
+        "--output-details",
+        "--disable-tqdm",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     with open(out.with_suffix(".log"), "w") as log:
@@ -270,14 +305,17 @@ def test_load_bench_serving_256_requests_concurrency_64(servers, tmp_path):
     assert _info(psd)["steps"].get("psd", 0) - steps_before >= 100
     halves = [float(x) for x in re.findall(r"sub-batch sizes \(mean\) ([\d.]+) verify", servers.log_text("psd"))]
     STATS["load"] = {
-        "requests": BENCH_PROMPTS, "max_concurrency": BENCH_CONCURRENCY,
+        "requests": BENCH_PROMPTS,
+        "max_concurrency": BENCH_CONCURRENCY,
         "completed": {n: r["completed"] for n, r in res.items()},
         "peak_concurrent": {n: r["max_concurrent_requests"] for n, r in res.items()},
         "duration_s": {n: round(r["duration"], 1) for n, r in res.items()},
         "input_len_range": [min(p["input_lens"]), max(p["input_lens"])],
         "output_len_range": [min(p["output_lens"]), max(p["output_lens"])],
-        "output_tokens": sum(p["output_lens"]), "texts_differing": len(mismatched),
-        "psd_steps": _info(psd)["steps"].get("psd", 0) - steps_before, "max_mean_sub_batch": max(halves or [0]),
+        "output_tokens": sum(p["output_lens"]),
+        "texts_differing": len(mismatched),
+        "psd_steps": _info(psd)["steps"].get("psd", 0) - steps_before,
+        "max_mean_sub_batch": max(halves or [0]),
     }
     assert halves and max(halves) >= 16, halves
     _assert_healthy(plain, psd)
@@ -324,7 +362,9 @@ def test_client_aborts_do_not_disturb_others_and_release_everything(servers):
     for i in range(24):
         jobs.append(("stream", {"text": PROMPTS[(3 * i) % len(PROMPTS)], "sampling_params": long}, rng.randint(1, 12)))
     for i in range(12):
-        jobs.append(("timeout", {"text": PROMPTS[(7 * i) % len(PROMPTS)], "sampling_params": long}, rng.uniform(0.3, 3.0)))
+        jobs.append(
+            ("timeout", {"text": PROMPTS[(7 * i) % len(PROMPTS)], "sampling_params": long}, rng.uniform(0.3, 3.0))
+        )
     rng.shuffle(jobs)
     delays = [rng.uniform(0, 1.5) for _ in jobs]
 
@@ -348,7 +388,9 @@ def test_client_aborts_do_not_disturb_others_and_release_everything(servers):
     assert all(timed_out)
     _assert_released(psd, start)
     STATS["aborts"] = {
-        "kept": len(kept), "stream_closed": len(streamed), "chunks_read": [min(streamed), max(streamed)],
+        "kept": len(kept),
+        "stream_closed": len(streamed),
+        "chunks_read": [min(streamed), max(streamed)],
         "read_timeouts": len(timed_out),
         "abort_log_lines": servers.log_text("psd").count("Abort request") - aborts_before,
     }
@@ -400,7 +442,7 @@ def test_odd_prompt_lengths_near_context_limit(servers):
     assert b == a
     for result in a[: len(ok)]:
         assert result[0] == 200, result
-    for status, body in a[len(ok):]:
+    for status, body in a[len(ok) :]:
         assert 400 <= status < 500 and body["error"]["message"], (status, body)
     STATS["context_limit"] = {"accepted": len(ok), "refused_400": len(bad), "max_prompt": max_input}
     _assert_healthy(plain, psd)
@@ -507,7 +549,7 @@ def test_odd_constrained_generation_regex_and_json(servers):
     key = lambda status, body: (status, body["text"], body["output_ids"], body["meta_info"]["finish_reason"])  # noqa: E731
     a, b = _both(plain, psd, payloads, key)
     assert b == a
-    for payload, (status, text, _, reason) in zip(payloads, a):
+    for payload, (_, text, _, reason) in zip(payloads, a):
         if reason["type"] != "stop":
             continue
         if "regex" in payload["sampling_params"]:
@@ -533,7 +575,10 @@ def test_odd_parallel_sampling_n2_and_sampled_batches(servers):
     outcome = [b[0]]
     sampled = [
         {"text": "the cat", "sampling_params": {"n": 2, "max_new_tokens": 10, "temperature": 0.8, "ignore_eos": True}},
-        {"text": ["the cat", "a dog", "once"], "sampling_params": {"max_new_tokens": 10, "temperature": 1.0, "top_p": 0.9, "ignore_eos": True}},
+        {
+            "text": ["the cat", "a dog", "once"],
+            "sampling_params": {"max_new_tokens": 10, "temperature": 1.0, "top_p": 0.9, "ignore_eos": True},
+        },
         {"text": "x", "sampling_params": {"max_new_tokens": 10, "temperature": 0.7, "top_k": 5, "ignore_eos": True}},
     ]
     for payload in sampled:
@@ -624,7 +669,8 @@ def test_odd_penalties_and_logit_bias_exact(servers):
     plain_out = {name: _parallel(lambda j: _generate(plain, j)["output_ids"], jobs) for name, jobs in payloads.items()}
     want = {
         name: [_penalized_greedy(ids, n, name, PENALTIES[name][name]) for ids in prompt_ids]
-        if name in COUNTING_PENALTIES else plain_out[name]
+        if name in COUNTING_PENALTIES
+        else plain_out[name]
         for name in payloads
     }
     plain_late = [name for name in COUNTING_PENALTIES if plain_out[name] != want[name]]
@@ -656,7 +702,11 @@ def test_odd_penalties_and_logit_bias_exact(servers):
         differ = sorted({n for n, g, w in zip(names, got, flat_want) if wrong(g, w)})
         if differ:
             problems.append(f"all at once: outputs differ from the reference for {differ}")
-    STATS["penalties"] = {"requests": 2 * len(everything), "problems": problems, "plain_differs_from_reference": plain_late}
+    STATS["penalties"] = {
+        "requests": 2 * len(everything),
+        "problems": problems,
+        "plain_differs_from_reference": plain_late,
+    }
     assert not problems, "; ".join(problems)
     _assert_healthy(plain, psd)
 
@@ -687,8 +737,12 @@ def test_kv_pressure_retracts_and_resumes_token_identical(servers):
     end = _assert_released(tiny, start)
     running = [int(x) for x in re.findall(r"Decode batch, #running-req: (\d+)", log)]
     STATS["kv_pressure"] = {
-        "requests": len(want_jobs), "kv_tokens": KV_TOKENS, "retract_events": len(retract_lines),
-        "num_retractions": retractions, "max_running": max(running or [0]), "steps": end["steps"],
+        "requests": len(want_jobs),
+        "kv_tokens": KV_TOKENS,
+        "retract_events": len(retract_lines),
+        "num_retractions": retractions,
+        "max_running": max(running or [0]),
+        "steps": end["steps"],
         "output_tokens": sum(len(o["output_ids"]) for o in outs),
     }
     assert end["steps"].get("psd", 0) > 0  # retraction hit PSD's two sub-batches
@@ -705,7 +759,9 @@ def test_drafter_faults_fall_back_to_plain_decoding(servers, request):
     server never hangs or dies."""
     plain = servers.get("plain")
     rng = random.Random(5)
-    jobs = [_greedy(PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)), rng.choice([9, 24, 40, 64])) for i in range(24)]
+    jobs = [
+        _greedy(PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)), rng.choice([9, 24, 40, 64])) for i in range(24)
+    ]
     want = _parallel(lambda j: _generate(plain, j)["output_ids"], jobs)
     fault = servers.get("fault")
     start = _idle_start(fault)
@@ -719,8 +775,10 @@ def test_drafter_faults_fall_back_to_plain_decoding(servers, request):
     assert [body["output_ids"] for _, body in lone] == want[:3]
     info = _assert_released(fault, start)
     STATS["faults"] = {
-        "requests": len(outs) + len(lone), "drafter_failures": info["drafter_failures"],
-        "warnings": servers.log_text("fault").count(FAULT_WARNING), "steps": info["steps"],
+        "requests": len(outs) + len(lone),
+        "drafter_failures": info["drafter_failures"],
+        "warnings": servers.log_text("fault").count(FAULT_WARNING),
+        "steps": info["steps"],
     }
     assert info["drafter_failures"] > 0
     _assert_healthy(fault)

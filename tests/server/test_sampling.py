@@ -38,11 +38,7 @@ def exact():
 
     table = {(): 1.0}
     for _ in range(NEW_TOKENS):
-        table = {
-            seq + (tok,): p * q
-            for seq, p in table.items()
-            for tok, q in dist(seq).items()
-        }
+        table = {seq + (tok,): p * q for seq, p in table.items() for tok, q in dist(seq).items()}
     return table
 
 
@@ -51,7 +47,8 @@ def _sample(server) -> Counter:
     batch = 200
     for _ in range(SAMPLES // batch):
         outs = server.generate(
-            [PROMPT] * batch, NEW_TOKENS,
+            [PROMPT] * batch,
+            NEW_TOKENS,
             sampling={"temperature": TEMPERATURE, "top_k": TOP_K, "ignore_eos": True},
         )
         counts.update(tuple(o["output_ids"]) for o in outs)

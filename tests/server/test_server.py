@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 import requests
-
 from conftest import K
 
 pytestmark = pytest.mark.server
@@ -149,13 +148,11 @@ def test_psd_schedules_draft_and_verify_together_on_separate_threads(pool):
     psd, seq = pool.get("psd-target"), pool.get("seq-target")
     for server in (psd, seq):
         with ThreadPoolExecutor(16) as ex:
-            list(ex.map(lambda p: server.generate(p, 48), PROMPTS + PROMPTS[:6]))
+            list(ex.map(lambda p: server.generate(p, 48), PROMPTS + PROMPTS[:6]))  # noqa: B023 (used at once)
     psd_steps = [json.loads(l) for l in pool.trace_path("psd-target").read_text().splitlines()]
     psd_steps = [s for s in psd_steps if s["mode"] == "psd"]
     assert len(psd_steps) >= 10
-    overlapping = [
-        s for s in psd_steps if s["draft"][0] < s["verify"][1] and s["verify"][0] < s["draft"][1]
-    ]
+    overlapping = [s for s in psd_steps if s["draft"][0] < s["verify"][1] and s["verify"][0] < s["draft"][1]]
     assert len(overlapping) >= 0.8 * len(psd_steps)
     assert all(s["draft_thread"].startswith("minedraft-drafter") for s in psd_steps)
     seq_steps = [json.loads(l) for l in pool.trace_path("seq-target").read_text().splitlines()]
@@ -208,8 +205,12 @@ def test_prometheus_metrics(pool):
     with ThreadPoolExecutor(8) as ex:
         list(ex.map(lambda p: server.generate(p, 24), PROMPTS))
     text = requests.get(server.url + "/metrics", timeout=30).text
-    for name in ("minedraft_draft_seconds", "minedraft_verify_seconds", "minedraft_step_seconds",
-                 "minedraft_accept_length"):
+    for name in (
+        "minedraft_draft_seconds",
+        "minedraft_verify_seconds",
+        "minedraft_step_seconds",
+        "minedraft_accept_length",
+    ):
         count = [l for l in text.splitlines() if l.startswith(name + "_count")]
         assert count and float(count[0].split()[-1]) > 0, name
     gauge = [l for l in text.splitlines() if l.startswith("minedraft_overlap_ratio")]

@@ -28,23 +28,31 @@ CASES = {
     "missing draft path": (["--speculative-draft-model-path", "/nonexistent/draft"], {}, "no such directory"),
     "draft cores not allowed": (["--minedraft-draft-cores", "64"], {}, "--minedraft-draft-cores '64': cores 64"),
     "draft cores take all": (
-        ["--minedraft-draft-cores", ",".join(map(str, sorted(os.sched_getaffinity(0))))], {},
+        ["--minedraft-draft-cores", ",".join(map(str, sorted(os.sched_getaffinity(0))))],
+        {},
         "takes every allowed core",
     ),
     "draft cores bad syntax": (["--minedraft-draft-cores", "one"], {}, "is not 'auto' or a core list"),
-    "adaptive k with TETRIS": (["--minedraft-tetris", "--minedraft-k", "auto"], {}, "--minedraft-k auto does not combine"),
+    "adaptive k with TETRIS": (
+        ["--minedraft-tetris", "--minedraft-k", "auto"],
+        {},
+        "--minedraft-k auto does not combine",
+    ),
     "tree drafts": (["--speculative-eagle-topk", "2"], {}, "--speculative-eagle-topk must be 1"),
     "negative draft max len": (["--minedraft-draft-max-len", "-1"], {}, "--minedraft-draft-max-len must be >= 0"),
     "draft tokens != steps + 1": (
-        ["--speculative-num-steps", "3", "--speculative-num-draft-tokens", "7"], {},
+        ["--speculative-num-steps", "3", "--speculative-num-draft-tokens", "7"],
+        {},
         "--speculative-num-draft-tokens must be --speculative-num-steps + 1 (4)",
     ),
-    "config env not JSON": ([], {"SGLANG_MINEDRAFT_CONFIG": '{"mode": "psd",'}, "SGLANG_MINEDRAFT_CONFIG is not valid JSON"),
+    "config env not JSON": (
+        [],
+        {"SGLANG_MINEDRAFT_CONFIG": '{"mode": "psd",'},
+        "SGLANG_MINEDRAFT_CONFIG is not valid JSON",
+    ),
     "draft dir without config.json": (["@empty"], {}, "cannot read config.json"),
     "unsupported draft architecture": (["@gpt2"], {}, "architecture GPT2LMHeadModel is not supported"),
-    "drafter kind vs checkpoint": (
-        ["--minedraft-drafter", "eagle3"], {}, "needs --minedraft-drafter standalone"
-    ),
+    "drafter kind vs checkpoint": (["--minedraft-drafter", "eagle3"], {}, "needs --minedraft-drafter standalone"),
 }
 
 
@@ -70,11 +78,22 @@ def _launch(extra: list[str], env: dict, folders: dict[str, str]) -> subprocess.
     draft = str(tiny_models.model_path("draft"))
     if extra and extra[0] in folders:
         extra = ["--speculative-draft-model-path", folders[extra[0]]]
-    args = ["--model-path", str(tiny_models.model_path("target")), "--speculative-algorithm", "MINEDRAFT",
-            "--speculative-draft-model-path", draft, *extra, "--port", "1"]
+    args = [
+        "--model-path",
+        str(tiny_models.model_path("target")),
+        "--speculative-algorithm",
+        "MINEDRAFT",
+        "--speculative-draft-model-path",
+        draft,
+        *extra,
+        "--port",
+        "1",
+    ]
     return subprocess.run(
         ["bash", str(SERVE_CPU_SH), *args],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "PYTHON": sys.executable, **env},
     )
 

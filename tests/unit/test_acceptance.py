@@ -135,8 +135,7 @@ def _random_batch(seed: int, bs: int = 64):
 
 def test_ragged_output_layout():
     draft_tokens, draft_probs, target_probs, num_drafts = _random_batch(3)
-    out, lens = rejection_sample(draft_tokens, draft_probs, target_probs, num_drafts,
-                                 torch.Generator().manual_seed(0))
+    out, lens = rejection_sample(draft_tokens, draft_probs, target_probs, num_drafts, torch.Generator().manual_seed(0))
     assert out.shape == (64, K + 1) and out.dtype == torch.int64 and lens.dtype == torch.int64
     assert bool(((lens >= 1) & (lens <= num_drafts + 1)).all())
     assert (lens < num_drafts + 1).any() and (lens == num_drafts + 1).any()
@@ -167,13 +166,19 @@ def test_zero_drafts_samples_one_token_from_the_target():
     target_probs[:, 0] = p0
     draft_probs = torch.full((bs, K, V), 1 / V)
     draft_tokens = torch.ones((bs, K), dtype=torch.int64)
-    out, lens = rejection_sample(draft_tokens, draft_probs, target_probs, torch.zeros(bs, dtype=torch.int64),
-                                 torch.Generator().manual_seed(6))
+    out, lens = rejection_sample(
+        draft_tokens, draft_probs, target_probs, torch.zeros(bs, dtype=torch.int64), torch.Generator().manual_seed(6)
+    )
     assert bool((lens == 1).all()) and bool((out[:, 1:] == -1).all())
     assert _pvalue(out[:, 0], p0) > 1e-4
     # K = 0: no draft slots at all, the bonus alone.
-    out, lens = rejection_sample(draft_tokens[:, :0], draft_probs[:, :0], target_probs[:, :1],
-                                 torch.zeros(bs, dtype=torch.int64), torch.Generator().manual_seed(6))
+    out, lens = rejection_sample(
+        draft_tokens[:, :0],
+        draft_probs[:, :0],
+        target_probs[:, :1],
+        torch.zeros(bs, dtype=torch.int64),
+        torch.Generator().manual_seed(6),
+    )
     assert out.shape == (bs, 1) and bool((lens == 1).all()) and _pvalue(out[:, 0], p0) > 1e-4
 
 

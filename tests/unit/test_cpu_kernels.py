@@ -246,8 +246,18 @@ def run_build_tree(parent_list, selected, seq_lens, topk, num_steps, n, mode):
     positions = torch.zeros(bs * n, dtype=torch.long)
     retrieve = torch.full((3, bs, n), -1, dtype=torch.long)
     K.build_tree_kernel_efficient_cpu(
-        parent_list, selected, seq_lens, tree_mask, positions, retrieve[0], retrieve[1], retrieve[2],
-        topk, num_steps, n, mode,
+        parent_list,
+        selected,
+        seq_lens,
+        tree_mask,
+        positions,
+        retrieve[0],
+        retrieve[1],
+        retrieve[2],
+        topk,
+        num_steps,
+        n,
+        mode,
     )
     return tree_mask, positions, retrieve
 
@@ -431,10 +441,25 @@ def test_decode_attention_matches_sdpa(case, write_kv):
     sm_scale = 0.3 + float(torch.rand(1, generator=g))
     out = torch.empty(bs, heads, v_dim, dtype=dtype)
     K.decode_attention_cpu(
-        q, pool.k, pool.v, 1.0, 1.0, out,
-        key if write_kv else None, value if write_kv else None, loc,
-        torch.empty(bs, heads, 8, v_dim + 1), pool.req_to_token, pool.rows, seq_lens,
-        sm_scale, 0.0, False, 0, None, None,
+        q,
+        pool.k,
+        pool.v,
+        1.0,
+        1.0,
+        out,
+        key if write_kv else None,
+        value if write_kv else None,
+        loc,
+        torch.empty(bs, heads, 8, v_dim + 1),
+        pool.req_to_token,
+        pool.rows,
+        seq_lens,
+        sm_scale,
+        0.0,
+        False,
+        0,
+        None,
+        None,
     )
     assert torch.equal(pool.k, expected_k) and torch.equal(pool.v, expected_v)
     for i, s in enumerate(seq_lens.tolist()):
@@ -454,8 +479,25 @@ def test_decode_attention_sliding_window_logit_cap_and_sinks():
     sinks = torch.randn(heads, generator=g)
     out = torch.empty(bs, heads, head_dim)
     K.decode_attention_cpu(
-        q, pool.k, pool.v, 1.0, 1.0, out, None, None, loc, torch.empty(0), pool.req_to_token, pool.rows,
-        seq_lens, sm_scale, cap, False, window, None, sinks,
+        q,
+        pool.k,
+        pool.v,
+        1.0,
+        1.0,
+        out,
+        None,
+        None,
+        loc,
+        torch.empty(0),
+        pool.req_to_token,
+        pool.rows,
+        seq_lens,
+        sm_scale,
+        cap,
+        False,
+        window,
+        None,
+        sinks,
     )
     for i, s in enumerate(seq_lens.tolist()):
         slots = pool.slots(i, s)
@@ -464,8 +506,25 @@ def test_decode_attention_sliding_window_logit_cap_and_sinks():
         torch.testing.assert_close(out[i : i + 1], ref, atol=1e-5, rtol=1e-5)
     # Without cap and sinks the window alone must agree with SDPA as well.
     K.decode_attention_cpu(
-        q, pool.k, pool.v, 1.0, 1.0, out, None, None, loc, torch.empty(0), pool.req_to_token, pool.rows,
-        seq_lens, sm_scale, 0.0, False, window, None, None,
+        q,
+        pool.k,
+        pool.v,
+        1.0,
+        1.0,
+        out,
+        None,
+        None,
+        loc,
+        torch.empty(0),
+        pool.req_to_token,
+        pool.rows,
+        seq_lens,
+        sm_scale,
+        0.0,
+        False,
+        window,
+        None,
+        None,
     )
     for i, s in enumerate(seq_lens.tolist()):
         slots = pool.slots(i, s)
@@ -485,8 +544,25 @@ def test_decode_attention_reads_fp8_cache_with_scale():
     out = torch.empty(2, 4, 16)
     loc = torch.zeros(2, dtype=torch.long)
     K.decode_attention_cpu(
-        q, k8, v8, k_scale, v_scale, out, None, None, loc, torch.empty(0), pool.req_to_token, pool.rows,
-        seq_lens, 0.25, 0.0, False, 0, None, None,
+        q,
+        k8,
+        v8,
+        k_scale,
+        v_scale,
+        out,
+        None,
+        None,
+        loc,
+        torch.empty(0),
+        pool.req_to_token,
+        pool.rows,
+        seq_lens,
+        0.25,
+        0.0,
+        False,
+        0,
+        None,
+        None,
     )
     for i, s in enumerate(seq_lens.tolist()):
         slots = pool.slots(i, s)
@@ -507,13 +583,46 @@ def extend_batch(g, bs, heads, heads_kv, head_dim, v_dim, dtype, extend_lens=Non
     return pool, prefix, extend, seq_lens, starts, q, k_new, v_new
 
 
-def run_extend(pool, q, k_new, v_new, seq_lens, extend, starts, sm_scale, *, window=0, sinks=None,
-               tree_mask=None, is_causal=True, cap=0.0):
+def run_extend(
+    pool,
+    q,
+    k_new,
+    v_new,
+    seq_lens,
+    extend,
+    starts,
+    sm_scale,
+    *,
+    window=0,
+    sinks=None,
+    tree_mask=None,
+    is_causal=True,
+    cap=0.0,
+):
     out = torch.empty(q.shape[0], q.shape[1], pool.v.shape[-1], dtype=q.dtype)
     K.extend_attention_cpu(
-        q, k_new, v_new, out, pool.k, pool.v, 1.0, 1.0, pool.req_to_token, pool.rows, seq_lens,
-        extend.int(), starts.int(), int(extend.max()), sm_scale, cap, False, window, None, sinks,
-        tree_mask, is_causal,
+        q,
+        k_new,
+        v_new,
+        out,
+        pool.k,
+        pool.v,
+        1.0,
+        1.0,
+        pool.req_to_token,
+        pool.rows,
+        seq_lens,
+        extend.int(),
+        starts.int(),
+        int(extend.max()),
+        sm_scale,
+        cap,
+        False,
+        window,
+        None,
+        sinks,
+        tree_mask,
+        is_causal,
     )
     return out
 
@@ -596,8 +705,7 @@ def test_extend_attention_tree_mask_matches_sdpa(topk, num_steps, n):
         parent_list, selected = random_draft_tree(g, topk, num_steps, n)
         masks.append(reference_tree(parent_list, selected, topk, int(prefix[i]))[3])
     assert any(not torch.equal(m, torch.ones(n, n).tril().bool()) for m in masks)  # real branching
-    out = run_extend(pool, q, k_new, v_new, seq_lens, extend, starts, 0.25,
-                     tree_mask=torch.stack(masks).flatten())
+    out = run_extend(pool, q, k_new, v_new, seq_lens, extend, starts, 0.25, tree_mask=torch.stack(masks).flatten())
     for i in range(bs):
         p, s0 = int(prefix[i]), int(starts[i])
         slots = pool.slots(i, p)

@@ -29,8 +29,10 @@ def test_cpu_flags_come_before_the_callers_so_the_caller_wins():
 
 
 def test_print_env_is_what_cpu_env_sh_evaluates():
-    shell = f"eval \"$({sys.executable} -m minedraft_sglang.cpu_server --print-env)\"; " \
+    shell = (
+        f'eval "$({sys.executable} -m minedraft_sglang.cpu_server --print-env)"; '
         "echo $SGLANG_USE_CPU_ENGINE $OMP_NUM_THREADS; echo $PYTHONPATH"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "OMP_NUM_THREADS")}
     out = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, env=env, check=True).stdout
     flags, path = out.splitlines()

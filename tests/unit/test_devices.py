@@ -65,9 +65,15 @@ def test_place_drafter_missing_device(text, count, needle):
 
 
 LLAMA_1B = {  # Llama 3.2 1B's published shape
-    "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
-    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
-    "vocab_size": 128256, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "vocab_size": 128256,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
 }
 
 
@@ -115,8 +121,19 @@ def test_drafter_bytes_and_mem_fraction():
 def test_cli(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(LLAMA_1B))
     gpu = 80 * 2**30
-    cmd = [sys.executable, "-m", "minedraft_sglang.devices", "--draft-model-path", str(tmp_path),
-           "--gpu-bytes", str(gpu), "--max-requests", "16", "--max-len", "1000"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "minedraft_sglang.devices",
+        "--draft-model-path",
+        str(tmp_path),
+        "--gpu-bytes",
+        str(gpu),
+        "--max-requests",
+        "16",
+        "--max-len",
+        "1000",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     need = devices.drafter_bytes(LLAMA_1B, 16, 1000, 2)
     assert float(out) == devices.target_mem_fraction(need, gpu)

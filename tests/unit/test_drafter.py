@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from minedraft_sglang.lab import tiny_models
 from minedraft_sglang.drafters.base import DraftRequest
 from minedraft_sglang.drafters.standalone import StandaloneDrafter
+from minedraft_sglang.lab import tiny_models
 
 K = 4
 

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from minedraft_sglang.lab import tiny_eagle, tiny_models
 from minedraft_sglang.drafters import eagle
 from minedraft_sglang.drafters.base import DraftRequest
+from minedraft_sglang.lab import tiny_eagle, tiny_models
 
 K = 3
 
@@ -30,7 +30,9 @@ def random_head(request, target, tmp_path_factory):
     if version == 1:
         lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         lm_head.weight = nn.Parameter(target.lm_head.weight.detach().clone(), requires_grad=False)
-    head = eagle.EagleHead(config, version, nn.Embedding.from_pretrained(target.model.embed_tokens.weight.clone()), lm_head)
+    head = eagle.EagleHead(
+        config, version, nn.Embedding.from_pretrained(target.model.embed_tokens.weight.clone()), lm_head
+    )
     with torch.no_grad():
         for p in head.parameters():
             if p.requires_grad:

@@ -47,9 +47,9 @@ def test_the_tree_has_the_three_parts():
 @pytest.mark.parametrize("path", _engine_files(), ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_engine_never_imports_the_lab(path):
     bad = sorted(
-        name for name in _imports(path)
-        if name == "minedraft_sglang.lab" or name.startswith("minedraft_sglang.lab.")
-        or name.split(".")[0] in LAB_EXTRA
+        name
+        for name in _imports(path)
+        if name == "minedraft_sglang.lab" or name.startswith("minedraft_sglang.lab.") or name.split(".")[0] in LAB_EXTRA
     )
     assert not bad, f"{path.relative_to(PACKAGE)} imports {bad}"
 
@@ -58,7 +58,8 @@ def test_engine_never_imports_the_lab(path):
 def test_sampling_math_imports_torch_and_stdlib_only(path):
     allowed = {"torch", "__future__"} | set(sys.stdlib_module_names)
     bad = sorted(
-        name for name in _imports(path)
+        name
+        for name in _imports(path)
         if name.split(".")[0] not in allowed and not name.startswith("minedraft_sglang.sampling")
     )
     assert not bad, f"sampling/{path.name} imports {bad}"

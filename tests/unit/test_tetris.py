@@ -56,7 +56,7 @@ def test_ties_spread_in_request_order_and_are_deterministic():
     assert tetris_select(tied, 4).tolist() == [1, 1, 2]
     assert tetris_select(tied, 5).tolist() == [2, 1, 2]
     gen = torch.Generator().manual_seed(1)
-    coarse = (torch.randint(0, 3, (6, 4), generator=gen).float() * -0.5)
+    coarse = torch.randint(0, 3, (6, 4), generator=gen).float() * -0.5
     assert torch.equal(tetris_select(coarse, 11), tetris_select(coarse.clone(), 11))
 
 

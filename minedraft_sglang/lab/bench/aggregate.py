@@ -42,8 +42,8 @@ def request_metrics(replies: list[dict], makespan: float) -> dict:
         "accept_length": accept,
         "verify_count": verifies,
         "ttft_ms": 1000 * mean(r["ttft_s"] for r in replies),
-        "tpot_ms": 1000 * mean((r["latency_s"] - r["ttft_s"]) / max(1, r["meta_info"]["completion_tokens"] - 1)
-                               for r in replies),
+        "tpot_ms": 1000
+        * mean((r["latency_s"] - r["ttft_s"]) / max(1, r["meta_info"]["completion_tokens"] - 1) for r in replies),
         "makespan_per_request_ms": 1000 * makespan / len(metas),
     }
 
@@ -88,8 +88,13 @@ def trace_metrics(spec: RunSpec, steps: list[StepRecord], n_requests: int) -> di
     """Step counts, stage times, overlap and drafter prefill per request of
     one repeat of ``spec``; all None for runs without a MINEDRAFT worker."""
     if spec.engine in ("plain", "standalone"):
-        return {"steps": None, "fallback_steps": None, **stage_times([]), "overlap": None,
-                "draft_prefill_ms_per_request": None}
+        return {
+            "steps": None,
+            "fallback_steps": None,
+            **stage_times([]),
+            "overlap": None,
+            "draft_prefill_ms_per_request": None,
+        }
     if spec.engine == "sequential":
         counted, overlap = steps, 0.0
         # Steps that verified a full batch: the start-up and the tail of a run
@@ -112,8 +117,10 @@ def trace_metrics(spec: RunSpec, steps: list[StepRecord], n_requests: int) -> di
 def run_record(spec: RunSpec, samples: list[Sample]) -> dict:
     """``spec``'s fields, the means over repeats of every metric (of the
     repeats that have it), and each repeat's throughput."""
-    per = [{**request_metrics(x["replies"], x["makespan"]), **trace_metrics(spec, x["steps"], len(x["replies"]))}
-           for x in samples]
+    per = [
+        {**request_metrics(x["replies"], x["makespan"]), **trace_metrics(spec, x["steps"], len(x["replies"]))}
+        for x in samples
+    ]
     record = {}
     for key in per[0]:
         values = [p[key] for p in per if p[key] is not None]
@@ -135,6 +142,7 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 def add_ratios(runs: list[dict]) -> None:
     """vs_plain, vs_standalone: throughput over that mode's at the same concurrency."""
+
     def at(mode: str, c: int) -> float | None:
         return next((r["throughput_tok_s"] for r in runs if r["mode"] == mode and r["concurrency"] == c), None)
 

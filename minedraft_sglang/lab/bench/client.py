@@ -19,8 +19,11 @@ def stream_one(url: str, prompt: str, max_new_tokens: int) -> dict:
     """One streamed greedy /generate request (ignore_eos: every reply is
     ``max_new_tokens`` long): the final chunk (output_ids and meta_info)
     plus client-side ttft_s and latency_s."""
-    payload = {"text": prompt, "stream": True,
-               "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True}}
+    payload = {
+        "text": prompt,
+        "stream": True,
+        "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True},
+    }
     t0 = time.monotonic()
     ttft, last = None, None
     with requests.post(url + "/generate", json=payload, stream=True, timeout=900) as r:
@@ -37,11 +40,13 @@ def stream_one(url: str, prompt: str, max_new_tokens: int) -> dict:
     return {**last, "ttft_s": ttft, "latency_s": time.monotonic() - t0}
 
 
-def send_all(url: str, prompts: list[str], *, max_new_tokens: int, concurrency: int,
-             on_done: Callable[[], None] = lambda: None) -> tuple[list[dict], float]:
+def send_all(
+    url: str, prompts: list[str], *, max_new_tokens: int, concurrency: int, on_done: Callable[[], None] = lambda: None
+) -> tuple[list[dict], float]:
     """Every prompt with at most ``concurrency`` in flight, ``on_done`` called
     after each reply; returns the replies (in prompt order) and the makespan
     in seconds, from before the first request to after the last reply."""
+
     def one(prompt: str) -> dict:
         reply = stream_one(url, prompt, max_new_tokens)
         on_done()

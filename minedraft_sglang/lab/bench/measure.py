@@ -28,8 +28,15 @@ def order(servers: list[T], repeats: int) -> list[tuple[int, T]]:
     return visits
 
 
-def run_all(plan: list[RunSpec], *, settings: ServerSettings, max_alive: int, repeats: int,
-            prompts: list[str], max_new_tokens: int) -> dict[str, list[Sample]]:
+def run_all(
+    plan: list[RunSpec],
+    *,
+    settings: ServerSettings,
+    max_alive: int,
+    repeats: int,
+    prompts: list[str],
+    max_new_tokens: int,
+) -> dict[str, list[Sample]]:
     """Every run of ``plan`` ``repeats`` times, with at most ``max_alive``
     servers alive: run name -> one Sample per repeat. Every server is stopped
     on return, also on an error."""
@@ -54,12 +61,14 @@ def run_all(plan: list[RunSpec], *, settings: ServerSettings, max_alive: int, re
     return samples
 
 
-def run_once(server: ModeServer, spec: RunSpec, prompts: list[str], *, max_new_tokens: int,
-             on_done: Callable[[], None]) -> Sample:
+def run_once(
+    server: ModeServer, spec: RunSpec, prompts: list[str], *, max_new_tokens: int, on_done: Callable[[], None]
+) -> Sample:
     """``spec`` on its ready ``server``, from an empty prefix cache."""
     url = server.server.url
     flush_cache(url)
     before = len(server.steps())
-    replies, makespan = send_all(url, prompts, max_new_tokens=max_new_tokens, concurrency=spec.concurrency,
-                                 on_done=on_done)
+    replies, makespan = send_all(
+        url, prompts, max_new_tokens=max_new_tokens, concurrency=spec.concurrency, on_done=on_done
+    )
     return {"replies": replies, "makespan": makespan, "steps": server.steps()[before:]}

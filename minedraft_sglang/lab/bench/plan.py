@@ -86,8 +86,10 @@ def _eagle_runs(head: str, B: int) -> list[RunSpec]:
     from minedraft_sglang.lab import tiny_eagle
 
     flags = ("--speculative-draft-model-path", str(tiny_eagle.model_path(head)))
-    return [RunSpec(f"{head}-seq@B", f"{head}-seq", "sequential", B, flags),
-            RunSpec(f"{head}@2B", head, "psd", 2 * B, flags)]
+    return [
+        RunSpec(f"{head}-seq@B", f"{head}-seq", "sequential", B, flags),
+        RunSpec(f"{head}@2B", head, "psd", 2 * B, flags),
+    ]
 
 
 # Optional runs (--variants NAME,...): name -> the runs it adds, given B.
@@ -95,19 +97,23 @@ VARIANTS: dict[str, Callable[[int], list[RunSpec]]] = {
     "tetris": lambda B: [RunSpec("tetris@2B", "tetris", "psd", 2 * B, ("--minedraft-tetris",))],
     # What a user gets without choosing k or a mode: draft-ahead below two
     # requests, psd above, k chosen every step in 0..k (0: plain decoding).
-    "adaptive": lambda B: [RunSpec("adaptive@2B", "adaptive", "psd", 2 * B,
-                                   ("--minedraft-mode", "auto", "--minedraft-k", "auto"))],
+    "adaptive": lambda B: [
+        RunSpec("adaptive@2B", "adaptive", "psd", 2 * B, ("--minedraft-mode", "auto", "--minedraft-k", "auto"))
+    ],
     # psd at fixed k = 1, 2, 4 beside the base run's -k: what the adaptive
     # choice is measured against.
-    "ksweep": lambda B: [RunSpec(f"psd-k{k}@2B", f"psd-k{k}", "psd", 2 * B,
-                                 ("--speculative-num-steps", str(k)), expand=False) for k in (1, 2, 4)],
+    "ksweep": lambda B: [
+        RunSpec(f"psd-k{k}@2B", f"psd-k{k}", "psd", 2 * B, ("--speculative-num-steps", str(k)), expand=False)
+        for k in (1, 2, 4)
+    ],
     "eagle": lambda B: _eagle_runs("eagle", B),
     "eagle3": lambda B: _eagle_runs("eagle3", B),
 }
 
 
-def build_plan(B: int, variants: list[str], concurrencies: list[int], *,
-               modes: list[str] | None = None) -> list[RunSpec]:
+def build_plan(
+    B: int, variants: list[str], concurrencies: list[int], *, modes: list[str] | None = None
+) -> list[RunSpec]:
     """The base runs, the variants' runs, then every expandable mode at each
     of ``concurrencies`` it does not run at yet; only ``modes`` (and plain)
     if given. The first run is plain: the reference of the exactness check."""

@@ -57,7 +57,7 @@ def window(steps: list[StepRecord], n: int, mode: StepMode | None = None) -> lis
     before the tail), of ``mode`` only if given (all if none is)."""
     chosen = [s for s in steps if mode is None or s.mode == mode] or steps
     start = max(0, len(chosen) // 2 - n // 2)
-    return chosen[start:start + n]
+    return chosen[start : start + n]
 
 
 def _rows(steps: list[StepRecord]) -> list[tuple[str, str, Interval, StepRecord]]:
@@ -95,11 +95,19 @@ def timeline(traces: dict[str, list[StepRecord]], path: Path) -> None:
         threads = sorted({t for t, _, _, _ in rows}, key=lambda t: t != SCHEDULER_THREAD)
         for thread, stage, (a, b), s in rows:
             y = threads.index(thread)
-            ax.barh(y, 1000 * (b - a), left=1000 * (a - t0), height=0.6, color=COLORS[stage],
-                    edgecolor="black", linewidth=0.4)
+            ax.barh(
+                y,
+                1000 * (b - a),
+                left=1000 * (a - t0),
+                height=0.6,
+                color=COLORS[stage],
+                edgecolor="black",
+                linewidth=0.4,
+            )
             bs = s.verify_bs if stage == "verify" else s.draft_bs
-            ax.text(1000 * (a + b) / 2 - 1000 * t0, y, f"{stage[0]}{s.step}\nbs {bs}", ha="center",
-                    va="center", fontsize=6)
+            ax.text(
+                1000 * (a + b) / 2 - 1000 * t0, y, f"{stage[0]}{s.step}\nbs {bs}", ha="center", va="center", fontsize=6
+            )
         ax.set_yticks(range(len(threads)), [_thread_label(t) for t in threads], fontsize=7)
         ax.set_ylim(-0.6, len(threads) - 0.4)
         ax.invert_yaxis()
@@ -123,15 +131,28 @@ def chrome_trace(traces: dict[str, list[StepRecord]], path: Path) -> None:
         threads = sorted({t for t, _, _, _ in rows}, key=lambda t: t != SCHEDULER_THREAD)
         events.append({"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": name}})
         for tid, thread in enumerate(threads, start=1):
-            events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid,
-                           "args": {"name": _thread_label(thread)}})
+            events.append(
+                {"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": _thread_label(thread)}}
+            )
         for thread, stage, (a, b), s in rows:
-            events.append({
-                "ph": "X", "name": stage, "cat": s.mode.value, "pid": pid, "tid": threads.index(thread) + 1,
-                "ts": round(1e6 * (a - t0), 1), "dur": round(1e6 * (b - a), 1),
-                "args": {"step": s.step, "verify_bs": s.verify_bs, "draft_bs": s.draft_bs,
-                         "overlap": s.overlap, "accept_lens": list(s.accept_lens)},
-            })
+            events.append(
+                {
+                    "ph": "X",
+                    "name": stage,
+                    "cat": s.mode.value,
+                    "pid": pid,
+                    "tid": threads.index(thread) + 1,
+                    "ts": round(1e6 * (a - t0), 1),
+                    "dur": round(1e6 * (b - a), 1),
+                    "args": {
+                        "step": s.step,
+                        "verify_bs": s.verify_bs,
+                        "draft_bs": s.draft_bs,
+                        "overlap": s.overlap,
+                        "accept_lens": list(s.accept_lens),
+                    },
+                }
+            )
     Path(path).write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}) + "\n")
 
 
@@ -155,9 +176,17 @@ def _record(stages: dict[str, dict], threads: dict[tuple[int, int], str]) -> Ste
     draft, verify = stages["draft"], stages["verify"]
     args = verify["args"]
     return StepRecord(
-        step=args["step"], pid=NOT_KEPT, mode=StepMode(verify["cat"]), draft=_interval(draft), verify=_interval(verify),
-        verify_bs=args["verify_bs"], draft_bs=args["draft_bs"], verified_drafts=NOT_KEPT, k=NOT_KEPT,
-        draft_thread=threads[(draft["pid"], draft["tid"])], accept_lens=tuple(args["accept_lens"]),
+        step=args["step"],
+        pid=NOT_KEPT,
+        mode=StepMode(verify["cat"]),
+        draft=_interval(draft),
+        verify=_interval(verify),
+        verify_bs=args["verify_bs"],
+        draft_bs=args["draft_bs"],
+        verified_drafts=NOT_KEPT,
+        k=NOT_KEPT,
+        draft_thread=threads[(draft["pid"], draft["tid"])],
+        accept_lens=tuple(args["accept_lens"]),
     )
 
 

@@ -80,8 +80,9 @@ def build(plan: list[RunSpec], samples: dict[str, list[Sample]], env: dict) -> d
     add_ratios(runs)
     reference = samples[plan[0].name][0]["replies"]
     # Every repeat of every run must give the reference's greedy tokens.
-    diffs = {spec.name: sorted({i for x in samples[spec.name] for i in mismatches(x["replies"], reference)})
-             for spec in plan}
+    diffs = {
+        spec.name: sorted({i for x in samples[spec.name] for i in mismatches(x["replies"], reference)}) for spec in plan
+    }
     for run in runs:
         run["agreement"] = agreement(samples[run["name"]], reference)
     report = {"env": env, "runs": runs}
@@ -106,14 +107,18 @@ def keeps_contract(report: dict) -> bool:
 
 # ------------------------------------------------------------------ cost model
 
+
 def predictions(runs: list[dict], inputs: dict, env: dict) -> list[dict]:
     """Cost-model throughput (the finite run and the steady state) and step
     time for every speculative run the model covers (SD-like runs, plain
     psd), next to the measurement. Prefill per wave: plain decoding's TTFT at
     the same concurrency; the drafter's, per request, from the sequential runs."""
     ttft = {r["concurrency"]: r["ttft_ms"] / 1000 for r in runs if r["engine"] == "plain"}
-    return [_prediction(r, inputs, env, model=model, psd=psd, slowdown=slowdown, ttft=ttft.get(r["concurrency"], 0.0))
-            for r in runs for model, psd, slowdown in _cases(r, inputs)]
+    return [
+        _prediction(r, inputs, env, model=model, psd=psd, slowdown=slowdown, ttft=ttft.get(r["concurrency"], 0.0))
+        for r in runs
+        for model, psd, slowdown in _cases(r, inputs)
+    ]
 
 
 def _cases(run: dict, inputs: dict) -> list[tuple[str, bool, tuple[float, float]]]:
@@ -129,19 +134,32 @@ def _cases(run: dict, inputs: dict) -> list[tuple[str, bool, tuple[float, float]
     return cases
 
 
-def _prediction(r: dict, inputs: dict, env: dict, *, model: str, psd: bool, slowdown: tuple[float, float],
-                ttft: float) -> dict:
+def _prediction(
+    r: dict, inputs: dict, env: dict, *, model: str, psd: bool, slowdown: tuple[float, float], ttft: float
+) -> dict:
     times, alpha, k = inputs["times"], inputs["alpha"], inputs["k"]
     b, c = r["sub_batch_size"], r["concurrency"]
     step = cost_model.psd_step(times, b, k, *slowdown) if psd else cost_model.sd_step(times, b, k)
-    seconds = cost_model.makespan(times, k, alpha, env["N"], env["max_new_tokens"], c, psd, ttft, *slowdown,
-                                  draft_prefill_s=inputs["draft_prefill_s"])
+    seconds = cost_model.makespan(
+        times,
+        k,
+        alpha,
+        env["N"],
+        env["max_new_tokens"],
+        c,
+        psd,
+        ttft,
+        *slowdown,
+        draft_prefill_s=inputs["draft_prefill_s"],
+    )
     tput = env["N"] * env["max_new_tokens"] / seconds
     # The model's step has no prompt prefill in it: the median step.
     measured_step = r["t_step_median_ms"] / 1000 if r.get("t_step_median_ms") else None
     return {
-        "run": r["name"], "model": model,
-        "predicted_tok_s": tput, "measured_tok_s": r["throughput_tok_s"],
+        "run": r["name"],
+        "model": model,
+        "predicted_tok_s": tput,
+        "measured_tok_s": r["throughput_tok_s"],
         "error": cost_model.relative_error(tput, r["throughput_tok_s"]),
         "steady_state_tok_s": b * cost_model.accept_length(alpha, k) / step,
         "predicted_step_ms": 1000 * step,
@@ -206,8 +224,7 @@ def table(runs: list[dict]) -> str:
     for run in runs:
         rows.append([("-" if run.get(key) is None else fmt.format(run[key])) for _, key, fmt in COLUMNS])
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in rows]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
 
@@ -223,13 +240,19 @@ def print_report(report: dict) -> None:
     print()
     print(table(runs))
     print()
-    print(f"psd / seq throughput: {_fmt(s['psd_over_seq_same_sub_batch'])}x at the same sub-batch size "
-          f"(B={B}), {_fmt(s['psd_over_seq_same_concurrency'])}x at the same concurrency ({2 * B})")
-    print(f"psd / STANDALONE: {_fmt(s['psd_over_standalone_same_sub_batch'])}x at the same sub-batch size, "
-          f"{_fmt(s['psd_over_standalone_same_concurrency'])}x at the same concurrency")
-    print(f"at concurrency {2 * B} over plain: psd {_fmt(s['psd_over_plain_same_concurrency'])}x, "
-          f"seq {_fmt(s['seq_over_plain_same_concurrency'])}x, "
-          f"STANDALONE {_fmt(s['standalone_over_plain_same_concurrency'])}x")
+    print(
+        f"psd / seq throughput: {_fmt(s['psd_over_seq_same_sub_batch'])}x at the same sub-batch size "
+        f"(B={B}), {_fmt(s['psd_over_seq_same_concurrency'])}x at the same concurrency ({2 * B})"
+    )
+    print(
+        f"psd / STANDALONE: {_fmt(s['psd_over_standalone_same_sub_batch'])}x at the same sub-batch size, "
+        f"{_fmt(s['psd_over_standalone_same_concurrency'])}x at the same concurrency"
+    )
+    print(
+        f"at concurrency {2 * B} over plain: psd {_fmt(s['psd_over_plain_same_concurrency'])}x, "
+        f"seq {_fmt(s['seq_over_plain_same_concurrency'])}x, "
+        f"STANDALONE {_fmt(s['standalone_over_plain_same_concurrency'])}x"
+    )
     if report["cost_model"] is not None:
         print_cost_model(report["cost_model"], B)
     print_exactness(report)
@@ -238,52 +261,68 @@ def print_report(report: dict) -> None:
 def print_exactness(report: dict) -> None:
     runs, s, env = report["runs"], report["summary"], report["env"]
     if s["outputs_identical"]:
-        print(f"greedy outputs identical across all {len(runs)} runs x {env['repeats']} repeats "
-              f"({env['N']} prompts x {env['max_new_tokens']} tokens)")
+        print(
+            f"greedy outputs identical across all {len(runs)} runs x {env['repeats']} repeats "
+            f"({env['N']} prompts x {env['max_new_tokens']} tokens)"
+        )
     if not s["exactness_enforced"]:
-        print("not float32: greedy outputs are compared, not required to match (batch-shape rounding); "
-              "identical requests / mean common prefix with the reference plain run:")
+        print(
+            "not float32: greedy outputs are compared, not required to match (batch-shape rounding); "
+            "identical requests / mean common prefix with the reference plain run:"
+        )
         for run in runs:
             a = run["agreement"]
-            print(f"  {run['name']:<16} {a['identical_requests']}/{a['requests']}  "
-                  f"{a['mean_common_prefix']:.1f} tokens")
+            print(
+                f"  {run['name']:<16} {a['identical_requests']}/{a['requests']}  {a['mean_common_prefix']:.1f} tokens"
+            )
         return
     for name, d in s["mismatched_prompts"].items():
         print(f"MISMATCH: {name} differs from the reference plain run on prompts {d}")
 
 
 def print_cost_model(cm: dict, B: int) -> None:
-    print(f"cost model: alpha {cm['alpha']:.3f}, drafter prefill {cm['draft_prefill_s_per_request']:.2f} s "
-          f"per request; ideal psd speedup (k*t_d + t_v) / max(k*t_d, t_v) at b={B}: "
-          f"{_fmt(cm['ideal_psd_speedup'])}x")
+    print(
+        f"cost model: alpha {cm['alpha']:.3f}, drafter prefill {cm['draft_prefill_s_per_request']:.2f} s "
+        f"per request; ideal psd speedup (k*t_d + t_v) / max(k*t_d, t_v) at b={B}: "
+        f"{_fmt(cm['ideal_psd_speedup'])}x"
+    )
     for p in cm["predictions"]:
         step_error = "" if p["step_error"] is None else f" ({p['step_error']:+.0%})"
-        print(f"  {p['run']:<14} {p['model']:<15} run {p['predicted_tok_s']:.2f} tok/s vs "
-              f"{p['measured_tok_s']:.2f} measured ({p['error']:+.0%}); step {p['predicted_step_ms']:.1f} ms vs "
-              f"median {_fmt(p['measured_median_step_ms'])}{step_error}; "
-              f"steady state {p['steady_state_tok_s']:.2f} tok/s")
+        print(
+            f"  {p['run']:<14} {p['model']:<15} run {p['predicted_tok_s']:.2f} tok/s vs "
+            f"{p['measured_tok_s']:.2f} measured ({p['error']:+.0%}); step {p['predicted_step_ms']:.1f} ms vs "
+            f"median {_fmt(p['measured_median_step_ms'])}{step_error}; "
+            f"steady state {p['steady_state_tok_s']:.2f} tok/s"
+        )
     print("plan (two devices that share nothing), python -m minedraft_sglang.lab.cost_model --from OUT for more:")
     print(cost_model.format_plan(cm["plan_isolated"]))
 
 
 # ------------------------------------------------------------------ files
 
-def write_figures(plot_dir: Path, *, runs: list[dict], plan: list[RunSpec], samples: dict[str, list[Sample]],
-                  timeline_steps: int) -> dict:
+
+def write_figures(
+    plot_dir: Path, *, runs: list[dict], plan: list[RunSpec], samples: dict[str, list[Sample]], timeline_steps: int
+) -> dict:
     """The throughput PNG, the timeline PNG (``timeline_steps`` steps of each
     MINEDRAFT run at B and 2B) and the Chrome trace (every step of the first
     repeat of every MINEDRAFT run) in ``plot_dir``; their paths by name."""
     plot_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"throughput_png": plot_dir / "throughput_vs_concurrency.png",
-             "timeline_png": plot_dir / "timeline.png",
-             "chrome_trace": plot_dir / "trace.chrome.json"}
+    paths = {
+        "throughput_png": plot_dir / "throughput_vs_concurrency.png",
+        "timeline_png": plot_dir / "timeline.png",
+        "chrome_trace": plot_dir / "trace.chrome.json",
+    }
     plots.throughput_vs_concurrency(runs, paths["throughput_png"])
     traced = [spec for spec in plan if spec.engine in ("sequential", "psd")]
     full = {spec.name: samples[spec.name][0]["steps"] for spec in traced}
     # The timeline shows the B and 2B runs only; extra concurrencies would
     # make it unreadable (they are all in the Chrome trace).
-    few = {spec.name: plots.window(full[spec.name], timeline_steps, StepMode.PSD if spec.engine == "psd" else None)
-           for spec in traced if spec.name.endswith(("@B", "@2B"))}
+    few = {
+        spec.name: plots.window(full[spec.name], timeline_steps, StepMode.PSD if spec.engine == "psd" else None)
+        for spec in traced
+        if spec.name.endswith(("@B", "@2B"))
+    }
     plots.timeline(few, paths["timeline_png"])
     plots.chrome_trace(full, paths["chrome_trace"])
     return {k: str(v) for k, v in paths.items()}

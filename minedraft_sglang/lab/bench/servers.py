@@ -53,12 +53,26 @@ def server_args(spec: RunSpec, settings: ServerSettings, *, max_running: int, tr
     if spec.engine == "plain":
         return ["--model-path", s.target, *cap, *s.extra]
     if spec.engine == "standalone":
-        return ["--model-path", s.target, "--speculative-algorithm", "STANDALONE",
-                "--speculative-draft-model-path", s.draft, "--speculative-num-steps", str(s.k),
-                "--speculative-eagle-topk", "1", "--speculative-num-draft-tokens", str(s.k + 1),
-                *cap, *spec.flags, *s.extra]
-    return minedraft_args(s.target, s.draft, spec.engine, s.k,
-                          [*cap, "--minedraft-trace-file", str(trace), *spec.flags, *s.extra])
+        return [
+            "--model-path",
+            s.target,
+            "--speculative-algorithm",
+            "STANDALONE",
+            "--speculative-draft-model-path",
+            s.draft,
+            "--speculative-num-steps",
+            str(s.k),
+            "--speculative-eagle-topk",
+            "1",
+            "--speculative-num-draft-tokens",
+            str(s.k + 1),
+            *cap,
+            *spec.flags,
+            *s.extra,
+        ]
+    return minedraft_args(
+        s.target, s.draft, spec.engine, s.k, [*cap, "--minedraft-trace-file", str(trace), *spec.flags, *s.extra]
+    )
 
 
 class ModeServer:
@@ -91,7 +105,7 @@ class ModeServer:
         tqdm.write(f"[bench]   {self.mode} ready {time.monotonic() - self.started:.0f} s after its start")
         # First-use costs (allocator growth, the drafter thread's start) are
         # paid here, with every slot (both PSD sub-batches) filled.
-        warmup = (list(self.settings.warmup_prompts) * self.max_running)[:self.max_running]
+        warmup = (list(self.settings.warmup_prompts) * self.max_running)[: self.max_running]
         send_all(self.server.url, warmup, max_new_tokens=self.settings.warmup_tokens, concurrency=self.max_running)
 
     def steps(self) -> list[StepRecord]:
