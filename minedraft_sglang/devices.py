@@ -131,7 +131,7 @@ def param_count(hf_config: dict) -> int:
     return cfg["num_hidden_layers"] * layer + embed + lm_head + hidden
 
 
-def drafter_bytes(hf_config: dict, max_requests: int, max_len: int, elem_bytes: int) -> int:
+def drafter_bytes(hf_config: dict, *, max_requests: int, max_len: int, elem_bytes: int) -> int:
     """Weights plus the drafter's largest KV cache: ``max_requests`` slots of
     ``max_len`` tokens and one scratch slot (the standalone drafter's layout)."""
     kv = kv_bytes_per_token(hf_config, elem_bytes) * max_len * (max_requests + 1)
@@ -175,7 +175,9 @@ def main(argv: list[str]) -> None:
     args = p.parse_args(argv)
     try:
         hf_config = json.loads((Path(args.draft_model_path) / "config.json").read_text())
-        need = drafter_bytes(hf_config, args.max_requests, args.max_len, dtype_bytes(hf_config))
+        need = drafter_bytes(
+            hf_config, max_requests=args.max_requests, max_len=args.max_len, elem_bytes=dtype_bytes(hf_config)
+        )
         gpu = args.gpu_bytes or _gpu_bytes(args.gpu)
         print(target_mem_fraction(need, gpu, args.base_fraction))
     except (OSError, KeyError, json.JSONDecodeError, DeviceError) as e:

@@ -363,9 +363,9 @@ class MineDraftWorker(BaseSpecWorker):
         if self.planner is not None:
             self._measure(
                 plan,
-                drafts,
-                accept_lens,
-                (t0, t1, t2),
+                drafts=drafts,
+                accept_lens=accept_lens,
+                times=(t0, t1, t2),
                 n_missing=len(missing),
                 background=background and draft_interval,
             )
@@ -381,13 +381,13 @@ class MineDraftWorker(BaseSpecWorker):
             k=drafts.shape[1],
         )
         if view is batch:
-            return self._finish(result, result.new_seq_lens, None, on_publish)
+            return self._finish(result, new_seq_lens=result.new_seq_lens, verified_rows=None, on_publish=on_publish)
         new_seq_lens = batch.seq_lens.clone()
         new_seq_lens[torch.tensor(verify_rows, device=self.device)] = result.new_seq_lens
         result.new_seq_lens = new_seq_lens
-        return self._finish(result, new_seq_lens, verify_rows, on_publish)
+        return self._finish(result, new_seq_lens=new_seq_lens, verified_rows=verify_rows, on_publish=on_publish)
 
-    def _measure(self, plan: StepPlan, drafts, accept_lens, times, *, n_missing, background) -> None:
+    def _measure(self, plan: StepPlan, *, drafts, accept_lens, times, n_missing, background) -> None:
         """Feed the planner this step's stage costs and acceptance."""
         t0, t1, t2 = times
         k = plan.k
@@ -491,7 +491,7 @@ class MineDraftWorker(BaseSpecWorker):
         if self.draft_device.startswith("cuda"):
             torch.cuda.synchronize(self.draft_device)
 
-    def _finish(self, result, new_seq_lens, verified_rows: list[int] | None, on_publish):
+    def _finish(self, result, *, new_seq_lens, verified_rows: list[int] | None, on_publish):
         if on_publish is not None:
             on_publish(new_seq_lens)
         result.next_draft_input = MineDraftState()

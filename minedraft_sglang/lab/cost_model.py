@@ -97,7 +97,9 @@ def sd_step(times: StageTimes, b: float, k: int) -> float:
     return k * times.t_d(b) + times.t_v(b, k)
 
 
-def psd_step(times: StageTimes, b: float, k: int, slowdown_draft: float = 1.0, slowdown_verify: float = 1.0) -> float:
+def psd_step(
+    times: StageTimes, b: float, k: int, *, slowdown_draft: float = 1.0, slowdown_verify: float = 1.0
+) -> float:
     return max(slowdown_draft * k * times.t_d(b), slowdown_verify * times.t_v(b, k))
 
 
@@ -107,14 +109,19 @@ def sd_throughput(times: StageTimes, b: float, k: int, alpha: float) -> float:
 
 
 def psd_throughput(
-    times: StageTimes, b: float, k: int, alpha: float, slowdown_draft: float = 1.0, slowdown_verify: float = 1.0
+    times: StageTimes, b: float, k: int, alpha: float, *, slowdown_draft: float = 1.0, slowdown_verify: float = 1.0
 ) -> float:
     """Output tokens/s of PSD with sub-batch b (2b in flight)."""
-    return b * accept_length(alpha, k) / psd_step(times, b, k, slowdown_draft, slowdown_verify)
+    return (
+        b
+        * accept_length(alpha, k)
+        / psd_step(times, b, k, slowdown_draft=slowdown_draft, slowdown_verify=slowdown_verify)
+    )
 
 
 def makespan(
     times: StageTimes,
+    *,
     k: int,
     alpha: float,
     n_requests: int,
@@ -134,7 +141,9 @@ def makespan(
         wave = min(in_flight, left)
         left -= wave
         if psd and wave >= 2:
-            per_round = 2 * psd_step(times, -(-wave // 2), k, slowdown_draft, slowdown_verify)
+            per_round = 2 * psd_step(
+                times, -(-wave // 2), k, slowdown_draft=slowdown_draft, slowdown_verify=slowdown_verify
+            )
         else:
             per_round = sd_step(times, wave, k)
         total += prefill_s + wave * draft_prefill_s + rounds * per_round
@@ -156,6 +165,7 @@ def relative_error(predicted: float | None, measured: float | None) -> float | N
 
 def plan(
     times: StageTimes,
+    *,
     alpha: float,
     max_concurrency: int,
     k_max: int = 8,
@@ -176,7 +186,7 @@ def plan(
                 if kind == "sd":
                     step, tpot = sd_step(times, b, k), sd_step(times, b, k) / length
                 else:
-                    step = psd_step(times, b, k, slowdown_draft, slowdown_verify)
+                    step = psd_step(times, b, k, slowdown_draft=slowdown_draft, slowdown_verify=slowdown_verify)
                     tpot = 2 * step / length
                 if tpot_limit is not None and tpot > tpot_limit:
                     continue
@@ -291,11 +301,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     limits = f"at most {concurrency} in flight" + (f", TPOT <= {args.tpot_limit_ms} ms" if tpot_limit else "")
     print(f"plan, two devices that do not slow each other down ({limits}):")
-    print(format_plan(plan(times, alpha, concurrency, args.k_max, tpot_limit)))
+    print(format_plan(plan(times, alpha=alpha, max_concurrency=concurrency, k_max=args.k_max, tpot_limit=tpot_limit)))
     if inputs["slowdown"]:
         s_d, s_v = inputs["slowdown"]
         print(f"plan with the slowdown measured when both stages ran at once (draft x{s_d:.2f}, verify x{s_v:.2f}):")
-        print(format_plan(plan(times, alpha, concurrency, args.k_max, tpot_limit, s_d, s_v)))
+        print(
+            format_plan(
+                plan(
+                    times,
+                    alpha=alpha,
+                    max_concurrency=concurrency,
+                    k_max=args.k_max,
+                    tpot_limit=tpot_limit,
+                    slowdown_draft=s_d,
+                    slowdown_verify=s_v,
+                )
+            )
+        )
     return 0
 
 

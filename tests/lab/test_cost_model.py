@@ -74,24 +74,30 @@ def test_steps_throughput_and_ideal_speedup():
     assert cm.ideal_speedup(FLAT, 4, 2) == pytest.approx(5 / 3)
     # Drafting twice as slow beside the verify: max(60, 30) = SD's 60 ms.
     assert cm.psd_step(FLAT, 4, 3, slowdown_draft=2.0) == pytest.approx(0.060)
-    assert cm.psd_throughput(FLAT, 4, 3, 0.5, 2.0, 1.5) == pytest.approx(125.0)
+    assert cm.psd_throughput(FLAT, 4, 3, 0.5, slowdown_draft=2.0, slowdown_verify=1.5) == pytest.approx(125.0)
 
 
 def test_makespan_waves():
     # alpha 1, k 3: L = 4; 9 tokens = 1 from prefill + 2 rounds of 4.
     # SD, 2 in flight, 5 requests: waves 2, 2, 1, each 2 rounds of 60 ms + 0.1 s prefill.
-    assert cm.makespan(FLAT, 3, 1.0, 5, 9, 2, prefill_s=0.1) == pytest.approx(3 * (0.1 + 2 * 0.060))
+    assert cm.makespan(FLAT, k=3, alpha=1.0, n_requests=5, tokens=9, in_flight=2, prefill_s=0.1) == pytest.approx(
+        3 * (0.1 + 2 * 0.060)
+    )
     # PSD, 4 in flight: a wave of 4 (a round = two 30 ms steps over halves of
     # 2), then a lone request (sequential: 60 ms a round).
-    assert cm.makespan(FLAT, 3, 1.0, 5, 9, 4, psd=True) == pytest.approx(2 * 2 * 0.030 + 2 * 0.060)
-    # The drafter's prefill, 0.5 s a prompt, adds 5 * 0.5 s whatever the waves.
-    assert cm.makespan(FLAT, 3, 1.0, 5, 9, 2, prefill_s=0.1, draft_prefill_s=0.5) == pytest.approx(
-        3 * (0.1 + 2 * 0.060) + 2.5
+    assert cm.makespan(FLAT, k=3, alpha=1.0, n_requests=5, tokens=9, in_flight=4, psd=True) == pytest.approx(
+        2 * 2 * 0.030 + 2 * 0.060
     )
+    # The drafter's prefill, 0.5 s a prompt, adds 5 * 0.5 s whatever the waves.
+    assert cm.makespan(
+        FLAT, k=3, alpha=1.0, n_requests=5, tokens=9, in_flight=2, prefill_s=0.1, draft_prefill_s=0.5
+    ) == pytest.approx(3 * (0.1 + 2 * 0.060) + 2.5)
     # The last, smaller wave is cheaper with batch-dependent stage times:
     # sd_step(1, k=1) = 0.003 + 0.012 = 0.015, sd_step(2, 1) = 0.004 + 0.014 = 0.018;
     # alpha 0, k 1: L = 1, 3 tokens = 2 rounds.
-    assert cm.makespan(LINEAR, 1, 0.0, 3, 3, 2) == pytest.approx(2 * 0.018 + 2 * 0.015)
+    assert cm.makespan(LINEAR, k=1, alpha=0.0, n_requests=3, tokens=3, in_flight=2) == pytest.approx(
+        2 * 0.018 + 2 * 0.015
+    )
 
 
 def test_plan_picks_k_and_batch():

@@ -135,7 +135,7 @@ def test_cli(tmp_path):
         "1000",
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    need = devices.drafter_bytes(LLAMA_1B, 16, 1000, 2)
+    need = devices.drafter_bytes(LLAMA_1B, max_requests=16, max_len=1000, elem_bytes=2)
     assert float(out) == devices.target_mem_fraction(need, gpu)
     bad = subprocess.run(cmd[:4] + [str(tmp_path / "missing")] + cmd[5:], capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.startswith("error:")
@@ -193,7 +193,9 @@ def test_serve_gpu_single_computes_mem_fraction(tmp_path):
     result = _launch("serve_gpu_single.sh", tmp_path, {"DRAFT": str(tmp_path / "draft"), "DRAFT_MAX_LEN": "512"})
     if torch.cuda.is_available():
         gpu = torch.cuda.get_device_properties(0).total_memory
-        expected = devices.target_mem_fraction(devices.drafter_bytes(LLAMA_1B, 256, 512, 2), gpu)
+        expected = devices.target_mem_fraction(
+            devices.drafter_bytes(LLAMA_1B, max_requests=256, max_len=512, elem_bytes=2), gpu
+        )
         assert float(_flags(result.stdout)["--mem-fraction-static"]) == expected
         assert _flags(result.stdout)["--minedraft-draft-max-len"] == "512"
     else:

@@ -139,18 +139,19 @@ def _prediction(
 ) -> dict:
     times, alpha, k = inputs["times"], inputs["alpha"], inputs["k"]
     b, c = r["sub_batch_size"], r["concurrency"]
-    step = cost_model.psd_step(times, b, k, *slowdown) if psd else cost_model.sd_step(times, b, k)
+    slowdowns = {"slowdown_draft": slowdown[0], "slowdown_verify": slowdown[1]}
+    step = cost_model.psd_step(times, b, k, **slowdowns) if psd else cost_model.sd_step(times, b, k)
     seconds = cost_model.makespan(
         times,
-        k,
-        alpha,
-        env["N"],
-        env["max_new_tokens"],
-        c,
-        psd,
-        ttft,
-        *slowdown,
+        k=k,
+        alpha=alpha,
+        n_requests=env["N"],
+        tokens=env["max_new_tokens"],
+        in_flight=c,
+        psd=psd,
+        prefill_s=ttft,
         draft_prefill_s=inputs["draft_prefill_s"],
+        **slowdowns,
     )
     tput = env["N"] * env["max_new_tokens"] / seconds
     # The model's step has no prompt prefill in it: the median step.
@@ -191,7 +192,7 @@ def cost_model_report(report: dict) -> dict | None:
         "draft_prefill_s_per_request": inputs["draft_prefill_s"],
         "ideal_psd_speedup": cost_model.ideal_speedup(times, report["env"]["B"], inputs["k"]),
         "predictions": preds,
-        "plan_isolated": cost_model.plan(times, inputs["alpha"], 2 * report["env"]["B"]),
+        "plan_isolated": cost_model.plan(times, alpha=inputs["alpha"], max_concurrency=2 * report["env"]["B"]),
     }
 
 
