@@ -411,6 +411,33 @@ class KVPool:
         return self.req_to_token[self.rows[i], start:end].long()
 
 
+def decode(
+    q,
+    k_cache,
+    v_cache,
+    out,
+    pool,
+    seq_lens,
+    *,
+    loc,
+    sm_scale,
+    key=None,
+    value=None,
+    k_scale=1.0,
+    v_scale=1.0,
+    attn_logits=None,
+    logit_cap=0.0,
+    window=0,
+    sinks=None,
+):
+    """decode_attention_cpu in SGLang's positional order, for a self-attention batch of ``pool``."""
+    K.decode_attention_cpu(
+        q, k_cache, v_cache, k_scale, v_scale, out, key, value, loc,
+        torch.empty(0) if attn_logits is None else attn_logits,
+        pool.req_to_token, pool.rows, seq_lens, sm_scale, logit_cap, False, window, None, sinks,
+    )  # fmt: skip
+
+
 def tolerance(dtype):
     return dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
 
@@ -440,26 +467,18 @@ def test_decode_attention_matches_sdpa(case, write_kv):
         expected_k[loc], expected_v[loc] = key, value
     sm_scale = 0.3 + float(torch.rand(1, generator=g))
     out = torch.empty(bs, heads, v_dim, dtype=dtype)
-    K.decode_attention_cpu(
+    decode(
         q,
         pool.k,
         pool.v,
-        1.0,
-        1.0,
         out,
-        key if write_kv else None,
-        value if write_kv else None,
-        loc,
-        torch.empty(bs, heads, 8, v_dim + 1),
-        pool.req_to_token,
-        pool.rows,
+        pool,
         seq_lens,
-        sm_scale,
-        0.0,
-        False,
-        0,
-        None,
-        None,
+        loc=loc,
+        sm_scale=sm_scale,
+        key=key if write_kv else None,
+        value=value if write_kv else None,
+        attn_logits=torch.empty(bs, heads, 8, v_dim + 1),
     )
     assert torch.equal(pool.k, expected_k) and torch.equal(pool.v, expected_v)
     for i, s in enumerate(seq_lens.tolist()):
@@ -478,26 +497,8 @@ def test_decode_attention_sliding_window_logit_cap_and_sinks():
     window, cap, sm_scale = 8, 2.0, 0.7
     sinks = torch.randn(heads, generator=g)
     out = torch.empty(bs, heads, head_dim)
-    K.decode_attention_cpu(
-        q,
-        pool.k,
-        pool.v,
-        1.0,
-        1.0,
-        out,
-        None,
-        None,
-        loc,
-        torch.empty(0),
-        pool.req_to_token,
-        pool.rows,
-        seq_lens,
-        sm_scale,
-        cap,
-        False,
-        window,
-        None,
-        sinks,
+    decode(
+        q, pool.k, pool.v, out, pool, seq_lens, loc=loc, sm_scale=sm_scale, logit_cap=cap, window=window, sinks=sinks
     )
     for i, s in enumerate(seq_lens.tolist()):
         slots = pool.slots(i, s)
@@ -505,27 +506,7 @@ def test_decode_attention_sliding_window_logit_cap_and_sinks():
         ref = explicit_attention(q[i : i + 1], pool.k[slots], pool.v[slots], sm_scale, visible, cap, sinks)
         torch.testing.assert_close(out[i : i + 1], ref, atol=1e-5, rtol=1e-5)
     # Without cap and sinks the window alone must agree with SDPA as well.
-    K.decode_attention_cpu(
-        q,
-        pool.k,
-        pool.v,
-        1.0,
-        1.0,
-        out,
-        None,
-        None,
-        loc,
-        torch.empty(0),
-        pool.req_to_token,
-        pool.rows,
-        seq_lens,
-        sm_scale,
-        0.0,
-        False,
-        window,
-        None,
-        None,
-    )
+    decode(q, pool.k, pool.v, out, pool, seq_lens, loc=loc, sm_scale=sm_scale, window=window)
     for i, s in enumerate(seq_lens.tolist()):
         slots = pool.slots(i, s)
         visible = (torch.arange(s) > s - 1 - window)[None, :]
@@ -543,27 +524,7 @@ def test_decode_attention_reads_fp8_cache_with_scale():
     q = torch.randn(2, 4, 16, generator=g)
     out = torch.empty(2, 4, 16)
     loc = torch.zeros(2, dtype=torch.long)
-    K.decode_attention_cpu(
-        q,
-        k8,
-        v8,
-        k_scale,
-        v_scale,
-        out,
-        None,
-        None,
-        loc,
-        torch.empty(0),
-        pool.req_to_token,
-        pool.rows,
-        seq_lens,
-        0.25,
-        0.0,
-        False,
-        0,
-        None,
-        None,
-    )
+    decode(q, k8, v8, out, pool, seq_lens, loc=loc, sm_scale=0.25, k_scale=k_scale, v_scale=v_scale)
     for i, s in enumerate(seq_lens.tolist()):
         slots = pool.slots(i, s)
         ref = sdpa(q[i : i + 1], k8[slots].float() * k_scale, v8[slots].float() * v_scale, 0.25)
