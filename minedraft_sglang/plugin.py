@@ -153,6 +153,7 @@ def handle_server_args(sa) -> None:
 def validate_server_args(sa) -> None:
     """Startup checks that need the model paths; each failure is one line."""
     config = MineDraftConfig.from_env()
+    _check_parallelism(sa)
     draft = sa.speculative_draft_model_path
     if not draft:
         raise MineDraftConfigError("--speculative-draft-model-path is required with --speculative-algorithm MINEDRAFT")
@@ -169,6 +170,23 @@ def validate_server_args(sa) -> None:
                 f"--speculative-draft-model-path {draft!r} has vocabulary size {draft_vocab}, "
                 f"the target {target!r} has {target_vocab}: drafts must use the target's tokenizer"
             )
+
+
+def _check_parallelism(sa) -> None:
+    """Layouts the worker does not support, refused before any model loads
+    (otherwise they fail later, inside a scheduler, with a traceback)."""
+    if sa.pp_size > 1:
+        raise MineDraftConfigError(
+            f"--pp-size {sa.pp_size}: MINEDRAFT does not run under pipeline parallelism (its drafter "
+            "serves one scheduler's whole batch)"
+        )
+    # --enable-dp-attention is the deprecated spelling; it becomes
+    # attn_dp_size only when SGLang resolves the arguments, after this check.
+    if sa.attn_dp_size > 1 or getattr(sa, "enable_dp_attention", False):
+        raise MineDraftConfigError(
+            "--attn-dp-size / --enable-dp-attention: MINEDRAFT does not run with data-parallel attention "
+            "(its sub-batches are one scheduler's batch)"
+        )
 
 
 def _read_config(path: str, flag: str) -> dict:

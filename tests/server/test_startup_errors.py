@@ -53,6 +53,17 @@ CASES = {
     "draft dir without config.json": (["@empty"], {}, "cannot read config.json"),
     "unsupported draft architecture": (["@gpt2"], {}, "architecture GPT2LMHeadModel is not supported"),
     "drafter kind vs checkpoint": (["--minedraft-drafter", "eagle3"], {}, "needs --minedraft-drafter standalone"),
+    "pipeline parallel": (["--pp-size", "2"], {}, "--pp-size 2: MINEDRAFT does not run under pipeline parallelism"),
+    "data-parallel attention": (
+        ["--tp-size", "2", "--attn-dp-size", "2"],
+        {},
+        "MINEDRAFT does not run with data-parallel attention",
+    ),
+    "data-parallel attention, old flag": (
+        ["--tp-size", "2", "--dp-size", "2", "--enable-dp-attention"],
+        {},
+        "MINEDRAFT does not run with data-parallel attention",
+    ),
 }
 
 
