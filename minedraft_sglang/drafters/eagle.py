@@ -284,7 +284,12 @@ class EagleDrafter(CachedDrafter):
             positions[i] = s.cached + torch.arange(width)
             valid[i, :n] = True
             last[i] = n - 1
-        out_feature, head_input = self._run(tokens, features, positions, valid, slot_index, start)
+        # Lengths are tracked on the host (positions are still CPU tensors
+        # here), so no forward reads them back from the device.
+        kv_len_next = int(positions.gather(1, last[:, None]).max()) + 2
+        out_feature, head_input = self._run(
+            tokens, features, positions, valid, slot_index, start, kv_len=int(positions.max()) + 1
+        )
         rows = torch.arange(bs, device=self.device)
         last = last.to(self.device)
         feature, head_input = out_feature[rows, last][:, None], head_input[rows, last]
@@ -310,18 +315,20 @@ class EagleDrafter(CachedDrafter):
                 if step < len(f):
                     token[i] = f[step]
             position = position + 1
-            feature, head_input = self._run(token[:, None], feature, position, live_t, slot_index, start)
+            feature, head_input = self._run(
+                token[:, None], feature, position, live_t, slot_index, start, kv_len=kv_len_next + step
+            )
             head_input = head_input[:, 0]
         take = torch.tensor([len(f) for f in forced], device=self.device)[:, None] + torch.arange(
             num_tokens, device=self.device
         )
         return DraftOutput(tokens=out_tokens.gather(1, take), probs=out_probs.gather(1, take) * live_t)
 
-    def _run(self, tokens, features, positions, valid, slot_index, start):
+    def _run(self, tokens, features, positions, valid, slot_index, start, *, kv_len: int):
         tokens, positions, valid = tokens.to(self.device), positions.to(self.device), valid.to(self.device)
         cos_sin = self.head.rotary_emb(features, positions)
 
         def attend(attn, x, cs):
-            return self.cache.attention(0, attn, x, cs, positions, valid, slot_index, start)
+            return self.cache.attention(0, attn, x, cs, positions, valid, slot_index, start, kv_len=kv_len)
 
         return self.head.step(tokens, features, cos_sin, attend)

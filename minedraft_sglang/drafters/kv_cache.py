@@ -95,10 +95,14 @@ class SlotKVCache:
         valid: torch.Tensor,  # [bs, T] or broadcastable: False rows write to scratch
         slot_index: torch.Tensor,  # [bs]
         start: torch.Tensor | None = None,  # [bs]: first valid row of each slot
+        *,
+        kv_len: int,  # rows to read: at least max(positions) + 1, known on the host
     ) -> torch.Tensor:
         """Self-attention of ``x`` over its slot's rows up to each query's
         position, after writing this forward's K/V rows; returns o_proj's
-        output [bs, T, H]."""
+        output [bs, T, H]. ``kv_len`` comes from the caller's host-side
+        bookkeeping: reading it off ``positions`` would cost a device sync
+        in every layer of every forward."""
         bs, T, _ = x.shape
         q, k, v = project_qkv(attn, x, cos_sin)
         write_slot = torch.where(valid.expand(bs, T), slot_index[:, None], self.scratch)
@@ -107,7 +111,7 @@ class SlotKVCache:
         v_rows = self.v[layer_id].view(-1, self.num_kv_heads, self.head_dim)
         k_rows[flat_write] = k.transpose(1, 2).reshape(-1, self.num_kv_heads, self.head_dim)
         v_rows[flat_write] = v.transpose(1, 2).reshape(-1, self.num_kv_heads, self.head_dim)
-        kv_len = min(int(positions.max()) + 1, self.max_len)
+        kv_len = min(kv_len, self.max_len)
         key_pos = torch.arange(kv_len, device=x.device)
         mask = key_pos[None, None, :] <= positions[:, :, None]
         if start is not None:

@@ -82,7 +82,8 @@ class StandaloneDrafter(CachedDrafter):
             tokens = torch.tensor([feed], device=self.device)
             positions = len(slot.cached) + torch.arange(len(feed), device=self.device)[None]
             valid = torch.ones_like(tokens, dtype=torch.bool)
-            self._forward(tokens, positions, valid, torch.tensor([slot.index], device=self.device))
+            kv_len = len(slot.cached) + len(feed)
+            self._forward(tokens, positions, valid, torch.tensor([slot.index], device=self.device), kv_len=kv_len)
             slot.cached.extend(feed)
 
     @torch.inference_mode()
@@ -112,9 +113,16 @@ class StandaloneDrafter(CachedDrafter):
         out_tokens = torch.zeros(bs, num_tokens, dtype=torch.long, device=self.device)
         out_probs = torch.zeros(bs, num_tokens, dtype=torch.float32, device=self.device)
         slot_index = slot_index.to(self.device)
-        hidden = self._forward(tokens.to(self.device), positions.to(self.device), valid.to(self.device), slot_index)
+        # Lengths are tracked on the host (positions are still CPU tensors
+        # here), so no forward reads them back from the device.
+        kv_len = int(positions.max()) + 1
+        last_position = positions.gather(1, last[:, None])
+        kv_len_next = int(last_position.max()) + 2
+        hidden = self._forward(
+            tokens.to(self.device), positions.to(self.device), valid.to(self.device), slot_index, kv_len=kv_len
+        )
         logits = self._logits(hidden[torch.arange(bs, device=self.device), last.to(self.device)])
-        positions = positions.to(self.device).gather(1, last.to(self.device)[:, None])
+        positions = last_position.to(self.device)
         live = ~torch.tensor(overflow, device=self.device)[:, None]
         for step in range(num_tokens):
             probs = torch.softmax(logits.float(), dim=-1)
@@ -122,7 +130,10 @@ class StandaloneDrafter(CachedDrafter):
             if step + 1 == num_tokens:
                 break
             positions = positions + 1
-            logits = self._logits(self._forward(out_tokens[:, step : step + 1], positions, live, slot_index)[:, 0])
+            hidden = self._forward(
+                out_tokens[:, step : step + 1], positions, live, slot_index, kv_len=kv_len_next + step
+            )
+            logits = self._logits(hidden[:, 0])
 
         drafted = out_tokens[:, : num_tokens - 1].tolist()
         for i, (s, f) in enumerate(zip(slots, feeds)):
@@ -137,6 +148,8 @@ class StandaloneDrafter(CachedDrafter):
         positions: torch.Tensor,  # [bs, T]
         valid: torch.Tensor,  # [bs, T] or broadcastable: False rows write to scratch
         slot_index: torch.Tensor,  # [bs]
+        *,
+        kv_len: int,  # max(positions) + 1
     ) -> torch.Tensor:
         """Hidden states [bs, T, H] before the final norm; writes the KV rows."""
         model = self.model.model
@@ -144,7 +157,14 @@ class StandaloneDrafter(CachedDrafter):
         cos_sin = model.rotary_emb(h, positions)
         for layer_id, layer in enumerate(model.layers):
             h = h + self.cache.attention(
-                layer_id, layer.self_attn, layer.input_layernorm(h), cos_sin, positions, valid, slot_index
+                layer_id,
+                layer.self_attn,
+                layer.input_layernorm(h),
+                cos_sin,
+                positions,
+                valid,
+                slot_index,
+                kv_len=kv_len,
             )
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return h

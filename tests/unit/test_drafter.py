@@ -101,7 +101,7 @@ def test_prefilled_prompts_are_not_fed_again_and_drafts_stay_exact(path, hf):
     assert {rid: drafter.cache.slot(rid).cached for rid in prompts} == prompts
     fed = []
     forward = drafter._forward
-    drafter._forward = lambda tokens, *a: (fed.append(tokens.shape[1]), forward(tokens, *a))[1]
+    drafter._forward = lambda tokens, *a, **kw: (fed.append(tokens.shape[1]), forward(tokens, *a, **kw))[1]
     # The target's first token follows each prompt.
     reqs = [DraftRequest(rid, p, [17]) for rid, p in prompts.items()]
     out = drafter.draft(reqs, K)
