@@ -1,0 +1,22 @@
+"""The per-call drafter benchmark runs end to end on the tiny draft model."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from minedraft_sglang.lab import draft_speed, tiny_models
+
+
+def test_reports_a_median_per_dtype_and_batch(capsys):
+    saved = os.sched_getaffinity(0)
+    try:
+        draft_speed.main(
+            ["--draft", str(tiny_models.model_path("draft")), "--batches", "1,3", "--calls", "2", "--core", "0"]
+        )
+    finally:
+        os.sched_setaffinity(0, saved)
+    out = capsys.readouterr().out
+    report = json.loads(out[out.index("{") :])
+    assert set(report["median_ms"]) == {"float32 b=1", "float32 b=3", "bfloat16 b=1", "bfloat16 b=3"}
+    assert all(ms > 0 for ms in report["median_ms"].values())
