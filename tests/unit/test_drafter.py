@@ -108,3 +108,12 @@ def test_prefilled_prompts_are_not_fed_again_and_drafts_stay_exact(path, hf):
     assert fed[0] == 1, fed
     for req, drafted in zip(reqs, out.tokens.tolist()):
         assert drafted == hf_greedy(hf, [*req.prompt, *req.output], K)
+
+
+def test_drafter_dtype_follows_the_target_except_float16_on_cpu():
+    from minedraft_sglang.drafters import drafter_dtype
+
+    assert drafter_dtype("cpu", torch.bfloat16) == torch.bfloat16
+    assert drafter_dtype("cpu", torch.float32) == torch.float32
+    assert drafter_dtype("cpu", torch.float16) == torch.float32
+    assert drafter_dtype("cuda:1", torch.float16) == torch.float16
