@@ -30,17 +30,28 @@ def free_port() -> int:
 
 class Server:
     """A CPU server process with a log file; use as a context manager or
-    call ``stop()``."""
+    call ``stop()``. ``command`` starts the server (default: this
+    interpreter's ``minedraft_sglang.cpu_server``); ``env`` is added to
+    ``base_env`` (default: this process's environment)."""
 
-    def __init__(self, args: Sequence[str], log_path: Path, port: int | None = None, env=None):
+    def __init__(
+        self,
+        args: Sequence[str],
+        log_path: Path,
+        port: int | None = None,
+        env=None,
+        *,
+        command: Sequence[str] = SERVE_CPU,
+        base_env=None,
+    ):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         # float32 unless ``args`` say otherwise (the last --dtype wins): exact
         # comparisons with plain decoding need it.
-        cmd = [*SERVE_CPU, "--dtype", "float32", *args, "--port", str(self.port)]
-        full_env = {**os.environ, **(env or {})}
+        cmd = [*command, "--dtype", "float32", *args, "--port", str(self.port)]
+        full_env = {**(os.environ if base_env is None else base_env), **(env or {})}
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
