@@ -93,12 +93,10 @@ class MineDraftWorker(BaseSpecWorker):
         )
         if drafter.aux_layer_ids is not None:
             # EAGLE-3: the target returns these layers' outputs side by side
-            # as its hidden states.
+            # as its hidden states. The scheduler builds this worker before
+            # the pools, attention backends and graphs, so the target's graphs
+            # are captured with these outputs already on.
             self.model_runner.model.set_eagle3_layers_to_capture(drafter.aux_layer_ids)
-            if target_on_cuda:
-                # The target's CUDA graphs were captured without the aux
-                # outputs (SGLang's EAGLE-3 sets the layers before capture).
-                self.model_runner.recapture_decode_cuda_graph()
         self._init_loop(
             config=config,
             drafter=drafter,
