@@ -41,9 +41,18 @@ BIGRAM_DRAFT_LAYERS = 1
 WIDE_TARGET_SHAPE = dict(
     num_hidden_layers=8, hidden_size=1024, num_attention_heads=16, num_key_value_heads=4, intermediate_size=4096
 )
+# Random weights in bfloat16; no draft agrees with its target, so a run
+# measures the machinery at a given size, not a speedup from good drafts.
+WEIGHT_BOUND_SHAPE = dict(
+    num_hidden_layers=6, hidden_size=2048, num_attention_heads=16, num_key_value_heads=4, intermediate_size=5632
+)
 WIDE_MODELS = {
     "wide-target": dict(WIDE_TARGET_SHAPE, num_hidden_layers=8),
     "wide-draft": dict(WIDE_TARGET_SHAPE, num_hidden_layers=3),
+    # Issue 14's weight-bound pair: every forward streams ~0.5 GB (target)
+    # or ~0.2 GB (draft) of weights, so a step costs what its weights cost.
+    "wb-target": WEIGHT_BOUND_SHAPE,
+    "wb-draft": dict(WEIGHT_BOUND_SHAPE, num_hidden_layers=2),
 }
 
 
@@ -75,7 +84,7 @@ def model_path(name: str) -> Path:
 
 
 def wide_model_path(name: str) -> Path:
-    """One of WIDE_MODELS, built on first use (a few seconds)."""
+    """One of WIDE_MODELS, built on first use (seconds; the wb- pair, a minute)."""
     path = _folder(name)
     if not path.is_dir():
         tokenizer = _train_tokenizer()

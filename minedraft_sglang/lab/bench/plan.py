@@ -39,6 +39,9 @@ PAIRS = {
     "tiny": ("target", "draft"),
     # The draft agrees with the target on every token: acceptance k + 1.
     "tiny-agree": ("bigram", "bigram-draft"),
+    # 6-layer and 2-layer 2048-wide random Llamas in bfloat16: per-step cost
+    # is weight streaming, as with real models, at a size built in a minute.
+    "weight-bound": ("wb-target", "wb-draft"),
 }
 
 # Default sizes; --quick's are small enough for CI.
@@ -135,8 +138,11 @@ def model_paths(pair: str, target_path: str | None, draft_path: str | None) -> t
     # do not need.
     from minedraft_sglang.lab import tiny_models
 
+    path = lambda name: (
+        tiny_models.model_path(name) if name in tiny_models.MODELS else tiny_models.wide_model_path(name)
+    )
     target, draft = PAIRS[pair]
-    return pair, str(tiny_models.model_path(target)), str(tiny_models.model_path(draft))
+    return pair, str(path(target)), str(path(draft))
 
 
 def make_prompts(n: int, *, seed: int, prompts_file: str | None = None, prompt_set: str | None = None) -> list[str]:
