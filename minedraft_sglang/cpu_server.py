@@ -57,13 +57,59 @@ CPU_FLAGS = (
 )  # fmt: skip
 
 
-def cpu_environ(env: Mapping[str, str]) -> dict[str, str]:
-    """``env`` with CPU serving set up (an OMP_NUM_THREADS of the caller's is kept)."""
+# SGLang's flags whose product is the number of scheduler ranks, with the
+# spellings its argparse accepts (aliases and unique abbreviations).
+RANK_FLAGS = {
+    "--tp-size": "tp",
+    "--tp": "tp",
+    "--tensor-parallel-size": "tp",
+    "--dp-size": "dp",
+    "--dp": "dp",
+    "--data-parallel-size": "dp",
+    "--pp-size": "pp",
+    "--pipeline-parallel-size": "pp",
+}
+
+BIND_VAR = "SGLANG_CPU_OMP_THREADS_BIND"
+
+
+def num_ranks(args: Sequence[str]) -> int:
+    """Scheduler processes the arguments ask for (dp x tp x pp; the last value of a flag wins)."""
+    sizes = {"tp": 1, "dp": 1, "pp": 1}
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        if flag in RANK_FLAGS:
+            if not eq:
+                value = args[i + 1] if i + 1 < len(args) else ""
+            if value.isdigit():
+                sizes[RANK_FLAGS[flag]] = int(value)
+    return sizes["tp"] * sizes["dp"] * sizes["pp"]
+
+
+def threads_bind(ranks: int, cores: Sequence[int]) -> str:
+    """A value for SGLANG_CPU_OMP_THREADS_BIND: the cores split into ``ranks``
+    contiguous groups, or, with fewer cores than ranks, one core each in turn."""
+    cores = sorted(cores)
+    if ranks > len(cores):
+        return "|".join(str(cores[r % len(cores)]) for r in range(ranks))
+    bounds = [len(cores) * r // ranks for r in range(ranks + 1)]
+    return "|".join(",".join(map(str, cores[lo:hi])) for lo, hi in zip(bounds, bounds[1:]))
+
+
+def cpu_environ(env: Mapping[str, str], args: Sequence[str] = ()) -> dict[str, str]:
+    """``env`` with CPU serving set up for the server arguments ``args`` (an
+    OMP_NUM_THREADS or thread binding of the caller's is kept)."""
     out = {**env, "SGLANG_USE_CPU_ENGINE": "1", "HF_HUB_OFFLINE": env.get("HF_HUB_OFFLINE", "1")}
     out.setdefault("OMP_NUM_THREADS", CPU_ENV["OMP_NUM_THREADS"])
     paths = [p for p in out.get("PYTHONPATH", "").split(os.pathsep) if p]
     if str(SHIM_DIR) not in paths:
         out["PYTHONPATH"] = os.pathsep.join([str(SHIM_DIR), *paths])
+    ranks = num_ranks(args)
+    if ranks > 1 and not out.get(BIND_VAR):
+        # Without a binding SGLang gives each rank a NUMA node and refuses more
+        # ranks than nodes; the cores this process may use are
+        # shared out instead.
+        out[BIND_VAR] = threads_bind(ranks, os.sched_getaffinity(0))
     return out
 
 
@@ -73,7 +119,7 @@ def server_command(args: Sequence[str], python: str = sys.executable) -> list[st
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    env = cpu_environ(os.environ)
+    env = cpu_environ(os.environ, argv)
     if argv == ["--print-env"]:
         for name in (*CPU_ENV, "PYTHONPATH"):
             print(f"export {name}={shlex.quote(env[name])}")

@@ -1,12 +1,20 @@
-"""The one place MineDraft changes SGLang's scheduler behaviour.
+"""Hooks on SGLang's scheduler and CPU platform (registered in ``plugin.py``).
 
 A PSD step verifies only one of the two sub-batches, so the worker returns
 results for those rows alone (``result.minedraft_rows``). The scheduler's
 decode-result processing is run on a view of the running batch holding just
 those rows; the other half is untouched until its own turn.
+
+The rest lets stock SGLang run on CPU with tensor parallelism and
+torch.compile (``docs/design.md``, "Tensor parallelism and graphs on CPU").
+MINEDRAFT's verify under SGLang's graph runners is ``graphs.py``.
 """
 
 from __future__ import annotations
+
+import inspect
+
+import torch
 
 
 def process_batch_result_decode_around(original, processor, batch, result):
@@ -20,7 +28,8 @@ def process_batch_result_decode_around(original, processor, batch, result):
 
 def add_speculative_state_around(original, controller, state):
     """``/server_info``'s internal state gains a ``minedraft`` entry: drafter
-    slots and pool free counts, which the leak tests read."""
+    slots and pool free counts, which the leak tests read, and on CPU with
+    graphs how many verifies replayed one."""
     original(controller, state)
     scheduler = controller.scheduler
     stats = getattr(scheduler.draft_worker, "minedraft_stats", None)
@@ -30,6 +39,9 @@ def add_speculative_state_around(original, controller, state):
             "token_pool_available": int(scheduler.token_to_kv_pool_allocator.available_size()),
             "req_pool_available": int(scheduler.req_to_token_pool.available_size()),
         }
+        graphs = scheduler.tp_worker.model_runner.decode_cuda_graph_runner
+        if hasattr(graphs, "replays"):
+            state["minedraft"]["verify_graph_replays"] = graphs.replays
 
 
 def eagle_sample_around(original, verify_input, batch, logits_output, grammar_mask=None, *args, **kwargs):
@@ -45,3 +57,31 @@ def eagle_sample_around(original, verify_input, batch, logits_output, grammar_ma
         if not batch.sampling_info.is_all_greedy:
             return sample_chain(verify_input, batch, logits_output, context, grammar_mask)
     return original(verify_input, batch, logits_output, grammar_mask, *args, **kwargs)
+
+
+def init_model_parallel_group_around(original, *args, **kwargs):
+    """No CUDA communicators on a gloo (CPU) group.
+
+    SGLang 0.5.23 builds a PyNcclCommunicator for every group unless the
+    platform is NPU or XPU, which fails in every CPU TP rank ("Expected a cuda
+    device"), and tries its CUDA custom all-reduce (a warning); gloo does the
+    CPU collectives without either.
+    """
+    bound = inspect.signature(original).bind(*args, **kwargs)
+    if bound.arguments["backend"] == "gloo":
+        bound.arguments["use_pynccl"] = False
+        bound.arguments["use_custom_allreduce"] = False
+    return original(*bound.args, **bound.kwargs)
+
+
+def register_cpu_compile_fake_around(original, op_name):
+    """Skip the torch.compile fake of an sgl_kernel op that does not exist.
+
+    The CPU graph runner registers fakes for every sgl-kernel CPU op, and
+    registering one for a missing op raises; our pure-torch op set
+    (``cpu_kernels/``) leaves the AMX compute kernels out on purpose, so SGLang
+    never calls them and they need no fake.
+    """
+    if hasattr(torch.ops.sgl_kernel, op_name):
+        return original(op_name)
+    return lambda fake: fake

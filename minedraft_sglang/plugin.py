@@ -2,8 +2,9 @@
 
 ``register()`` runs in every SGLang process (launcher, scheduler, detokenizer),
 so everything it does must be idempotent and cheap: it registers the
-``MINEDRAFT`` speculative algorithm and the hooks that add ``--minedraft-*``
-flags to the stock ``sglang.launch_server`` / ``sglang serve`` command line.
+``MINEDRAFT`` speculative algorithm, the hooks that add ``--minedraft-*``
+flags to the stock ``sglang.launch_server`` / ``sglang serve`` command line,
+and the behaviour hooks of ``hooks.py``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import os
 import sys
 
-from minedraft_sglang import hooks
+from minedraft_sglang import graphs, hooks
 from minedraft_sglang.config import (
     ALGORITHM_NAME,
     DRAFTER_FOR_ARCHITECTURE,
@@ -73,6 +74,36 @@ def register() -> None:
     HookRegistry.register(
         "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController._add_speculative",
         hooks.add_speculative_state_around,
+        HookType.AROUND,
+    )
+    HookRegistry.register(
+        "sglang.srt.distributed.parallel_state.init_model_parallel_group",
+        hooks.init_model_parallel_group_around,
+        HookType.AROUND,
+    )
+    HookRegistry.register(
+        "sglang.srt.model_executor.cpu_graph_runner.register_cpu_compile_fake",
+        hooks.register_cpu_compile_fake_around,
+        HookType.AROUND,
+    )
+    HookRegistry.register(
+        "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner.get_spec_info",
+        graphs.decode_graph_spec_info_around,
+        HookType.AROUND,
+    )
+    HookRegistry.register(
+        "sglang.srt.platforms.interface.SRTPlatform.get_graph_runner_cls",
+        graphs.graph_runner_cls_around,
+        HookType.AROUND,
+    )
+    HookRegistry.register(
+        "sglang.srt.model_executor.forward_batch_info.ForwardMode.is_cpu_graph",
+        graphs.is_cpu_graph_around,
+        HookType.AROUND,
+    )
+    HookRegistry.register(
+        "sglang.srt.layers.attention.intel_amx_backend.IntelAMXAttnBackend.init_forward_metadata_capture_cpu_graph",
+        graphs.amx_capture_metadata_around,
         HookType.AROUND,
     )
 

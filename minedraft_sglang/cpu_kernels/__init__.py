@@ -3,8 +3,8 @@
 Why this exists: with ``SGLANG_USE_CPU_ENGINE=1 --device cpu`` SGLang runs on a
 machine without a GPU, but it still imports ``sgl_kernel`` and calls a handful
 of ops from its ``torch.ops.sgl_kernel`` namespace (KV-cache copies, the
-speculative-decoding bookkeeping kernels and, for the ``intel_amx`` attention
-backend, decode/extend attention). The PyPI ``sglang-kernel`` wheel is a CUDA
+speculative-decoding bookkeeping kernels, for the ``intel_amx`` attention
+backend decode/extend attention, and tensor-parallel collectives). The PyPI ``sglang-kernel`` wheel is a CUDA
 build that cannot load without ``libcuda``, and no CPU wheel is published.
 
 ``ops.py`` implements those ops as plain PyTorch and registers them with

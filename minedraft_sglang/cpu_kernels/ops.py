@@ -4,7 +4,8 @@ Each function mirrors one op of sgl-kernel's CPU build; ``register()`` exposes
 them as ``torch.ops.sgl_kernel.<name>`` with the schemas SGLang's call sites use
 (``sglang/srt/layers/attention/intel_amx_backend.py``,
 ``sglang/kernels/ops/speculative/*.py``, ``sglang/srt/mem_cache/allocation.py``,
-``sglang/kernels/ops/kvcache/cache_move.py`` and the wrappers in
+``sglang/kernels/ops/kvcache/cache_move.py``, ``sglang/srt/distributed/parallel_state.py``,
+``sglang/srt/distributed/bootstrap.py`` and the wrappers in
 ``sgl_kernel/speculative.py`` and ``sgl_kernel/kvcacheio.py``).
 
 Written for clarity, not speed: per-request Python loops over small batches.
@@ -13,6 +14,7 @@ Written for clarity, not speed: per-request Python loops over small batches.
 import ctypes
 
 import torch
+import torch.distributed as dist
 
 NAMESPACE = "sgl_kernel"
 
@@ -413,6 +415,59 @@ def extend_attention_cpu(
 
 
 # ---------------------------------------------------------------------------
+# Collectives (tensor parallelism)
+# ---------------------------------------------------------------------------
+#
+# sgl-kernel's CPU build all-reduces through a shared-memory ring over the
+# node's ranks, set up by initialize(size, rank). SGLang takes that path in
+# GroupCoordinator.all_reduce/all_gather when is_shm_available(): on arm64
+# hosts, or x86 ones with the AMX kernels this op set leaves out (elsewhere it
+# calls torch.distributed itself). Here the ring is torch.distributed's default
+# group: SGLang's CPU ranks all join it, and with TP alone it is the TP group.
+# initialize() runs before that group exists, so it only records the ring it
+# was promised and the collectives check they got that ring.
+
+_shm_world = None  # (size, rank) from initialize()
+
+
+def initialize(size, rank):
+    """Remember the ring the collectives must run over (nothing to allocate)."""
+    global _shm_world
+    _shm_world = (size, rank)
+
+
+def _ring_size() -> int:
+    """Ranks in the ring; 1 (a local identity) when torch.distributed is not up."""
+    if not dist.is_initialized():
+        return 1
+    size = dist.get_world_size()
+    if _shm_world is not None and _shm_world != (size, dist.get_rank()):
+        raise RuntimeError(
+            f"sgl_kernel collectives: initialize{_shm_world} does not match the torch.distributed "
+            f"default group (size {size}, rank {dist.get_rank()}), which these ops run over"
+        )
+    return size
+
+
+def shm_allreduce(data, reduce_op):
+    """In-place sum of data over the ring (the only reduction the shared-memory kernel has)."""
+    if reduce_op != int(dist.ReduceOp.SUM):
+        raise NotImplementedError(f"shm_allreduce: reduce_op {reduce_op} (only SUM)")
+    if _ring_size() > 1:
+        dist.all_reduce(data)
+
+
+def shm_allgather(data, dim):
+    """Every rank's data, concatenated along dim in rank order."""
+    size = _ring_size()
+    if size == 1:
+        return data.clone()
+    parts = [torch.empty_like(data) for _ in range(size)]
+    dist.all_gather(parts, data.contiguous())
+    return torch.cat(parts, dim=dim)
+
+
+# ---------------------------------------------------------------------------
 # Registration
 # ---------------------------------------------------------------------------
 
@@ -467,7 +522,13 @@ _SCHEMAS = {
         "bool is_cross_attn, int sliding_window_size, Tensor? encoder_lens, Tensor? sinks, "
         "Tensor? tree_mask, bool is_causal) -> ()"
     ),
+    initialize: "(int size, int rank) -> ()",
+    shm_allreduce: "(Tensor(a!) data, int reduce_op) -> ()",
+    shm_allgather: "(Tensor data, int dim) -> Tensor",
 }
+
+# An op without tensor arguments has no CPU dispatch key to pick its kernel by.
+_DISPATCH_KEY = {initialize: "CompositeExplicitAutograd"}
 
 OP_NAMES = tuple(fn.__name__ for fn in _SCHEMAS)
 
@@ -493,4 +554,4 @@ def register() -> None:
         _library = torch.library.Library(NAMESPACE, "FRAGMENT")
     for fn in missing:
         _library.define(fn.__name__ + _SCHEMAS[fn])
-        _library.impl(fn.__name__, fn, "CPU")
+        _library.impl(fn.__name__, fn, _DISPATCH_KEY.get(fn, "CPU"))

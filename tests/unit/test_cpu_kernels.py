@@ -675,3 +675,62 @@ def test_extend_attention_tree_mask_matches_sdpa(topk, num_steps, n):
         visible = torch.cat([torch.ones(n, p, dtype=torch.bool), masks[i]], dim=1)
         ref = sdpa(q[s0 : s0 + n], keys, values, 0.25, visible)
         torch.testing.assert_close(out[s0 : s0 + n], ref, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# Collectives (tensor parallelism)
+# ---------------------------------------------------------------------------
+
+SUM = int(torch.distributed.ReduceOp.SUM)
+
+# Each rank: its share, then the collectives, checked against sums and
+# concatenations of every rank's share computed locally.
+TWO_RANKS = """
+import sys, torch, torch.distributed as dist
+from minedraft_sglang.cpu_kernels import ops
+ops.register()
+K = torch.ops.sgl_kernel
+rank, port = int(sys.argv[1]), sys.argv[2]
+K.initialize(2, rank)  # SGLang calls it before torch.distributed is up
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+shares = [torch.randn(3, 5, generator=torch.Generator().manual_seed(r)) for r in range(2)]
+data = shares[rank].clone()
+K.shm_allreduce(data, %(sum)d)
+torch.testing.assert_close(data, shares[0] + shares[1], rtol=0, atol=1e-6)
+for dim in (0, 1, -1):
+    assert torch.equal(K.shm_allgather(shares[rank], dim), torch.cat(shares, dim)), dim
+K.initialize(3, rank)
+try:
+    K.shm_allreduce(data, %(sum)d)
+except RuntimeError as e:
+    assert "does not match" in str(e), e
+else:
+    raise AssertionError("a ring of 3 over a group of 2 went unnoticed")
+print("ok")
+"""
+
+
+def test_collectives_over_two_gloo_ranks_match_sum_and_concatenation():
+    from minedraft_sglang.lab.launcher import free_port
+
+    script = TWO_RANKS % {"sum": SUM}
+    port = str(free_port())
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ranks = [
+        subprocess.Popen([sys.executable, "-c", script, str(rank), port], env=env, stdout=subprocess.PIPE, text=True)
+        for rank in range(2)
+    ]
+    outputs = [p.communicate(timeout=120)[0] for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0] and outputs == ["ok\n", "ok\n"], outputs
+
+
+def test_collectives_without_torch_distributed_are_local():
+    assert not torch.distributed.is_initialized()
+    data = torch.randn(4, 3, generator=gen(0))
+    expected = data.clone()
+    K.shm_allreduce(data, SUM)
+    assert torch.equal(data, expected)
+    gathered = K.shm_allgather(data, 1)
+    assert torch.equal(gathered, data) and gathered.data_ptr() != data.data_ptr()
+    with pytest.raises(NotImplementedError, match="only SUM"):
+        K.shm_allreduce(data, int(torch.distributed.ReduceOp.MAX))

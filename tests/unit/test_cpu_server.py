@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from minedraft_sglang import cpu_server
 
 
@@ -38,3 +40,34 @@ def test_print_env_is_what_cpu_env_sh_evaluates():
     flags, path = out.splitlines()
     assert flags == "1 1"
     assert path.split(os.pathsep)[0] == str(cpu_server.SHIM_DIR)
+
+
+@pytest.mark.parametrize(
+    "args,ranks",
+    [
+        ([], 1),
+        (["--tp", "2"], 2),
+        (["--tp-size=4", "--model-path", "m"], 4),
+        (["--tensor-parallel-size", "2", "--dp", "3"], 6),
+        (["--tp", "2", "--pp-size", "2", "--tp", "3"], 6),  # the last value wins, as in argparse
+        (["--pipeline-parallel-size=2", "--data-parallel-size", "2"], 4),
+    ],
+)
+def test_num_ranks_reads_sglangs_parallel_flags(args, ranks):
+    assert cpu_server.num_ranks(args) == ranks
+
+
+def test_threads_bind_shares_out_the_cores():
+    assert cpu_server.threads_bind(2, [0, 1]) == "0|1"
+    assert cpu_server.threads_bind(2, [5, 4, 7, 6]) == "4,5|6,7"
+    assert cpu_server.threads_bind(3, [0, 1, 2, 3, 4]) == "0|1,2|3,4"
+    # Fewer cores than ranks: they take turns.
+    assert cpu_server.threads_bind(3, [2, 3]) == "2|3|2"
+
+
+def test_environment_binds_threads_for_several_ranks_unless_the_caller_did():
+    env = cpu_server.cpu_environ({}, ["--model-path", "m", "--tp", "2"])
+    assert env[cpu_server.BIND_VAR] == cpu_server.threads_bind(2, os.sched_getaffinity(0))
+    assert cpu_server.BIND_VAR not in cpu_server.cpu_environ({}, ["--model-path", "m"])
+    mine = cpu_server.cpu_environ({cpu_server.BIND_VAR: "0-3|4-7"}, ["--tp", "2"])
+    assert mine[cpu_server.BIND_VAR] == "0-3|4-7"
