@@ -27,6 +27,7 @@ DRAFTER_FOR_ARCHITECTURE = {
     "LlamaForCausalLMEagle3": "eagle3",
 }
 DRAFTERS = ("auto", *dict.fromkeys(DRAFTER_FOR_ARCHITECTURE.values()))
+DRAFT_COMPILE = ("auto", "on", "off")
 
 
 class MineDraftConfigError(ValueError):
@@ -47,6 +48,10 @@ class MineDraftConfig:
     # Largest number of tokens one request may hold in the drafter's KV cache;
     # 0 means the target's context length, at most 4096.
     draft_max_len: int = 0
+    # How the drafter's forward steps run: "on": CUDA graphs on a GPU,
+    # torch.compile on CPU; "off": eager; "auto": graphs on a GPU, eager on
+    # CPU (drafters.step_mode says why).
+    draft_compile: str = "auto"
     # TETRIS: draft k + tetris_extra tokens per request, verify the k x (batch
     # size) most promising (request, position) pairs.
     tetris: bool = False
@@ -60,6 +65,10 @@ class MineDraftConfig:
             raise MineDraftConfigError(f"--minedraft-mode {self.mode!r} is not one of {', '.join(MODES)}")
         if self.drafter not in DRAFTERS:
             raise MineDraftConfigError(f"--minedraft-drafter {self.drafter!r} is not one of {', '.join(DRAFTERS)}")
+        if self.draft_compile not in DRAFT_COMPILE:
+            raise MineDraftConfigError(
+                f"--minedraft-draft-compile {self.draft_compile!r} is not one of {', '.join(DRAFT_COMPILE)}"
+            )
         if self.k not in K_POLICIES:
             raise MineDraftConfigError(f"--minedraft-k {self.k!r} is not one of {', '.join(K_POLICIES)}")
         if self.k == "auto" and self.tetris:
@@ -178,6 +187,14 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "length, at most 4096). Longer requests are verified without drafts.",
     )
     group.add_argument(
+        "--minedraft-draft-compile",
+        choices=DRAFT_COMPILE,
+        default=MineDraftConfig.draft_compile,
+        help="How the drafter's forward steps run. on: replayed from CUDA graphs (one per batch-size "
+        "bucket) on a GPU, torch.compile on CPU (minutes of compilation per new shape); off: eager "
+        "PyTorch; auto: graphs on a GPU, eager on CPU.",
+    )
+    group.add_argument(
         "--minedraft-tetris",
         action="store_true",
         help="TETRIS: draft k + N tokens per request (k = --speculative-num-steps) and "
@@ -214,6 +231,7 @@ def config_from_argv(argv: list[str]) -> MineDraftConfig:
         k=args.minedraft_k or _default_k(argv, args.minedraft_tetris),
         drafter=args.minedraft_drafter,
         draft_max_len=args.minedraft_draft_max_len,
+        draft_compile=args.minedraft_draft_compile,
         tetris=args.minedraft_tetris,
         tetris_extra=args.minedraft_tetris_extra,
         trace_file=args.minedraft_trace_file,

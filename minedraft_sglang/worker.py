@@ -34,7 +34,7 @@ from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
 from minedraft_sglang import adaptive_k, cpu_affinity, devices, metrics
 from minedraft_sglang.config import MineDraftConfig
 from minedraft_sglang.drafters import create_drafter
-from minedraft_sglang.drafters.base import Drafter, DraftRequest
+from minedraft_sglang.drafters.base import Drafter, DraftRequest, read_on_this_stream
 from minedraft_sglang.metrics import StepMode
 from minedraft_sglang.sampling.tetris import tetris_select
 from minedraft_sglang.sub_batches import SubBatches
@@ -90,6 +90,7 @@ class MineDraftWorker(BaseSpecWorker):
             model_path=spec.speculative_draft_model_path,
             target_path=server_args.model_path,
             target_dtype=self.model_runner.dtype,
+            draft_compile=config.draft_compile,
         )
         if drafter.aux_layer_ids is not None:
             # EAGLE-3: the target returns these layers' outputs side by side
@@ -332,6 +333,7 @@ class MineDraftWorker(BaseSpecWorker):
                 # plain step, or every request in sequential mode.
                 self._draft(_draft_requests(missing), k)
             taken = [self.pending.pop(r.rid) for r in verify_reqs]
+            read_on_this_stream([t for d in taken for t in (d.tokens, d.probs)])
             # Drafts made at different k (the planner moved): verify the
             # common prefix; a prefix of a chain draft is a chain draft.
             width = min(len(d.tokens) for d in taken)

@@ -11,21 +11,25 @@ from minedraft_sglang.config import DRAFTER_FOR_ARCHITECTURE
 from minedraft_sglang.drafters.base import Drafter
 
 
-def create_drafter(*, device: str, model_path: str, target_path: str, target_dtype: torch.dtype) -> Drafter:
+def create_drafter(
+    *, device: str, model_path: str, target_path: str, target_dtype: torch.dtype, draft_compile: str = "auto"
+) -> Drafter:
     """The drafter for the draft checkpoint's architecture (validated at
-    startup by plugin.validate_server_args), on ``device``."""
+    startup by plugin.validate_server_args), on ``device``;
+    ``draft_compile`` is ``--minedraft-draft-compile``."""
     from transformers import AutoConfig
 
     dtype = drafter_dtype(device, target_dtype)
+    mode = step_mode(device, draft_compile)
     arch = AutoConfig.from_pretrained(model_path).architectures[0]
     if DRAFTER_FOR_ARCHITECTURE[arch] == "standalone":
         from minedraft_sglang.drafters.standalone import StandaloneDrafter
 
-        drafter = StandaloneDrafter(model_path, device, dtype)
+        drafter = StandaloneDrafter(model_path, device, dtype, step_mode=mode)
     else:
         from minedraft_sglang.drafters.eagle import EagleDrafter
 
-        drafter = EagleDrafter(model_path, target_path, device, dtype)
+        drafter = EagleDrafter(model_path, target_path, device, dtype, step_mode=mode)
     fault = os.environ.get(FAULT_ENV)
     return FaultInjectingDrafter(drafter, fault) if fault else drafter
 
@@ -39,6 +43,21 @@ def drafter_dtype(device: str, target_dtype: torch.dtype) -> torch.dtype:
     if device == "cpu" and target_dtype == torch.float16:
         return torch.float32
     return target_dtype
+
+
+def step_mode(device: str, draft_compile: str) -> str:
+    """How a drafter's steps run (``kv_cache.StepRunner``) for
+    ``--minedraft-draft-compile``. A GPU drafter replays CUDA graphs unless
+    told "off": eagerly, a small drafter's step is launch-bound (~45 kernels
+    per layer). A CPU drafter compiles only when told "on": torch.compile
+    made the real 0.5B drafter's bfloat16 k=3 call slower, 543/658 ms at
+    1/8 requests against 377-393/485-494 ms eager, and took 105-149 s to
+    compile each new shape (lab/draft_speed, one core of a shared machine)."""
+    if draft_compile == "off":
+        return "eager"
+    if torch.device(device).type == "cuda":
+        return "graph"
+    return "compile" if draft_compile == "on" else "eager"
 
 
 # Test-only: "draft_raise:P" makes each draft call raise with probability P.

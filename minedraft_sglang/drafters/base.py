@@ -83,3 +83,13 @@ class Drafter(abc.ABC):
     @abc.abstractmethod
     def free_slots(self) -> int:
         """Free request slots in the drafter's KV cache."""
+
+
+def read_on_this_stream(tensors: Sequence[torch.Tensor]) -> None:
+    """``tensors`` were made on another thread's CUDA stream (features from
+    ``observe`` on the scheduler's, drafts on the drafter's) and are read,
+    then freed, on this one: tell the caching allocator, or it could hand
+    their memory back to the first stream while this one still reads it."""
+    for t in tensors:
+        if t.is_cuda:
+            t.record_stream(torch.cuda.current_stream(t.device))

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minedraft_sglang.drafters.base import DraftOutput, DraftRequest
-from minedraft_sglang.drafters.kv_cache import CachedDrafter, SlotKVCache, project_qkv
+from minedraft_sglang.drafters.base import DraftOutput, DraftRequest, read_on_this_stream
+from minedraft_sglang.drafters.kv_cache import STEP_WIDTHS, CachedDrafter, CatchUp, SlotKVCache, StepRunner, project_qkv
 
 EAGLE_ARCHITECTURES = {"LlamaForCausalLMEagle": 1, "LlamaForCausalLMEagle3": 3}
 
@@ -233,15 +233,23 @@ class _Slot:
 class EagleDrafter(CachedDrafter):
     needs_target_features = True
 
-    def __init__(self, model_path: str, target_path: str, device: str, dtype: torch.dtype):
+    def __init__(self, model_path: str, target_path: str, device: str, dtype: torch.dtype, *, step_mode: str = "eager"):
         self.device = torch.device(device)
         self.head = load_eagle_head(model_path, target_path).to(self.device, dtype)
         self.dtype = dtype
         config = self.head.layer.self_attn.config
         self.aux_layer_ids = aux_layer_ids(config) if self.head.version == 3 else None
         self.cache = SlotKVCache(
-            1, config.num_key_value_heads, self.head.layer.self_attn.head_dim, dtype, self.device, _Slot
+            1,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            self.head.layer.self_attn.head_dim,
+            dtype,
+            self.device,
+            _Slot,
         )
+        self.steps = StepRunner(self._step, step_mode, self.cache)
+        self.catch_up = CatchUp()
 
     def observe(self, rid: str, start: int, features: torch.Tensor) -> None:
         slot = self.cache.slot(rid)
@@ -252,7 +260,7 @@ class EagleDrafter(CachedDrafter):
             # prefix cache skipped the prompt's beginning, whose features the
             # head then never sees.
             slot.reset(start)
-        slot.features.append(features.to(self.device, self.dtype, non_blocking=True))
+        slot.features.append(own_copy(features, self.device, self.dtype))
         slot.known += len(features)
 
     @torch.inference_mode()
@@ -266,69 +274,135 @@ class EagleDrafter(CachedDrafter):
             not self.cache.is_scratch(s) and s.known > s.start and len(r) + num_tokens <= self.cache.max_len
             for s, r in zip(slots, reqs)
         ]
-        slot_index = torch.tensor([s.index for s in slots], device=self.device)
-        start = torch.tensor([s.start for s in slots], device=self.device)
-        width = max([s.known - s.cached for s, ok in zip(slots, live) if ok], default=1)
-        hidden_width = self.head.fc.in_features if self.head.version == 3 else self.head.fc.in_features // 2
-        tokens = torch.zeros(bs, width, dtype=torch.long)
-        positions = torch.zeros(bs, width, dtype=torch.long)
-        valid = torch.zeros(bs, width, dtype=torch.bool)
-        features = torch.zeros(bs, width, hidden_width, dtype=self.dtype, device=self.device)
-        last = torch.zeros(bs, dtype=torch.long)
-        for i, (s, r) in enumerate(zip(slots, reqs)):
-            n = s.known - s.cached
-            if not live[i]:
+        # The (token t + 1, feature t) pairs of [cached, known) per request.
+        feeds = []
+        for s, r, ok in zip(slots, reqs, live):
+            if not ok:
+                feeds.append(None)
                 continue
-            features[i, :n] = torch.cat(s.features)
-            tokens[i, :n] = torch.tensor(r.tokens(s.cached + 1)[:n])
-            positions[i] = s.cached + torch.arange(width)
+            read_on_this_stream(s.features)
+            feats = torch.cat(s.features) if len(s.features) > 1 else s.features[0]
+            feeds.append((r.tokens(s.cached + 1)[: s.known - s.cached], feats))
+            # The last known pair is fed again next call.
+            s.features = [feats[-1:].clone()]
+        widest = STEP_WIDTHS[-1]
+        long = [i for i, f in enumerate(feeds) if f is not None and len(f[0]) > widest]
+        self._catch_up([(slots[i], feeds[i][0][:-1], feeds[i][1][:-1]) for i in long])
+        for i in long:
+            feeds[i] = (feeds[i][0][-1:], feeds[i][1][-1:])
+
+        rows, width = self.steps.shape(bs, max([1, *(len(f[0]) for f in feeds if f is not None)]))
+        tokens = torch.zeros(rows, width, dtype=torch.long)
+        positions = torch.zeros(rows, width, dtype=torch.long)
+        valid = torch.zeros(rows, width, dtype=torch.bool)
+        # Requests without features read scratch from position 0: a read
+        # that masks every key would give NaN.
+        slot_index = torch.full((rows,), self.cache.scratch)
+        start = torch.zeros(rows, dtype=torch.long)
+        last = torch.zeros(rows, dtype=torch.long)
+        features = torch.zeros(rows, width, self._feature_width(), dtype=self.dtype, device=self.device)
+        last_pos = [0] * rows
+        for i, (s, f) in enumerate(zip(slots, feeds)):
+            if f is None:
+                continue
+            toks, feats = f
+            n = len(toks)
+            features[i, :n] = feats
+            tokens[i, :n] = torch.tensor(toks)
+            positions[i] = s.cached + torch.arange(width).clamp(max=n - 1)
             valid[i, :n] = True
-            last[i] = n - 1
-        # Lengths are tracked on the host (positions are still CPU tensors
-        # here), so no forward reads them back from the device.
-        kv_len_next = int(positions.gather(1, last[:, None]).max()) + 2
-        out_feature, head_input = self._run(
-            tokens, features, positions, valid, slot_index, start, kv_len=int(positions.max()) + 1
-        )
-        rows = torch.arange(bs, device=self.device)
-        last = last.to(self.device)
-        feature, head_input = out_feature[rows, last][:, None], head_input[rows, last]
-        position = positions.to(self.device)[rows, last][:, None]
-        for i, (s, ok) in enumerate(zip(slots, live)):
-            if ok:
-                s.cached, s.features = s.known - 1, [features[i, last[i] : last[i] + 1].clone()]
+            slot_index[i], start[i], last[i] = s.index, s.start, n - 1
+            last_pos[i] = s.cached + n - 1
+            s.cached = s.known - 1
 
         # Tokens past the last target feature: known (draft-ahead) or proposed.
         forced = [r.tokens(s.known + 1) if ok else [] for s, r, ok in zip(slots, reqs, live)]
         steps = max(len(f) for f in forced) + num_tokens
-        live_t = torch.tensor(live, device=self.device)[:, None]
-        out_tokens = torch.zeros(bs, steps, dtype=torch.long, device=self.device)
-        out_probs = torch.zeros(bs, steps, dtype=torch.float32, device=self.device)
-        for step in range(steps):
-            probs = torch.softmax(self.head.logits(head_input).float(), dim=-1)
-            p, ids = probs.max(dim=-1)
-            out_probs[:, step], out_tokens[:, step] = p, self.head.to_target_ids(ids)
-            if step + 1 == steps:
-                break
-            token = out_tokens[:, step].clone()
-            for i, f in enumerate(forced):
-                if step < len(f):
-                    token[i] = f[step]
-            position = position + 1
-            feature, head_input = self._run(
-                token[:, None], feature, position, live_t, slot_index, start, kv_len=kv_len_next + step
+        alive = live + [False] * (rows - bs)
+        forced_tokens = torch.zeros(rows, steps, dtype=torch.long)
+        is_forced = torch.zeros(rows, steps, dtype=torch.bool)
+        for i, f in enumerate(forced):
+            forced_tokens[i, : len(f)] = torch.tensor(f, dtype=torch.long)
+            is_forced[i, : len(f)] = True
+        later = torch.where(torch.tensor(alive)[:, None], torch.tensor(last_pos)[:, None] + torch.arange(1, steps), 0)
+        to = lambda t: t.to(self.device)
+        slot_index, start, later, zeros = to(slot_index), to(start), to(later), to(torch.zeros_like(last))
+        forced_tokens, is_forced, alive_t = to(forced_tokens), to(is_forced), to(torch.tensor(alive)[:, None])
+
+        out_tokens = torch.zeros(rows, steps, dtype=torch.long, device=self.device)
+        out_probs = torch.zeros(rows, steps, dtype=torch.float32, device=self.device)
+        feature, ids, probs = self.steps(
+            (to(tokens), features, to(positions), to(valid), slot_index, start, to(last)), [p + 1 for p in last_pos]
+        )
+        out_tokens[:, 0], out_probs[:, 0] = ids, probs
+        for step in range(1, steps):
+            token = torch.where(is_forced[:, step - 1], forced_tokens[:, step - 1], out_tokens[:, step - 1])
+            feature, ids, probs = self.steps(
+                (token[:, None], feature, later[:, step - 1 : step], alive_t, slot_index, start, zeros),
+                [p + step + 1 if ok else 1 for p, ok in zip(last_pos, alive)],
             )
-            head_input = head_input[:, 0]
+            out_tokens[:, step], out_probs[:, step] = ids, probs
         take = torch.tensor([len(f) for f in forced], device=self.device)[:, None] + torch.arange(
             num_tokens, device=self.device
         )
-        return DraftOutput(tokens=out_tokens.gather(1, take), probs=out_probs.gather(1, take) * live_t)
+        return DraftOutput(tokens=out_tokens[:bs].gather(1, take), probs=out_probs[:bs].gather(1, take) * alive_t[:bs])
 
-    def _run(self, tokens, features, positions, valid, slot_index, start, *, kv_len: int):
-        tokens, positions, valid = tokens.to(self.device), positions.to(self.device), valid.to(self.device)
+    def _feature_width(self) -> int:
+        """Width of the target's features: its hidden size (EAGLE) or its
+        aux layers' outputs side by side (EAGLE-3)."""
+        return self.head.fc.in_features if self.head.version == 3 else self.head.fc.in_features // 2
+
+    def _catch_up(self, feeds: list[tuple[_Slot, list[int], torch.Tensor]]) -> None:
+        """Write the cache rows of ``feeds``' (token, feature) pairs after
+        their slots' cached rows."""
+
+        def forward(pieces):
+            width = max(end - begin for _, begin, end in pieces)
+            tokens = torch.zeros(len(pieces), width, dtype=torch.long)
+            positions = torch.zeros(len(pieces), width, dtype=torch.long)
+            valid = torch.zeros(len(pieces), width, dtype=torch.bool)
+            features = torch.zeros(len(pieces), width, self._feature_width(), dtype=self.dtype, device=self.device)
+            kv = []
+            for row, (i, begin, end) in enumerate(pieces):
+                slot, toks, feats = feeds[i]
+                n = end - begin
+                tokens[row, :n] = torch.tensor(toks[begin:end])
+                features[row, :n] = feats[begin:end]
+                positions[row] = slot.cached + torch.arange(width).clamp(max=n - 1)
+                valid[row, :n] = True
+                kv.append(slot.cached + n)
+            slot_index = torch.tensor([feeds[i][0].index for i, _, _ in pieces])
+            start = torch.tensor([feeds[i][0].start for i, _, _ in pieces])
+            to = lambda t: t.to(self.device)
+            self._forward(to(tokens), features, to(positions), to(valid), to(slot_index), to(start), kv=kv)
+            for i, begin, end in pieces:
+                feeds[i][0].cached += end - begin
+
+        self.catch_up.run([len(toks) for _, toks, _ in feeds], forward)
+
+    def _step(self, tokens, features, positions, valid, slot_index, start, last, *, kv):
+        """One step: the head's feature after column ``last`` of each row,
+        its greedy proposal there (in target ids) and that proposal's
+        probability."""
+        out_feature, head_input = self._forward(tokens, features, positions, valid, slot_index, start, kv=kv)
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        probs, ids = torch.softmax(self.head.logits(head_input[rows, last]).float(), dim=-1).max(dim=-1)
+        return out_feature[rows, last][:, None], self.head.to_target_ids(ids), probs
+
+    def _forward(self, tokens, features, positions, valid, slot_index, start, *, kv):
         cos_sin = self.head.rotary_emb(features, positions)
+        rows = self.cache.rows(positions, valid, slot_index, start, kv=kv)
 
         def attend(attn, x, cs):
-            return self.cache.attention(0, attn, x, cs, positions, valid, slot_index, start, kv_len=kv_len)
+            return self.cache.attention(0, attn, x, cs, rows)
 
         return self.head.step(tokens, features, cos_sin, attend)
+
+
+def own_copy(features: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``features`` copied onto the drafter's device: never a view of the
+    caller's buffer, which SGLang rewrites at its next forward (a graph
+    replay writes its static hidden-state buffer in place). A copy to the
+    CPU is blocking, so it is complete when the drafter's thread reads it."""
+    out = torch.empty(features.shape, dtype=dtype, device=device)
+    return out.copy_(features, non_blocking=device.type == "cuda")

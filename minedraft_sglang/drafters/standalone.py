@@ -5,7 +5,7 @@ scheduler step. PSD needs the opposite: a drafter that runs on another device
 (or another core) while the target verifies. So the draft model runs here in
 plain PyTorch, gpt-fast style: the transformers modules provide the weights
 and layers, this file provides a batched forward over a slot-per-request KV
-cache.
+cache (``kv_cache.py``: the step and catch-up forwards).
 
 Cache bookkeeping is by token ids, not by step: each slot remembers which
 tokens its KV rows were computed from. At the next draft call the rows that
@@ -20,9 +20,10 @@ import logging
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 from minedraft_sglang.drafters.base import DraftOutput, DraftRequest
-from minedraft_sglang.drafters.kv_cache import CachedDrafter, SlotKVCache
+from minedraft_sglang.drafters.kv_cache import STEP_WIDTHS, CachedDrafter, CatchUp, SlotKVCache, StepRunner
 
 logger = logging.getLogger(__name__)
 
@@ -40,20 +41,28 @@ class _Slot:
 
 
 class StandaloneDrafter(CachedDrafter):
-    def __init__(self, model_path: str, device: str, dtype: torch.dtype):
-        from transformers import AutoModelForCausalLM
-
+    def __init__(self, model: str | nn.Module, device: str, dtype: torch.dtype, *, step_mode: str = "eager"):
+        """``model``: a checkpoint folder or a transformers causal LM;
+        ``step_mode``: how steps run (``kv_cache.StepRunner``)."""
         self.device = torch.device(device)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
+        if isinstance(model, str):
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+        self.model = model.to(self.device, dtype).eval()
         config = self.model.config
+        attn = self.model.model.layers[0].self_attn
         self.cache = SlotKVCache(
             config.num_hidden_layers,
+            config.num_attention_heads,
             config.num_key_value_heads,
-            self.model.model.layers[0].self_attn.head_dim,
+            attn.head_dim,
             dtype,
             self.device,
             _Slot,
         )
+        self.steps = StepRunner(self._step, step_mode, self.cache)
+        self.catch_up = CatchUp()
 
     def _sync(self, slot: _Slot, req: DraftRequest) -> list[int]:
         """Keep the cached rows that match the real tokens; return the tokens
@@ -70,21 +79,40 @@ class StandaloneDrafter(CachedDrafter):
 
     @torch.inference_mode()
     def prefill(self, reqs: Sequence[DraftRequest]) -> None:
-        # One forward per request: prompts differ in length, and padding
-        # them all to the longest would multiply the work.
+        feeds = []
         for req in reqs:
             slot = self.cache.slot(req.rid)
             if self.cache.is_scratch(slot) or len(slot.cached) >= len(req):
                 continue
             feed = self._sync(slot, req)
-            if len(slot.cached) + len(feed) > self.cache.max_len:
-                continue
-            tokens = torch.tensor([feed], device=self.device)
-            positions = len(slot.cached) + torch.arange(len(feed), device=self.device)[None]
-            valid = torch.ones_like(tokens, dtype=torch.bool)
-            kv_len = len(slot.cached) + len(feed)
-            self._forward(tokens, positions, valid, torch.tensor([slot.index], device=self.device), kv_len=kv_len)
-            slot.cached.extend(feed)
+            if len(slot.cached) + len(feed) <= self.cache.max_len:
+                feeds.append((slot, feed))
+        self._catch_up(feeds)
+
+    def _catch_up(self, feeds: list[tuple[_Slot, list[int]]]) -> None:
+        """Append ``feeds``' tokens to their slots' cache rows."""
+
+        def forward(pieces):
+            width = max(end - begin for _, begin, end in pieces)
+            tokens = torch.zeros(len(pieces), width, dtype=torch.long)
+            positions = torch.zeros(len(pieces), width, dtype=torch.long)
+            valid = torch.zeros(len(pieces), width, dtype=torch.bool)
+            kv = []
+            for row, (i, begin, end) in enumerate(pieces):
+                slot, feed = feeds[i]
+                n, base = end - begin, len(slot.cached)
+                tokens[row, :n] = torch.tensor(feed[begin:end])
+                # Padding repeats the last position: in range, and never read.
+                positions[row] = base + torch.arange(width).clamp(max=n - 1)
+                valid[row, :n] = True
+                kv.append(base + n)
+            slot_index = torch.tensor([feeds[i][0].index for i, _, _ in pieces])
+            to = lambda t: t.to(self.device)
+            self._forward(to(tokens), to(positions), to(valid), to(slot_index), kv=kv)
+            for i, begin, end in pieces:
+                feeds[i][0].cached.extend(feeds[i][1][begin:end])
+
+        self.catch_up.run([len(f) for _, f in feeds], forward)
 
     @torch.inference_mode()
     def draft(self, reqs: Sequence[DraftRequest], num_tokens: int) -> DraftOutput:
@@ -93,54 +121,74 @@ class StandaloneDrafter(CachedDrafter):
         feeds = [self._sync(s, r) for s, r in zip(slots, reqs)]
         # Requests that outgrew the cache still get a (useless) proposal of
         # the right shape: the target rejects it, so output stays exact.
-        overflow = [
-            self.cache.is_scratch(s) or len(s.cached) + len(f) + num_tokens > self.cache.max_len
+        live = [
+            not self.cache.is_scratch(s) and len(s.cached) + len(f) + num_tokens <= self.cache.max_len
             for s, f in zip(slots, feeds)
         ]
-        width = max(len(f) for f in feeds)
-        tokens = torch.zeros(bs, width, dtype=torch.long)
-        positions = torch.zeros(bs, width, dtype=torch.long)
-        valid = torch.zeros(bs, width, dtype=torch.bool)
+        widest = STEP_WIDTHS[-1]
+        self._catch_up([(s, f[:-1]) for s, f, ok in zip(slots, feeds, live) if ok and len(f) > widest])
+        feeds = [(f[-1:] if len(f) > widest else f) if ok else [] for f, ok in zip(feeds, live)]
+
+        # The first step feeds what each request has new; its last token's
+        # logits give the first draft. Padding rows write to scratch.
+        rows, width = self.steps.shape(bs, max([1, *map(len, feeds)]))
+        tokens = torch.zeros(rows, width, dtype=torch.long)
+        positions = torch.zeros(rows, width, dtype=torch.long)
+        valid = torch.zeros(rows, width, dtype=torch.bool)
+        slot_index = torch.full((rows,), self.cache.scratch)
+        last = torch.zeros(rows, dtype=torch.long)
+        last_pos = [0] * rows
+        alive = [bool(f) for f in feeds] + [False] * (rows - bs)
         for i, (s, f) in enumerate(zip(slots, feeds)):
-            if overflow[i]:
+            if not f:
                 continue
-            tokens[i, : len(f)] = torch.tensor(f)
-            positions[i] = len(s.cached) + torch.arange(width)
-            valid[i, : len(f)] = True
-        last = torch.tensor([max(len(f) - 1, 0) for f in feeds])
-        slot_index = torch.tensor([s.index for s in slots])
-
-        out_tokens = torch.zeros(bs, num_tokens, dtype=torch.long, device=self.device)
-        out_probs = torch.zeros(bs, num_tokens, dtype=torch.float32, device=self.device)
-        slot_index = slot_index.to(self.device)
-        # Lengths are tracked on the host (positions are still CPU tensors
-        # here), so no forward reads them back from the device.
-        kv_len = int(positions.max()) + 1
-        last_position = positions.gather(1, last[:, None])
-        kv_len_next = int(last_position.max()) + 2
-        hidden = self._forward(
-            tokens.to(self.device), positions.to(self.device), valid.to(self.device), slot_index, kv_len=kv_len
+            n = len(f)
+            tokens[i, :n] = torch.tensor(f)
+            positions[i] = len(s.cached) + torch.arange(width).clamp(max=n - 1)
+            valid[i, :n] = True
+            slot_index[i] = s.index
+            last[i] = n - 1
+            last_pos[i] = len(s.cached) + n - 1
+        # Every later step feeds one token per request, one position on; dead
+        # and padding rows stay at position 0 (in range, their writes go to
+        # scratch).
+        later = torch.where(
+            torch.tensor(alive)[:, None], torch.tensor(last_pos)[:, None] + torch.arange(1, num_tokens), 0
         )
-        logits = self._logits(hidden[torch.arange(bs, device=self.device), last.to(self.device)])
-        positions = last_position.to(self.device)
-        live = ~torch.tensor(overflow, device=self.device)[:, None]
-        for step in range(num_tokens):
-            probs = torch.softmax(logits.float(), dim=-1)
-            out_probs[:, step], out_tokens[:, step] = probs.max(dim=-1)
-            if step + 1 == num_tokens:
-                break
-            positions = positions + 1
-            hidden = self._forward(
-                out_tokens[:, step : step + 1], positions, live, slot_index, kv_len=kv_len_next + step
-            )
-            logits = self._logits(hidden[:, 0])
+        to = lambda t: t.to(self.device)
+        slot_index, later, zeros = to(slot_index), to(later), to(torch.zeros_like(last))
+        alive_t = to(torch.tensor(alive)[:, None])
 
+        out_tokens = torch.zeros(rows, num_tokens, dtype=torch.long, device=self.device)
+        out_probs = torch.zeros(rows, num_tokens, dtype=torch.float32, device=self.device)
+        ids, probs = self.steps((to(tokens), to(positions), to(valid), slot_index, to(last)), [p + 1 for p in last_pos])
+        out_tokens[:, 0], out_probs[:, 0] = ids, probs
+        for step in range(1, num_tokens):
+            ids, probs = self.steps(
+                (out_tokens[:, step - 1 : step], later[:, step - 1 : step], alive_t, slot_index, zeros),
+                [p + step + 1 if ok else 1 for p, ok in zip(last_pos, alive)],
+            )
+            out_tokens[:, step], out_probs[:, step] = ids, probs
+
+        out_tokens, out_probs = out_tokens[:bs], out_probs[:bs]
         drafted = out_tokens[:, : num_tokens - 1].tolist()
-        for i, (s, f) in enumerate(zip(slots, feeds)):
-            if not overflow[i]:
+        for s, f, d in zip(slots, feeds, drafted):
+            if f:
                 s.cached.extend(f)
-                s.cached.extend(drafted[i])
+                s.cached.extend(d)
         return DraftOutput(tokens=out_tokens, probs=out_probs)
+
+    def _step(self, tokens, positions, valid, slot_index, last, *, kv) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step: the greedy token after column ``last`` of each row, and
+        its probability."""
+        hidden = self._forward(tokens, positions, valid, slot_index, kv=kv)
+        hidden = hidden[torch.arange(tokens.shape[0], device=tokens.device), last]
+        # Only the positions that propose a token: with a 150k-token
+        # vocabulary the LM head over a whole prompt would cost more than the
+        # layers.
+        logits = self.model.lm_head(self.model.model.norm(hidden))
+        probs, ids = torch.softmax(logits.float(), dim=-1).max(dim=-1)
+        return ids, probs
 
     def _forward(
         self,
@@ -149,27 +197,14 @@ class StandaloneDrafter(CachedDrafter):
         valid: torch.Tensor,  # [bs, T] or broadcastable: False rows write to scratch
         slot_index: torch.Tensor,  # [bs]
         *,
-        kv_len: int,  # max(positions) + 1
+        kv,  # SlotKVCache.rows
     ) -> torch.Tensor:
         """Hidden states [bs, T, H] before the final norm; writes the KV rows."""
         model = self.model.model
         h = model.embed_tokens(tokens)
         cos_sin = model.rotary_emb(h, positions)
+        rows = self.cache.rows(positions, valid, slot_index, kv=kv)
         for layer_id, layer in enumerate(model.layers):
-            h = h + self.cache.attention(
-                layer_id,
-                layer.self_attn,
-                layer.input_layernorm(h),
-                cos_sin,
-                positions,
-                valid,
-                slot_index,
-                kv_len=kv_len,
-            )
+            h = h + self.cache.attention(layer_id, layer.self_attn, layer.input_layernorm(h), cos_sin, rows)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return h
-
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # Only the positions that propose a token: with a 150k-token vocabulary
-        # the LM head over a whole prompt would cost more than the layers.
-        return self.model.lm_head(self.model.model.norm(hidden))

@@ -1,13 +1,15 @@
 """GPU check: our components on the GPU against plain references, and one PSD
-step against one SD step on Llama-shaped random-weight models.
+step against one SD step on Llama-shaped random-weight models: a plain-torch
+target, our real drafter (``drafters.standalone``, its steps replayed from
+CUDA graphs) over a transformers model.
 
     python -m minedraft_sglang.lab.gpu_check [--out FILE.json] [--target 8b] [--draft 1b] ...
     python -m minedraft_sglang.lab.gpu_check --cpu-smoke      # the same code paths on CPU, tiny shapes
     launch/gpu_check.sh [same flags]
 
-It imports only torch, flashinfer and the standard library (plus our pure-torch
-``sampling`` and ``metrics`` modules), so it runs on a GPU machine without
-SGLang or transformers. Exit status: 0 every check passed and every benchmark
+It imports only torch, transformers, flashinfer and the standard library (plus
+our ``drafters``, ``sampling`` and ``metrics`` modules, which need no more), so
+it runs on a GPU machine without SGLang. Exit status: 0 every check passed and every benchmark
 ran, 1 otherwise, 2 no GPU (without --cpu-smoke). What it checks and measures:
 docs/gpu.md.
 """
@@ -28,6 +30,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from minedraft_sglang.drafters.base import DraftRequest
+from minedraft_sglang.drafters.standalone import StandaloneDrafter
 from minedraft_sglang.metrics import overlap_ratio
 from minedraft_sglang.sampling.acceptance import greedy_accept, rejection_sample
 
@@ -277,15 +281,29 @@ class Llama:
         return rms_norm(x, self.norm) @ self.lm_head
 
 
-def draft(
-    model: Llama, cache: KVCache, attn: Callable, last_tokens: torch.Tensor, start_pos: torch.Tensor, k: int
-) -> torch.Tensor:
-    """k greedy draft tokens per request after ``last_tokens`` (at start_pos)."""
-    tokens, out = last_tokens[:, None], []
-    for j in range(k):
-        tokens = model.forward(tokens, start_pos + j, cache, attn)[:, -1].argmax(-1, keepdim=True)
-        out.append(tokens)
-    return torch.cat(out, dim=1)
+def draft_model(shape: Shape, dtype: torch.dtype, device: torch.device, init_std: float = 0.02):
+    """A transformers Llama of ``shape`` with random weights, for the real
+    drafter."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=shape.vocab,
+        hidden_size=shape.dim,
+        intermediate_size=shape.ffn,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        head_dim=shape.head_dim,
+        initializer_range=init_std,
+    )
+    torch.manual_seed(2)
+    with torch.device(device):
+        return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def real_drafter(model, device: torch.device, dtype: torch.dtype) -> StandaloneDrafter:
+    """The drafter MINEDRAFT serves with, its steps as CUDA graphs on a GPU."""
+    return StandaloneDrafter(model, str(device), dtype, step_mode="graph" if device.type == "cuda" else "eager")
 
 
 def verify(
@@ -379,6 +397,33 @@ def check_model_verify(backend: str, shape: Shape, dtype: torch.dtype, device: t
     return err, MODEL_TOL[dtype], f"{shape.layers} layers, error relative to the largest logit"
 
 
+def check_drafter(device: torch.device, k: int):
+    """The real drafter (CUDA graphs on a GPU) against transformers' greedy
+    decoding of the same model, through rounds of partial acceptance; fp32,
+    weights drawn wide enough that near-ties, where rounding decides, are
+    rare. The error is the fraction of drafts that differ."""
+    shape = SHAPES["small" if device.type == "cuda" else "tiny"]
+    model = draft_model(shape, torch.float32, device, init_std=0.2)
+    drafter = real_drafter(model, device, torch.float32)
+    drafter.allocate(max_requests=4, max_len=256)
+    gen = torch.Generator().manual_seed(8)
+    seqs = [torch.randint(0, shape.vocab, (n,), generator=gen).tolist() for n in (1, 9, 40, 100)]
+    wrong = total = 0
+    with torch.no_grad():
+        for round_ in range(4):
+            out = drafter.draft([DraftRequest(str(i), s[:1], s[1:]) for i, s in enumerate(seqs)], k).tokens.tolist()
+            for s, drafted in zip(seqs, out):
+                want = list(s)
+                for _ in range(k):
+                    want.append(int(model(torch.tensor([want], device=device)).logits[0, -1].argmax()))
+                wrong += sum(a != b for a, b in zip(drafted, want[-k:]))
+                total += k
+                j = (round_ + len(s)) % (k + 1)  # keep j drafts, then a correction
+                s.extend(want[-k:][:j] + [(want[-k:][j] + 1) % shape.vocab if j < k else 0])
+    mode = drafter.steps.mode
+    return wrong / total, 0.0, f"{total} drafts of 4 requests in 4 rounds, steps {mode}"
+
+
 def check_greedy_accept(device: torch.device, gen: torch.Generator):
     bs, k, vocab = 256, 4, 8
     drafts = torch.randint(0, vocab, (bs, k), generator=gen)
@@ -449,6 +494,7 @@ def unit_checks(device: torch.device, k: int, backends: list[str], dtypes: list[
             (f"llama-verify-{tag}", lambda b=backend, d=dtype: check_model_verify(b, shape, d, device, k)),
         ]
     named += [
+        ("drafter-greedy", lambda: check_drafter(device, k)),
         ("greedy-accept", lambda: check_greedy_accept(device, gen)),
         ("rejection-sample", lambda: check_rejection_sample(device, gen)),
     ]
@@ -489,8 +535,7 @@ def timed(fn: Callable[[], object], iters: int, devices: list[torch.device]) -> 
 
 def cuda_graph(fn: Callable[[], object], device: torch.device, notes: list[str], name: str) -> Callable[[], object]:
     """``fn`` replayed as a CUDA graph (what SGLang does for decode and
-    verify; without it a small drafter's step is kernel-launch bound), or
-    ``fn`` itself on CPU or where capture fails."""
+    verify), or ``fn`` itself on CPU or where capture fails."""
     if device.type != "cuda":
         return fn
     try:
@@ -525,8 +570,9 @@ class SubBatch:
 
 class Bench:
     """Target and drafter with caches for 2B requests: sub-batch A is rows
-    [0, B), sub-batch B rows [B, 2B), SD at 2B uses all of them. Prefix KV is
-    zeros: values do not change kernel times."""
+    [0, B), sub-batch B rows [B, 2B), SD at 2B uses all of them. The target's
+    prefix KV is zeros (values do not change kernel times); the drafter's is
+    computed from random prefixes (its prefill)."""
 
     def __init__(self, args, target_device: torch.device, attention: str, notes: list[str]):
         self.args, self.device, self.attention, self.notes = args, target_device, attention, notes
@@ -547,25 +593,35 @@ class Bench:
             )
             for name in ("A", "AB")
         }
-        self.drafters: dict[torch.device, tuple[Llama, KVCache]] = {}
+        # Request i is row i of every sub-batch it is in, so 2B drafter slots
+        # hold them all.
+        prompts = torch.Generator().manual_seed(3)
+        vocab = min(args.target.vocab, args.draft.vocab)
+        self.draft_reqs = [
+            DraftRequest(f"r{i}", torch.randint(0, vocab, (n,), generator=prompts).tolist(), [t])
+            for i, (n, t) in enumerate(zip(start.tolist(), last.tolist()))
+        ]
+        self.drafters: dict[torch.device, StandaloneDrafter] = {}
 
-    def drafter(self, device: torch.device) -> tuple[Llama, KVCache]:
+    def drafter(self, device: torch.device) -> StandaloneDrafter:
         if device not in self.drafters:
-            model = Llama(self.args.draft, self.args.dtype, device, seed=2)
-            self.drafters[device] = (model, model.new_cache(2 * self.args.batch, self.max_len))
+            drafter = real_drafter(draft_model(self.args.draft, self.args.dtype, device), device, self.args.dtype)
+            drafter.allocate(2 * self.args.batch, self.max_len)
+            self.drafters[device] = drafter
         return self.drafters[device]
 
     def draft_stage(self, name: str, device: torch.device) -> Callable[[], torch.Tensor]:
-        """Drafts for sub-batch ``name`` on ``device`` (left there: see psd_step)."""
-        model, cache = self.drafter(device)
-        sub = self.subs[name]
-        start, last = sub.start.to(device), sub.last.to(device)
-        return cuda_graph(
-            lambda: draft(model, cache.rows(sub.rows), sdpa_attention, last, start, self.args.k),
-            device,
-            self.notes,
-            f"draft {name} on {device}",
-        )
+        """Drafts for sub-batch ``name`` on ``device`` (left there: see
+        psd_step). Every call drafts from the same tokens: the drafter feeds
+        the last one again and decodes k - 1 more, a call after a rejection."""
+        drafter, reqs = self.drafter(device), self.draft_reqs[self.subs[name].rows]
+        drafter.prefill(reqs)
+        k = self.args.k
+        stage = lambda: drafter.draft(reqs, k).tokens  # noqa: E731
+        stage()  # captures its CUDA graphs
+        if device.type == "cuda" and drafter.steps.mode != "graph":
+            self.notes.append(f"draft {name} on {device}: eager, CUDA graph capture failed (see the log)")
+        return stage
 
     def verify_stage(self, name: str) -> Callable[[], object]:
         sub, k = self.subs[name], self.args.k
@@ -583,10 +639,12 @@ def psd_step(
     draft_fn: Callable[[], torch.Tensor], verify_fn: Callable[[], object], target: torch.device, streams: tuple | None
 ) -> None:
     """Draft one sub-batch while the target verifies the other; the step ends
-    when both have. Only the draft token ids cross to the target's GPU, on a
-    stream of their own: a cross-device copy makes the destination's current
-    stream wait for it, which on the verify stream would serialise the two.
-    Without streams (CPU) the same work runs back to back."""
+    when both have. The verify is launched first: the drafter waits on its own
+    stream (its drafts go to the host to update its cache), which must not hold
+    up the verify's launch. Only the draft token ids cross to the target's GPU,
+    on a stream of their own: a cross-device copy makes the destination's
+    current stream wait for it, which on the verify stream would serialise the
+    two. Without streams (CPU) the same work runs back to back."""
     if streams is None:
         draft_fn().to(target)
         verify_fn()
@@ -594,11 +652,11 @@ def psd_step(
     draft_stream, handoff_stream = streams
     main = torch.cuda.current_stream(target)
     draft_stream.wait_stream(main)
+    verify_fn()
     with torch.cuda.stream(draft_stream):
         drafts = draft_fn()
         with torch.cuda.stream(handoff_stream):
             drafts.to(target, non_blocking=True)
-    verify_fn()
     main.wait_stream(draft_stream)
     main.wait_stream(handoff_stream)
 

@@ -8,7 +8,7 @@ import os
 from minedraft_sglang.lab import draft_speed, tiny_models
 
 
-def test_reports_a_median_per_dtype_and_batch(capsys):
+def test_reports_a_median_per_mode_dtype_and_batch(capsys):
     saved = os.sched_getaffinity(0)
     try:
         draft_speed.main(
@@ -18,5 +18,6 @@ def test_reports_a_median_per_dtype_and_batch(capsys):
         os.sched_setaffinity(0, saved)
     out = capsys.readouterr().out
     report = json.loads(out[out.index("{") :])
-    assert set(report["median_ms"]) == {"float32 b=1", "float32 b=3", "bfloat16 b=1", "bfloat16 b=3"}
+    names = {f"eager {dtype} b={b}" for dtype in ("float32", "bfloat16") for b in (1, 3)}
+    assert set(report["median_ms"]) == set(report["warmup_s"]) == names
     assert all(ms > 0 for ms in report["median_ms"].values())

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from minedraft_sglang.drafters import kv_cache
 from minedraft_sglang.lab import gpu_check as gc
 
 PACKAGE = Path(gc.__file__).parents[1]  # minedraft_sglang/
@@ -198,7 +199,11 @@ def test_self_drafts_are_fully_accepted():
     draft_cache, target_cache = model.new_cache(bs, max_len), model.new_cache(bs, max_len)
     for a, b in zip(draft_cache.k + draft_cache.v, target_cache.k + target_cache.v):
         b.copy_(a.copy_(torch.randn(a.shape, generator=gen)))
-    drafts = gc.draft(model, draft_cache, gc.sdpa_attention, last, start, k)
+    tokens, drafts = last[:, None], []
+    for j in range(k):
+        tokens = model.forward(tokens, start + j, draft_cache, gc.sdpa_attention)[:, -1].argmax(-1, keepdim=True)
+        drafts.append(tokens)
+    drafts = torch.cat(drafts, dim=1)
     out, accept_lens = gc.verify(model, target_cache, gc.sdpa_attention, last, drafts, start)
     assert accept_lens.tolist() == [k + 1] * bs
     assert (out[:, :k] == drafts).all()
@@ -225,6 +230,15 @@ def test_checks_fail_on_broken_components(monkeypatch):
     err, tol, _ = gc.check_rejection_sample(cpu, gen)
     assert err > tol
 
+    group = kv_cache.SlotKVCache._group
+
+    def without_own_key(self, rows, slots, positions, start, kv_len):
+        return group(self, rows, slots, positions - 1, start, kv_len)
+
+    monkeypatch.setattr(kv_cache.SlotKVCache, "_group", without_own_key)
+    err, tol, _ = gc.check_drafter(cpu, 4)
+    assert err > tol
+
 
 def test_guarded_check_reports_exceptions():
     def boom():
@@ -245,7 +259,7 @@ def test_parse_shape():
             gc.parse_shape(bad)
 
 
-ALLOWED = {"torch", "triton", "flashinfer", "minedraft_sglang"} | set(sys.stdlib_module_names)
+ALLOWED = {"torch", "triton", "flashinfer", "transformers", "minedraft_sglang"} | set(sys.stdlib_module_names)
 
 
 def _imports(path: Path, import_time_only: bool) -> set[str]:
@@ -265,7 +279,7 @@ def _imports(path: Path, import_time_only: bool) -> set[str]:
     return found
 
 
-def test_imports_only_torch_triton_flashinfer_and_stdlib():
+def test_imports_only_torch_triton_flashinfer_transformers_and_stdlib():
     """gpu_check (every import, even inside functions) and the modules of ours
     it loads (what runs at import) name nothing outside the allowed set."""
     todo, seen = [("minedraft_sglang.lab.gpu_check", False)], set()
@@ -288,6 +302,7 @@ def test_imports_only_torch_triton_flashinfer_and_stdlib():
         "minedraft_sglang.lab",
         "minedraft_sglang.sampling.acceptance",
         "minedraft_sglang.metrics",
+        "minedraft_sglang.drafters.standalone",
     } <= seen
 
 
@@ -295,7 +310,7 @@ BLOCKER = """
 import importlib.abc, sys
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name.split('.')[0] in {'sglang', 'sgl_kernel', 'transformers'}:
+        if name.split('.')[0] in {'sglang', 'sgl_kernel'}:
             raise ImportError('blocked for this test: ' + name)
 sys.meta_path.insert(0, Block())
 from minedraft_sglang.lab import gpu_check
@@ -316,7 +331,13 @@ def test_cpu_smoke_runs_without_sglang(tmp_path):
     report = json.loads(out.read_text())
     assert report["ok"] is True and report["environment"]["device"] == "cpu"
     names = {c["name"] for c in report["checks"]}
-    assert names == {"attention-sdpa-float32", "llama-verify-sdpa-float32", "greedy-accept", "rejection-sample"}
+    assert names == {
+        "attention-sdpa-float32",
+        "llama-verify-sdpa-float32",
+        "drafter-greedy",
+        "greedy-accept",
+        "rejection-sample",
+    }
     assert all(c["ok"] and c["max_err"] <= c["tol"] for c in report["checks"])
     bench = report["benchmark"]
     assert bench["attention"] == "sdpa" and len(bench["variants"]) == 1

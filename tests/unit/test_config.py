@@ -22,6 +22,7 @@ def test_config_round_trips_through_env(monkeypatch):
         ({"draft_device": "cuda:7"}, "--minedraft-draft-device"),
         ({"drafter": "magic"}, "--minedraft-drafter"),
         ({"draft_max_len": -1}, "--minedraft-draft-max-len"),
+        ({"draft_compile": "always"}, "--minedraft-draft-compile"),
         ({"draft_cores": "1-"}, "--minedraft-draft-cores"),
         ({"draft_cores": "999"}, "--minedraft-draft-cores"),
     ],
@@ -29,6 +30,11 @@ def test_config_round_trips_through_env(monkeypatch):
 def test_bad_config_names_the_flag(kwargs, flag):
     with pytest.raises(MineDraftConfigError, match=flag):
         MineDraftConfig(**kwargs).validate()
+
+
+def test_draft_compile_flag_reaches_the_config():
+    assert config_from_argv(["--model-path", "x"]).draft_compile == "auto"
+    assert config_from_argv(["--model-path", "x", "--minedraft-draft-compile", "off"]).draft_compile == "off"
 
 
 def test_k_is_auto_unless_the_user_chose_one():

@@ -6,11 +6,49 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from minedraft_sglang.drafters import kv_cache
 from minedraft_sglang.drafters.base import DraftRequest
 from minedraft_sglang.drafters.standalone import StandaloneDrafter
 from minedraft_sglang.lab import tiny_models
 
 K = 4
+# (device, step mode) of the drafter tests (also test_eagle.py's).
+# "graph-semantics" runs the CUDA-graph path of kv_cache.StepRunner on the
+# CPU: padded shapes, one capture per shape, static inputs copied in before
+# each replay, outputs that the next replay overwrites in place. Its stand-in
+# for a capture runs the step once (as the real warm-up does), blanks the
+# outputs (a capture computes nothing), and replays by running the step again
+# on the captured inputs, into the captured outputs.
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+STEP_MODES = [
+    pytest.param("cpu", "eager", id="cpu-eager"),
+    pytest.param("cpu", "graph-semantics", id="cpu-graph-semantics"),
+    pytest.param("cuda", "eager", marks=GPU, id="cuda-eager"),
+    pytest.param("cuda", "graph", marks=GPU, id="cuda-graph"),
+]
+
+
+def step_mode(mode: str, monkeypatch) -> str:
+    if mode == "graph-semantics":
+        monkeypatch.setattr(kv_cache, "cuda_graph", _graph_on_cpu)
+        return "graph"
+    return mode
+
+
+def _graph_on_cpu(fn, device, pool):
+    out = fn()
+    for o in out:
+        o.fill_(-1)
+
+    def replay():
+        for o, new in zip(out, fn()):
+            o.copy_(new)
+
+    return replay, out, pool
+
+
+def make_drafter(path, device, mode, monkeypatch):
+    return StandaloneDrafter(path, device, torch.float32, step_mode=step_mode(mode, monkeypatch))
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +69,13 @@ def hf_greedy(hf, tokens, n):
     return tokens[-n:]
 
 
-def test_drafts_equal_transformers_greedy_through_accept_and_reject(path, hf):
-    drafter = StandaloneDrafter(path, "cpu", torch.float32)
+@pytest.mark.parametrize("device, mode", STEP_MODES)
+def test_drafts_equal_transformers_greedy_through_accept_and_reject(path, hf, device, mode, monkeypatch):
+    drafter = make_drafter(path, device, mode, monkeypatch)
     drafter.allocate(max_requests=4, max_len=256)
     g = torch.Generator().manual_seed(0)
-    seqs = {f"r{i}": torch.randint(3, 1000, (n,), generator=g).tolist() for i, n in enumerate((1, 5, 17, 40))}
+    # Lengths across key buckets (64, 128): eager reads them in groups.
+    seqs = {f"r{i}": torch.randint(3, 1000, (n,), generator=g).tolist() for i, n in enumerate((1, 5, 17, 90))}
     for round_ in range(6):
         reqs = [DraftRequest(rid, s[:1], s[1:]) for rid, s in seqs.items()]
         out = drafter.draft(reqs, K)
@@ -79,8 +119,10 @@ def test_cpu_drafter_state_stays_on_cpu(path):
     assert drafter.cache.k.device.type == "cpu"
 
 
-def test_cache_grows_with_concurrent_requests_and_keeps_state(path, hf):
-    drafter = StandaloneDrafter(path, "cpu", torch.float32)
+@pytest.mark.parametrize("device, mode", STEP_MODES)
+def test_cache_grows_with_concurrent_requests_and_keeps_state(path, hf, device, mode, monkeypatch):
+    """Growing moves the cache: steps captured before read the new one."""
+    drafter = make_drafter(path, device, mode, monkeypatch)
     drafter.allocate(max_requests=20, max_len=64)
     reqs = [DraftRequest(f"r{i}", [5 + i, 6, 7], []) for i in range(12)]
     out = drafter.draft(reqs[:3], K)  # fits the initial slots
@@ -89,6 +131,8 @@ def test_cache_grows_with_concurrent_requests_and_keeps_state(path, hf):
     assert out_all.tokens[:3].tolist() == out.tokens.tolist()
     for req, drafted in zip(reqs, out_all.tokens.tolist()):
         assert drafted == hf_greedy(hf, list(req.prompt), K)
+    # Steps of the first call's shapes again, now over the grown cache.
+    assert drafter.draft(reqs[:3], K).tokens.tolist() == out.tokens.tolist()
 
 
 def test_prefilled_prompts_are_not_fed_again_and_drafts_stay_exact(path, hf):
@@ -117,3 +161,88 @@ def test_drafter_dtype_follows_the_target_except_float16_on_cpu():
     assert drafter_dtype("cpu", torch.float32) == torch.float32
     assert drafter_dtype("cpu", torch.float16) == torch.float32
     assert drafter_dtype("cuda:1", torch.float16) == torch.float16
+
+
+def test_compiled_steps_equal_transformers_greedy(path, hf):
+    """torch.compile for real, on one shape (each new shape compiles anew)."""
+    drafter = StandaloneDrafter(path, "cpu", torch.float32, step_mode="compile")
+    drafter.allocate(max_requests=1, max_len=64)
+    prompt = [5, 6, 7, 8]
+    drafter.prefill([DraftRequest("a", prompt, [])])
+    out = drafter.draft([DraftRequest("a", prompt, [9])], 2)
+    assert out.tokens[0].tolist() == hf_greedy(hf, [*prompt, 9], 2)
+
+
+PROMPTS = {"a": 3, "b": 70, "c": 150, "d": 8, "e": 33, "f": 20}
+
+
+def _prompts():
+    g = torch.Generator().manual_seed(1)
+    return {rid: torch.randint(3, 1000, (n,), generator=g).tolist() for rid, n in PROMPTS.items()}
+
+
+def _cached_rows(drafter, rid, n):
+    index = drafter.cache.slot(rid).index
+    return drafter.cache.k[:, index, :, :n], drafter.cache.v[:, index, :, :n]
+
+
+def test_catch_up_equals_unpadded_forwards_one_request_at_a_time(path, hf):
+    """Newcomers' prompts fed in forwards of at most 64 tokens (prompts cut
+    into pieces, pieces of similar length together) write the same cache
+    rows as one unpadded forward per prompt, and draft the same."""
+    prompts = _prompts()
+    drafter = StandaloneDrafter(path, "cpu", torch.float32)
+    drafter.allocate(max_requests=8, max_len=256)
+    drafter.catch_up.max_tokens = 64
+    shapes = []
+    forward = drafter._forward
+    drafter._forward = lambda tokens, *a, **kw: (shapes.append(tuple(tokens.shape)), forward(tokens, *a, **kw))[1]
+    reqs = [DraftRequest(rid, p, []) for rid, p in prompts.items()]
+    out = drafter.draft(reqs, K)
+    catch_up, step = shapes[:-K], shapes[-K]
+    assert all(rows * width <= 64 for rows, width in catch_up), catch_up
+    # All but each prompt's last token, padded by less than a third overall.
+    fed = sum(n - 1 for n in PROMPTS.values() if n > kv_cache.STEP_WIDTHS[-1])
+    assert fed <= sum(r * w for r, w in catch_up) < 1.34 * fed
+    assert step == (len(reqs), kv_cache.STEP_WIDTHS[-1])  # the short prompts' whole feed
+    for req, drafted in zip(reqs, out.tokens.tolist()):
+        assert drafted == hf_greedy(hf, req.prompt, K), req.rid
+
+    reference = StandaloneDrafter(path, "cpu", torch.float32)
+    reference.allocate(max_requests=8, max_len=256)
+    for rid, prompt in prompts.items():
+        reference.prefill([DraftRequest(rid, prompt, [])])
+    for rid, prompt in prompts.items():
+        n = len(prompt) - 1
+        for got, want in zip(_cached_rows(drafter, rid, n), _cached_rows(reference, rid, n)):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_out_of_memory_in_catch_up_shrinks_the_forwards_and_still_drafts(path, hf, monkeypatch):
+    prompts = _prompts()
+    drafter = StandaloneDrafter(path, "cpu", torch.float32)
+    drafter.allocate(max_requests=8, max_len=256)
+    forward, fed = drafter._forward, []
+
+    def forward_below_100_tokens(tokens, *args, **kwargs):
+        if tokens.numel() > 100:
+            raise torch.OutOfMemoryError("simulated: 100 tokens at most")
+        fed.append(tokens.numel())
+        return forward(tokens, *args, **kwargs)
+
+    monkeypatch.setattr(drafter, "_forward", forward_below_100_tokens)
+    reqs = [DraftRequest(rid, p, [7]) for rid, p in prompts.items()]
+    drafter.prefill(reqs)  # the worker's prefill: the same catch-up
+    assert drafter.catch_up.max_tokens == 64
+    assert {rid: len(drafter.cache.slot(rid).cached) for rid in prompts} == {r: n + 1 for r, n in PROMPTS.items()}
+    out = drafter.draft(reqs, K)
+    for req, drafted in zip(reqs, out.tokens.tolist()):
+        assert drafted == hf_greedy(hf, [*req.prompt, 7], K), req.rid
+    assert drafter.active_rids() == set(prompts)
+
+
+def test_step_mode_graphs_on_a_gpu_and_runs_eagerly_on_cpu_unless_told():
+    from minedraft_sglang.drafters import step_mode
+
+    assert [step_mode("cuda:1", c) for c in ("auto", "on", "off")] == ["graph", "graph", "eager"]
+    assert [step_mode("cpu", c) for c in ("auto", "on", "off")] == ["eager", "compile", "eager"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_drafter import GPU, STEP_MODES, step_mode
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -13,6 +14,12 @@ from minedraft_sglang.drafters.base import DraftRequest
 from minedraft_sglang.lab import tiny_eagle, tiny_models
 
 K = 3
+DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=GPU)]
+
+
+def make_drafter(path, device="cpu", mode="eager", monkeypatch=None):
+    target = str(tiny_models.model_path("target"))
+    return eagle.EagleDrafter(path, target, device, torch.float32, step_mode=step_mode(mode, monkeypatch))
 
 
 @pytest.fixture(scope="module")
@@ -72,15 +79,17 @@ def reference_drafts(head, tokens: list[int], features: torch.Tensor, n: int) ->
     return drafts
 
 
-def test_drafts_equal_full_sequence_reference_through_accept_and_reject(random_head, target):
+@pytest.mark.parametrize("device, mode", STEP_MODES)
+def test_drafts_equal_full_sequence_reference_through_accept_and_reject(random_head, target, device, mode, monkeypatch):
     version, path, head = random_head
-    drafter = eagle.EagleDrafter(path, str(tiny_models.model_path("target")), "cpu", torch.float32)
+    drafter = make_drafter(path, device, mode, monkeypatch)
     drafter.allocate(max_requests=4, max_len=128)
-    seqs, features = tiny_eagle.target_text_and_features(target, version, seed=7, num_seqs=3, length=48)
+    seqs, features = tiny_eagle.target_text_and_features(target, version, seed=7, num_seqs=3, length=90)
     real = {f"r{i}": (seqs[i].tolist(), features[i]) for i in range(3)}
-    lengths = {"r0": 9, "r1": 12, "r2": 20}
+    # Feeds past the widest step catch up first; lengths across key buckets.
+    lengths = {"r0": 9, "r1": 12, "r2": 70}
     for rid, n in lengths.items():
-        drafter.observe(rid, 0, real[rid][1][: n - 1])
+        drafter.observe(rid, 0, real[rid][1][: n - 1].to(device))
     for round_ in range(5):
         reqs = [DraftRequest(rid, real[rid][0][:1], real[rid][0][1:n]) for rid, n in lengths.items()]
         out = drafter.draft(reqs, K)
@@ -91,23 +100,24 @@ def test_drafts_equal_full_sequence_reference_through_accept_and_reject(random_h
             assert drafted == want, (round_, req.rid)
             # Accept a different number of real tokens each round.
             m = 1 + (round_ + n) % (K + 1)
-            drafter.observe(req.rid, n - 1, feats[n - 1 : n - 1 + m])
+            drafter.observe(req.rid, n - 1, feats[n - 1 : n - 1 + m].to(device))
             lengths[req.rid] = n + m
     for rid in lengths:
         drafter.release(rid)
     assert not drafter.active_rids() and drafter.free_slots() == 4
 
 
-def test_draft_ahead_tokens_without_features_are_fed_with_own_features(random_head, target):
+@pytest.mark.parametrize("device, mode", STEP_MODES)
+def test_draft_ahead_tokens_without_features_are_fed_with_own_features(random_head, target, device, mode, monkeypatch):
     """Tokens past the last target feature (a draft-ahead guess) are fed
     autoregressively with the head's own features, like its drafts."""
     version, path, head = random_head
-    drafter = eagle.EagleDrafter(path, str(tiny_models.model_path("target")), "cpu", torch.float32)
+    drafter = make_drafter(path, device, mode, monkeypatch)
     drafter.allocate(max_requests=2, max_len=128)
     seqs, features = tiny_eagle.target_text_and_features(target, version, seed=8, num_seqs=1, length=24)
     toks, feats = seqs[0].tolist(), features[0]
     n = 10
-    drafter.observe("a", 0, feats[: n - 1])
+    drafter.observe("a", 0, feats[: n - 1].to(device))
     guess = drafter.draft([DraftRequest("a", toks[:1], toks[1:n])], K).tokens[0].tolist()
     ahead = drafter.draft([DraftRequest("a", toks[:1], toks[1:n] + guess)], K).tokens[0].tolist()
     assert ahead == reference_drafts(head, toks[:n], feats[: n - 1], 2 * K)[K:]
@@ -117,7 +127,7 @@ def test_prefix_cache_hit_starts_the_cache_late(random_head, target):
     """Features that start past position 0 (SGLang's prefix cache skipped
     them) still give drafts, from a cache that begins there."""
     version, path, _ = random_head
-    drafter = eagle.EagleDrafter(path, str(tiny_models.model_path("target")), "cpu", torch.float32)
+    drafter = make_drafter(path)
     drafter.allocate(max_requests=2, max_len=128)
     seqs, features = tiny_eagle.target_text_and_features(target, version, seed=9, num_seqs=1, length=24)
     toks, feats = seqs[0].tolist(), features[0]
@@ -127,6 +137,51 @@ def test_prefix_cache_hit_starts_the_cache_late(random_head, target):
     # Without any feature the request gets a placeholder the target rejects.
     out = drafter.draft([DraftRequest("b", toks[:1], toks[1:12])], K)
     assert bool((out.probs == 0).all())
+
+
+def test_catch_up_after_out_of_memory_drafts_as_the_reference(random_head, target, monkeypatch):
+    """Long feature runs (newcomers) catch up in forwards that an
+    out-of-memory shrank, and still draft what the reference drafts."""
+    version, path, head = random_head
+    drafter = make_drafter(path)
+    drafter.allocate(max_requests=4, max_len=128)
+    forward = drafter._forward
+
+    def forward_below_40_tokens(tokens, *args, **kwargs):
+        if tokens.numel() > 40:
+            raise torch.OutOfMemoryError("simulated: 40 tokens at most")
+        return forward(tokens, *args, **kwargs)
+
+    monkeypatch.setattr(drafter, "_forward", forward_below_40_tokens)
+    seqs, features = tiny_eagle.target_text_and_features(target, version, seed=11, num_seqs=3, length=64)
+    lengths = {"r0": 9, "r1": 30, "r2": 60}
+    reqs = []
+    for i, (rid, n) in enumerate(lengths.items()):
+        drafter.observe(rid, 0, features[i][: n - 1])
+        reqs.append(DraftRequest(rid, seqs[i][:1].tolist(), seqs[i][1:n].tolist()))
+    out = drafter.draft(reqs, K)
+    assert drafter.catch_up.max_tokens == 32
+    for i, (req, drafted) in enumerate(zip(reqs, out.tokens.tolist())):
+        n = lengths[req.rid]
+        assert drafted == reference_drafts(head, seqs[i][:n].tolist(), features[i][: n - 1], K), req.rid
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_observed_features_are_copied_not_kept_as_views(random_head, target, device):
+    """SGLang hands ``observe`` a view of its hidden-state buffer, which its
+    next forward (a graph replay) rewrites in place: the drafter must draft
+    from what it was given, whatever the buffer holds later."""
+    version, path, head = random_head
+    drafter = make_drafter(path, device)
+    drafter.allocate(max_requests=2, max_len=128)
+    seqs, features = tiny_eagle.target_text_and_features(target, version, seed=10, num_seqs=1, length=24)
+    toks, feats, n = seqs[0].tolist(), features[0], 12
+    buffer = feats[: n - 1].to(device, copy=True)
+    drafter.observe("a", 0, buffer[:5])
+    drafter.observe("a", 5, buffer[5:])
+    buffer.fill_(3.0)
+    out = drafter.draft([DraftRequest("a", toks[:1], toks[1:n])], K)
+    assert out.tokens[0].tolist() == reference_drafts(head, toks[:n], feats[: n - 1], K)
 
 
 @pytest.mark.parametrize("name", list(tiny_eagle.HEADS))

@@ -4,7 +4,9 @@ inside functions):
 - engine -> lab never: the plugin SGLang loads must not need the lab or its
   extra (``pip install minedraft-sglang`` alone serves);
 - ``sampling/`` imports torch and the standard library only, so the math runs
-  and is tested where SGLang is absent (a GPU machine, for one).
+  and is tested where SGLang is absent (a GPU machine, for one);
+- ``drafters/`` needs no SGLang either (torch, transformers, safetensors), so
+  the real drafters run in ``gpu_check`` and the GPU-marked tests there.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "minedraft_sglang"
 LAB = PACKAGE / "lab"
 SAMPLING = PACKAGE / "sampling"
+DRAFTERS = PACKAGE / "drafters"
 # What `pip install ".[lab]"` adds (pyproject.toml).
 LAB_EXTRA = {"matplotlib", "requests", "gguf", "accelerate"}
 
@@ -63,3 +66,32 @@ def test_sampling_math_imports_torch_and_stdlib_only(path):
         if name.split(".")[0] not in allowed and not name.startswith("minedraft_sglang.sampling")
     )
     assert not bad, f"sampling/{path.name} imports {bad}"
+
+
+def _sglang_free(path: Path, seen: set[Path]) -> list[str]:
+    """SGLang imports of ``path`` and of the package modules it imports, transitively."""
+    if path in seen:
+        return []
+    seen.add(path)
+    bad = []
+    for name in _imports(path):
+        if name.split(".")[0] in ("sglang", "sgl_kernel"):
+            bad.append(f"{path.relative_to(PACKAGE)}: {name}")
+        elif name.startswith("minedraft_sglang."):
+            parts = name.split(".")[1:]
+            for cut in range(len(parts), 0, -1):
+                module = PACKAGE.joinpath(*parts[:cut])
+                for candidate in (module.with_suffix(".py"), module / "__init__.py"):
+                    if candidate.is_file():
+                        bad += _sglang_free(candidate, seen)
+                        break
+                else:
+                    continue
+                break
+    return bad
+
+
+@pytest.mark.parametrize("path", sorted(DRAFTERS.glob("*.py")), ids=lambda p: p.name)
+def test_drafters_need_no_sglang(path):
+    bad = _sglang_free(path, set())
+    assert not bad, f"drafters/{path.name} reaches SGLang: {bad}"
