@@ -7,6 +7,8 @@ the launch scripts and the tests share one set of rules:
   ``cuda:N``. A drafter on another GPU is the two-device layout PSD was
   designed for; one on the target's GPU runs on its own CUDA stream and the
   target must leave it memory.
+* Under ``--tp N`` the drafter lives with TP rank 0 (``tp_sync.py``): ``cuda``
+  is rank 0's GPU, and the other ranks' GPUs are refused.
 * The drafter's KV cache lives outside SGLang's memory pool, so on a shared
   GPU ``--mem-fraction-static`` has to shrink by the drafter's weights and
   worst-case KV cache.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -66,9 +69,21 @@ def parse_draft_device(text: str) -> DraftDevice:
     return DraftDevice(m.group(1), index)
 
 
-def place_drafter(text: str, target_gpu: int | None, device_count: int | None = None) -> Placement:
-    """``target_gpu`` is the target's CUDA index, None when the target runs on
-    CPU; ``device_count`` defaults to this machine's."""
+def place_drafter(
+    text: str,
+    target_gpu: int | None,
+    device_count: int | None = None,
+    *,
+    tp_size: int = 1,
+    gpu_id_step: int = 1,
+    nnodes: int = 1,
+) -> Placement:
+    """``target_gpu`` is the target's CUDA index (under ``--tp`` TP rank 0's,
+    the process that owns the drafter), None when the target runs on CPU;
+    ``device_count`` defaults to this machine's. The other TP ranks' GPUs
+    (``tp_gpus``) are refused: 'cuda' shares rank 0's, the one the user can ask
+    for; another rank's GPU holds a process that sized its KV pool without the
+    drafter, and every TP step waits for the slowest rank."""
     dev = parse_draft_device(text)
     if dev.kind == "cpu":
         return Placement("cpu", False)
@@ -80,7 +95,43 @@ def place_drafter(text: str, target_gpu: int | None, device_count: int | None = 
     if index >= device_count:
         plural = "s" if device_count != 1 else ""
         raise DeviceError(f"{FLAG} {text!r}: no such device (this machine has {device_count} CUDA device{plural})")
+    if target_gpu is not None:
+        gpus = tp_gpus(target_gpu, tp_size, gpu_id_step, nnodes)
+        if index in gpus[1:]:
+            free = [i for i in range(device_count) if i not in gpus]
+            hint = f"cuda:{free[0]}" if free else "cpu"
+            raise DeviceError(
+                f"{FLAG} {text!r}: GPU {index} runs TP rank {gpus.index(index)} of the target (--tp {tp_size} "
+                f"on GPUs {','.join(map(str, gpus))}); the drafter lives with TP rank 0: give it a device of "
+                f"its own ({hint}) or share rank 0's GPU with 'cuda'"
+            )
     return Placement(f"cuda:{index}", index == target_gpu)
+
+
+def tp_gpus(rank0_gpu: int, tp_size: int, gpu_id_step: int = 1, nnodes: int = 1) -> list[int]:
+    """The CUDA indices of the target's TP ranks on rank 0's node, rank 0's
+    first, as SGLang's launcher assigns them (``gpu_id = base_gpu_id +
+    (tp_rank % tp_size_per_node) * gpu_id_step``, ``entrypoints/engine.py``)."""
+    per_node = max(tp_size // nnodes, 1)
+    return [rank0_gpu + r * gpu_id_step for r in range(per_node)]
+
+
+def check_server_placement(text: str, server_args, device_count: int | None = None) -> None:
+    """Raises DeviceError for the placement TP rank 0's worker would refuse,
+    from the server arguments, before any model loads (the worker's refusal
+    surfaces inside a scheduler, with a traceback)."""
+    device = server_args.device
+    if device is None:
+        # SGLang resolves it later: the CPU under SGLANG_USE_CPU_ENGINE=1, else the GPU.
+        device = "cpu" if os.environ.get("SGLANG_USE_CPU_ENGINE") == "1" else "cuda"
+    place_drafter(
+        text,
+        server_args.base_gpu_id if device == "cuda" else None,
+        device_count,
+        tp_size=server_args.tp_size,
+        gpu_id_step=server_args.gpu_id_step,
+        nnodes=server_args.nnodes,
+    )
 
 
 def cuda_device_count() -> int:

@@ -33,6 +33,7 @@ from sglang.srt.speculative.spec_info import SpecInput, SpecInputType
 from minedraft_sglang.sampling.acceptance import rejection_sample
 from minedraft_sglang.sampling.penalties import PenaltyFn, chain_penalties
 from minedraft_sglang.sampling.probs import target_probs
+from minedraft_sglang.tp_sync import TpLink
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,8 @@ class VerifyContext:
     # [bs] drafts to verify per request (TETRIS); None: all of them.
     num_drafts: torch.Tensor | None
     generator: torch.Generator | None
+    # Under --tp N: every rank commits TP rank 0's sampled acceptance.
+    tp: TpLink | None = None
 
 
 _current = threading.local()
@@ -126,13 +129,14 @@ def verify_chain(
     token_to_kv_pool_allocator,
     grammar_barrier=None,
     generator: torch.Generator | None = None,
+    tp: TpLink | None = None,
 ):
     """One target verify forward of ``[bonus, d_1..d_k]`` per request;
     returns SGLang's GenerationBatchResult (accept_lens include the bonus)."""
     bs, num_steps = draft_tokens.shape
     device = batch.device
     parents, scores = chain_topology(num_steps, bs, device)
-    context = VerifyContext(chain_penalties(batch.reqs, draft_tokens), num_drafts, generator)
+    context = VerifyContext(chain_penalties(batch.reqs, draft_tokens), num_drafts, generator, tp)
     # SGLang's speculative penalties are "relaxed" (one vector for the whole
     # chain, counting only the last token of each step); ours replace them.
     # (In a sub-batch view these whole-batch tensors are also unsliced:
@@ -200,4 +204,7 @@ def sample_chain(verify_input, batch: ScheduleBatch, logits_output, context: Ver
     cols = torch.arange(width, device=probs.device)
     rows = torch.arange(bs, device=probs.device)[:, None] * width
     accept_index = torch.where(cols[None, :] < accept_lens[:, None], rows + cols[None, :], -1)
-    return predict, accept_lens.to(torch.int32), accept_index.to(torch.int32)
+    accepted = predict, accept_lens.to(torch.int32), accept_index.to(torch.int32)
+    if context.tp is not None:
+        return context.tp.share_acceptance(*accepted)
+    return accepted

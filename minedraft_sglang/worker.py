@@ -12,6 +12,10 @@ step assuming the current drafts are all accepted (PEARL).
 
 A PSD step returns results for the verified sub-batch only; ``hooks.py``
 makes the scheduler's result processing look at just those rows.
+
+Under ``--tp N`` every TP rank builds this worker; only rank 0 loads the
+drafter and plans, and the other ranks verify what it decides
+(``tp_sync.py``).
 """
 
 from __future__ import annotations
@@ -31,13 +35,14 @@ from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode
 from sglang.srt.runtime_context import get_spec
 from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
 
-from minedraft_sglang import adaptive_k, cpu_affinity, devices, metrics
+from minedraft_sglang import adaptive_k, cpu_affinity, devices, metrics, tp_sync
 from minedraft_sglang.config import MineDraftConfig
 from minedraft_sglang.drafters import create_drafter
 from minedraft_sglang.drafters.base import Drafter, DraftRequest, read_on_this_stream
 from minedraft_sglang.metrics import StepMode
 from minedraft_sglang.sampling.tetris import tetris_select
 from minedraft_sglang.sub_batches import SubBatches
+from minedraft_sglang.tp_sync import VerifyDecision
 from minedraft_sglang.verify import MineDraftState, sub_batch_view, verify_chain
 
 logger = logging.getLogger(__name__)
@@ -83,45 +88,61 @@ class MineDraftWorker(BaseSpecWorker):
         self.model_runner = target_worker.model_runner
         spec = get_spec()
         config = MineDraftConfig.from_env()
-        target_on_cuda = torch.device(self.model_runner.device).type == "cuda"
-        placement = devices.place_drafter(config.draft_device, self.model_runner.gpu_id if target_on_cuda else None)
-        drafter = create_drafter(
-            device=placement.device,
-            model_path=spec.speculative_draft_model_path,
-            target_path=server_args.model_path,
-            target_dtype=self.model_runner.dtype,
-            draft_compile=config.draft_compile,
-        )
-        if drafter.aux_layer_ids is not None:
-            # EAGLE-3: the target returns these layers' outputs side by side
-            # as its hidden states. The scheduler builds this worker before
-            # the pools, attention backends and graphs, so the target's graphs
-            # are captured with these outputs already on.
-            self.model_runner.model.set_eagle3_layers_to_capture(drafter.aux_layer_ids)
+        tp = tp_sync.TpLink.from_sglang()
+        drafter = draft_device = None
+        if tp is None or tp.leads:
+            target_on_cuda = torch.device(self.model_runner.device).type == "cuda"
+            placement = devices.place_drafter(
+                config.draft_device,
+                self.model_runner.gpu_id if target_on_cuda else None,
+                tp_size=server_args.tp_size,
+                gpu_id_step=server_args.gpu_id_step,
+                nnodes=server_args.nnodes,
+            )
+            draft_device = placement.device
+            drafter = create_drafter(
+                device=draft_device,
+                model_path=spec.speculative_draft_model_path,
+                target_path=server_args.model_path,
+                target_dtype=self.model_runner.dtype,
+                draft_compile=config.draft_compile,
+            )
+            if drafter.aux_layer_ids is not None:
+                # EAGLE-3: the target returns these layers' outputs side by
+                # side as its hidden states. The scheduler builds this worker
+                # before the pools, attention backends and graphs, so the
+                # target's graphs are captured with these outputs already on.
+                # Only rank 0 reads features; keeping them is local to a rank
+                # (no collective), so the other ranks' forwards need not.
+                self.model_runner.model.set_eagle3_layers_to_capture(drafter.aux_layer_ids)
         self._init_loop(
             config=config,
             drafter=drafter,
-            draft_device=placement.device,
+            draft_device=draft_device,
             device=self.model_runner.device,
             num_steps=spec.speculative_num_steps,
             num_draft_tokens=spec.speculative_num_draft_tokens,
             prometheus=server_args.enable_metrics,
+            tp=tp,
         )
 
     def _init_loop(
         self,
         *,
         config: MineDraftConfig,
-        drafter: Drafter,
-        draft_device: str,
+        drafter: Drafter | None,
+        draft_device: str | None,
         device,
         num_steps: int,
         num_draft_tokens: int,
         prometheus: bool = False,
+        tp: tp_sync.TpLink | None = None,
     ) -> None:
         """The PSD loop's own state, apart from SGLang's objects (the unit
-        tests build a worker through this alone)."""
+        tests build a worker through this alone). ``drafter`` is None on a TP
+        rank other than 0."""
         self.config = config
+        self.tp = tp
         self.drafter = drafter
         self.draft_device = draft_device
         self.device = device
@@ -131,6 +152,11 @@ class MineDraftWorker(BaseSpecWorker):
         # k: drafts per request SD would verify. With TETRIS the drafter
         # proposes k + extra and the budget is k per verified request.
         self.k = num_steps - (config.tetris_extra if config.tetris else 0)
+        if drafter is None:
+            # Sub-batches, pending drafts, the planner, the trace and the
+            # drafter's thread are rank 0's alone.
+            logger.info("MineDraft: TP rank %d verifies what TP rank 0 decides (the drafter lives there)", tp.rank)
+            return
         # --minedraft-k auto: k (and k = 0, a plain decode step) is chosen
         # every step in 0..speculative_num_steps from the measured costs.
         self.planner = adaptive_k.KPlanner(num_steps) if config.k == "auto" else None
@@ -191,6 +217,8 @@ class MineDraftWorker(BaseSpecWorker):
 
     def alloc_memory_pool(self, **kwargs):
         self.req_to_token_pool, self.token_to_kv_pool_allocator = self._target_worker.get_memory_pool()
+        if self.drafter is None:
+            return
         # SGLang's request cap defaults to thousands; dense per-request draft
         # KV for all of them would not fit, so the drafter holds at most
         # MAX_DRAFT_REQUESTS (requests beyond it are verified without drafts).
@@ -212,6 +240,9 @@ class MineDraftWorker(BaseSpecWorker):
         )
 
     def minedraft_stats(self) -> dict:
+        if self.drafter is None:
+            # SGLang asks every TP rank; rank 0's answer is the one reported.
+            return {"mode": self.config.mode, "tp_rank": self.tp.rank}
         return {
             "mode": self.config.mode,
             "draft_device": self.draft_device,
@@ -232,7 +263,8 @@ class MineDraftWorker(BaseSpecWorker):
 
     def note_request_finished(self, *, rid: str, natural_stop: bool) -> None:
         # Called between steps, when no draft is in flight.
-        self._release(rid)
+        if self.drafter is not None:
+            self._release(rid)
 
     def _release(self, rid: str) -> None:
         self.pending.pop(rid, None)
@@ -249,6 +281,11 @@ class MineDraftWorker(BaseSpecWorker):
     ) -> GenerationBatchResult:
         if batch.forward_mode.is_extend() or batch.is_extend_in_batch:
             return self._prefill(batch, on_publish)
+        if self.drafter is None:
+            # A TP rank other than 0: it verifies what rank 0 decided.
+            decision = self.tp.share_decision(None, batch_size=len(batch.reqs), max_width=self.speculative_num_steps)
+            view, result = self._verify_rows(batch, decision, grammar_barrier)
+            return self._finish(batch, view, decision.rows, result, on_publish)
         rids = [req.rid for req in batch.reqs]
         for rid in (self.drafter.active_rids() | self.pending.keys()) - set(rids):
             # Retracted (or aborted) requests: their drafts are stale. (A
@@ -278,15 +315,19 @@ class MineDraftWorker(BaseSpecWorker):
         return self.planner.choose(verify_bs, draft_bs, ahead) if self.planner else self.speculative_num_steps
 
     def _prefill(self, batch: ScheduleBatch, on_publish) -> GenerationBatchResult:
-        needs_features = self.drafter.needs_target_features
-        # The drafter's thread is idle during a prefill step: it fills the
-        # drafter's cache with the same prompts meanwhile, which otherwise
-        # lands in the requests' first draft, on the critical path.
-        drafter_prefill = self.executor.submit(self._safe_prefill, _draft_requests(batch.reqs))
+        # Without a drafter (TP ranks other than 0) only the target prefills.
+        needs_features = self.drafter is not None and self.drafter.needs_target_features
+        drafter_prefill = None
+        if self.drafter is not None:
+            # The drafter's thread is idle during a prefill step: it fills the
+            # drafter's cache with the same prompts meanwhile, which otherwise
+            # lands in the requests' first draft, on the critical path.
+            drafter_prefill = self.executor.submit(self._safe_prefill, _draft_requests(batch.reqs))
         result = self.target_worker.forward_batch_generation(
             batch, capture_hidden_mode=CaptureHiddenMode.FULL if needs_features else None
         )
-        drafter_prefill.result()
+        if drafter_prefill is not None:
+            drafter_prefill.result()
         if needs_features:
             features = result.logits_output.hidden_states.split(list(batch.extend_lens))
             for req, start, f in zip(batch.reqs, batch.prefix_lens, features):
@@ -341,16 +382,27 @@ class MineDraftWorker(BaseSpecWorker):
         num_drafts = None
         if self.config.tetris:
             logprobs = torch.stack([d.probs for d in taken]).clamp_min(1e-30).log()
-            num_drafts = tetris_select(logprobs, self.k * len(verify_reqs)).to(self.device)
+            num_drafts = tetris_select(logprobs, self.k * len(verify_reqs))
         background: Future | None = None
         if mode is StepMode.PSD:
-            background = self.executor.submit(_timed, self._draft, _draft_requests([reqs[i] for i in draft_rows]), k)
+            background = self.executor.submit(
+                self._timed, self._draft, _draft_requests([reqs[i] for i in draft_rows]), k
+            )
         elif mode is StepMode.DRAFT_AHEAD:
             ahead = _draft_requests(verify_reqs, extra=drafts.tolist())
-            background = self.executor.submit(_timed, self._draft_ahead, ahead, k)
-        view = batch if len(verify_rows) == len(reqs) else sub_batch_view(batch, verify_rows)
+            background = self.executor.submit(self._timed, self._draft_ahead, ahead, k)
+        if missing:
+            # The drafts made on this thread may still be computing: the
+            # draft ends, and the verify starts, at their completion.
+            _sync_stream(self.draft_device)
         t1 = time.monotonic()
-        result = self._verify(view, drafts, num_drafts=num_drafts, grammar_barrier=grammar_barrier)
+        decision = VerifyDecision(verify_rows, drafts, num_drafts)
+        if self.tp is not None:
+            self.tp.share_decision(decision, batch_size=len(reqs), max_width=self.speculative_num_steps)
+        view, result = self._verify_rows(batch, decision, grammar_barrier)
+        # The verify's kernels may still be running: it ends at their
+        # completion (the planner and the trace read t2).
+        _sync_stream(self.device)
         t2 = time.monotonic()
         if background is not None:
             _, draft_interval, draft_thread = background.result()
@@ -380,12 +432,16 @@ class MineDraftWorker(BaseSpecWorker):
             verified_drafts=int(num_drafts.sum()) if num_drafts is not None else drafts.numel(),
             k=drafts.shape[1],
         )
-        if view is batch:
-            return self._finish(result, new_seq_lens=result.new_seq_lens, verified_rows=None, on_publish=on_publish)
-        new_seq_lens = batch.seq_lens.clone()
-        new_seq_lens[torch.tensor(verify_rows, device=self.device)] = result.new_seq_lens
-        result.new_seq_lens = new_seq_lens
-        return self._finish(result, new_seq_lens=new_seq_lens, verified_rows=verify_rows, on_publish=on_publish)
+        return self._finish(batch, view, verify_rows, result, on_publish)
+
+    def _verify_rows(self, batch: ScheduleBatch, decision: VerifyDecision, grammar_barrier):
+        """Verify ``decision`` (on every TP rank alike); returns the batch the
+        verify ran on (``batch`` itself when every row is verified) and
+        SGLang's result."""
+        rows = decision.rows
+        view = batch if len(rows) == len(batch.reqs) else sub_batch_view(batch, rows)
+        result = self._verify(view, decision.drafts, num_drafts=decision.num_drafts, grammar_barrier=grammar_barrier)
+        return view, result
 
     def _measure(self, plan: StepPlan, *, drafts, accept_lens, times, n_missing, background) -> None:
         """Feed the planner this step's stage costs and acceptance."""
@@ -404,6 +460,15 @@ class MineDraftWorker(BaseSpecWorker):
             self.planner.observe_acceptance([n - 1 for n in accept_lens], [width] * bs)
 
     # --------------------------------------------------------------- helpers
+
+    def _timed(self, fn, *args):
+        """On the drafter's thread: ``fn(*args)`` and its interval, ended when
+        its kernels have finished (the scheduler thread reads the drafts
+        next, from another stream)."""
+        t0 = time.monotonic()
+        out = fn(*args)
+        _sync_stream(self.draft_device)
+        return out, (t0, time.monotonic()), threading.current_thread().name
 
     def _has_drafts(self, req) -> bool:
         d = self.pending.get(req.rid)
@@ -468,11 +533,12 @@ class MineDraftWorker(BaseSpecWorker):
             batch,
             bonus,
             drafts.to(self.device),
-            num_drafts=num_drafts,
+            num_drafts=None if num_drafts is None else num_drafts.to(self.device),
             target_worker=self.target_worker,
             req_to_token_pool=self.req_to_token_pool,
             token_to_kv_pool_allocator=self.token_to_kv_pool_allocator,
             grammar_barrier=grammar_barrier,
+            tp=self.tp,
         )
 
     def _observe_verified(self, reqs, result, width: int) -> None:
@@ -491,13 +557,20 @@ class MineDraftWorker(BaseSpecWorker):
         if self.draft_device.startswith("cuda"):
             torch.cuda.synchronize(self.draft_device)
 
-    def _finish(self, result, *, new_seq_lens, verified_rows: list[int] | None, on_publish):
+    def _finish(self, batch: ScheduleBatch, view: ScheduleBatch, rows: list[int], result, on_publish):
+        """The step's result for the scheduler: ``new_seq_lens`` of the whole
+        running batch, and which of its rows the (compact) results are for."""
+        if view is batch:
+            # Read by hooks.process_batch_result_decode: None means all rows.
+            rows = None
+        else:
+            new_seq_lens = batch.seq_lens.clone()
+            new_seq_lens[torch.tensor(rows, device=self.device)] = result.new_seq_lens
+            result.new_seq_lens = new_seq_lens
         if on_publish is not None:
-            on_publish(new_seq_lens)
+            on_publish(result.new_seq_lens)
         result.next_draft_input = MineDraftState()
-        # Read by hooks.process_batch_result_decode: which rows of the running
-        # batch these (compact) results belong to; None means all of them.
-        result.minedraft_rows = verified_rows
+        result.minedraft_rows = rows
         return result
 
 
@@ -508,13 +581,11 @@ def _draft_requests(reqs, extra: list[list[int]] | None = None) -> list[DraftReq
     return [DraftRequest(r.rid, r.origin_input_ids, [*r.output_ids, *e]) for r, e in zip(reqs, extra)]
 
 
-def _timed(fn, *args):
-    t0 = time.monotonic()
-    out = fn(*args)
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        # The scheduler thread reads the drafts next, from another stream.
-        torch.cuda.current_stream().synchronize()
-    return out, (t0, time.monotonic()), threading.current_thread().name
+def _sync_stream(device) -> None:
+    """Wait for the work this thread queued on ``device`` (a CUDA device's
+    current stream; nothing to wait for on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
 
 
 def _init_drafter_thread(device: str, cores) -> None:

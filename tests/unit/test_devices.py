@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -62,6 +63,68 @@ def test_place_drafter_missing_device(text, count, needle):
         devices.place_drafter(text, 0, count)
     msg = str(e.value)
     assert msg.startswith(f"--minedraft-draft-device {text!r}") and needle in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    "text,target_gpu,tp,step,nnodes,expected",
+    [
+        ("cuda:4", 0, 4, 1, 1, Placement("cuda:4", False)),  # the paper's 4+1: a GPU of its own
+        ("cuda", 0, 4, 1, 1, Placement("cuda:0", True)),  # rank 0's GPU, asked for
+        ("cuda:0", 0, 4, 1, 1, Placement("cuda:0", True)),
+        ("cuda", 4, 4, 1, 1, Placement("cuda:4", True)),  # --base-gpu-id 4: GPUs 4-7
+        ("cuda:0", 4, 4, 1, 1, Placement("cuda:0", False)),
+        ("cuda:1", 0, 2, 2, 1, Placement("cuda:1", False)),  # --gpu-id-step 2: GPUs 0, 2
+        ("cuda:4", 0, 8, 1, 2, Placement("cuda:4", False)),  # two nodes: ranks 0-3 on rank 0's, GPUs 0-3
+        ("cuda:1", None, 2, 1, 1, Placement("cuda:1", False)),  # target on CPU
+        ("cpu", 0, 4, 1, 1, Placement("cpu", False)),
+    ],
+)
+def test_place_drafter_beside_a_tensor_parallel_target(text, target_gpu, tp, step, nnodes, expected):
+    placement = devices.place_drafter(text, target_gpu, 8, tp_size=tp, gpu_id_step=step, nnodes=nnodes)
+    assert placement == expected
+
+
+@pytest.mark.parametrize(
+    "text,target_gpu,tp,step,nnodes,count,needle",
+    [
+        ("cuda:1", 0, 4, 1, 1, 8, "GPU 1 runs TP rank 1 of the target (--tp 4 on GPUs 0,1,2,3)"),
+        ("cuda:3", 0, 4, 1, 1, 8, "GPU 3 runs TP rank 3 of the target (--tp 4 on GPUs 0,1,2,3); "),
+        ("cuda:6", 4, 4, 1, 1, 8, "GPU 6 runs TP rank 2 of the target (--tp 4 on GPUs 4,5,6,7); "),
+        ("cuda:2", 0, 2, 2, 1, 8, "GPU 2 runs TP rank 1 of the target (--tp 2 on GPUs 0,2)"),
+        ("cuda:3", 0, 8, 1, 2, 8, "GPU 3 runs TP rank 3 of the target (--tp 8 on GPUs 0,1,2,3)"),
+    ],
+)
+def test_place_drafter_refuses_another_tp_ranks_gpu(text, target_gpu, tp, step, nnodes, count, needle):
+    with pytest.raises(DeviceError) as e:
+        devices.place_drafter(text, target_gpu, count, tp_size=tp, gpu_id_step=step, nnodes=nnodes)
+    msg = str(e.value)
+    assert msg.startswith(f"--minedraft-draft-device {text!r}: ") and needle in msg and "\n" not in msg
+    # It names a way out: a GPU none of the ranks uses, or rank 0's.
+    free = next(i for i in range(count) if i not in devices.tp_gpus(target_gpu, tp, step, nnodes))
+    assert f"(cuda:{free})" in msg and "'cuda'" in msg
+
+
+def test_place_drafter_refusal_without_a_free_gpu_suggests_the_cpu():
+    with pytest.raises(DeviceError, match=r"a device of its own \(cpu\)"):
+        devices.place_drafter("cuda:1", 0, 2, tp_size=2)
+
+
+def _server_args(**kw):
+    return SimpleNamespace(**{"device": None, "base_gpu_id": 0, "tp_size": 2, "gpu_id_step": 1, "nnodes": 1, **kw})
+
+
+def test_check_server_placement(monkeypatch):
+    monkeypatch.delenv("SGLANG_USE_CPU_ENGINE", raising=False)
+    with pytest.raises(DeviceError, match="GPU 1 runs TP rank 1"):
+        devices.check_server_placement("cuda:1", _server_args(), device_count=4)
+    with pytest.raises(DeviceError, match="GPU 3 runs TP rank 1"):
+        devices.check_server_placement("cuda:3", _server_args(device="cuda", base_gpu_id=2), device_count=4)
+    devices.check_server_placement("cuda:2", _server_args(), device_count=4)
+    devices.check_server_placement("cuda", _server_args(), device_count=4)
+    # A target on the CPU holds no GPU.
+    devices.check_server_placement("cuda:1", _server_args(device="cpu"), device_count=4)
+    monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", "1")
+    devices.check_server_placement("cuda:1", _server_args(), device_count=4)
 
 
 LLAMA_1B = {  # Llama 3.2 1B's published shape
@@ -210,3 +273,25 @@ def test_place_drafter_counts_this_machines_gpus():
         assert devices.place_drafter(f"cuda:{count - 1}", 0) == Placement(f"cuda:{count - 1}", count == 1)
     with pytest.raises(DeviceError, match="no such device" if count else "no CUDA device"):
         devices.place_drafter(f"cuda:{count}", 0)
+
+
+def test_serve_gpu_tp(tmp_path):
+    result = _launch("serve_gpu_tp.sh", tmp_path, {"TP": "4"}, "--port", "31000")
+    assert result.returncode == 0, result.stderr
+    flags = _flags(result.stdout)
+    assert flags["--speculative-algorithm"] == "MINEDRAFT"
+    assert (flags["--tp"], flags["--minedraft-draft-device"]) == ("4", "cuda:4")
+    # The layout the worker's placement check takes: the drafter on a GPU of its own.
+    assert devices.place_drafter(flags["--minedraft-draft-device"], 0, 5, tp_size=4).two_device
+    assert result.stdout.split("\n")[-3:-1] == ["--port", "31000"]
+
+
+def test_serve_gpu_tp_counts_this_machines_gpus(tmp_path):
+    result = _launch("serve_gpu_tp.sh", tmp_path, {})
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count >= 2:
+        flags = _flags(result.stdout)
+        assert (flags["--tp"], flags["--minedraft-draft-device"]) == (str(count - 1), f"cuda:{count - 1}")
+    else:
+        assert result.returncode != 0 and "needs at least 2" in result.stderr
+        assert "--model-path" not in result.stdout

@@ -18,20 +18,30 @@ Covered:
   * row stitching of a PSD step's result (``new_seq_lens``, ``minedraft_rows``);
   * the draft-ahead anchor rule (drafts made ahead are used only if the guessed bonus token was right);
   * the fallback when the drafter raises, and the release of retracted requests' draft state;
-  * the trace file.
+  * the trace file;
+  * tensor parallelism: only TP rank 0 loads a drafter; rank 1 verifies exactly rank 0's rows, drafts and
+    TETRIS counts, step by step, and returns the same results (the exchange in-process; ``test_tp_sync.py``
+    runs it over a real gloo group);
+  * device safety, with devices as parameters: a stage's interval ends when its (CUDA) stream is done, nothing
+    waits on the CPU; placeholder drafts on the drafter's device; no view of the target's hidden states kept.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import threading
+import time
+import weakref
 from collections.abc import Callable, Sequence
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import minedraft_sglang.worker as worker_mod
+from minedraft_sglang import tp_sync
 from minedraft_sglang.config import MineDraftConfig
 from minedraft_sglang.drafters.base import Drafter, DraftOutput, DraftRequest
 from minedraft_sglang.metrics import StepMode, read_trace
@@ -151,7 +161,8 @@ class FakeResult:
     accept_lens: torch.Tensor  # [verify_bs] int32: accepted drafts + 1
     new_seq_lens: torch.Tensor  # [verify_bs]; [bs] once the worker stitched it
     committed: list[list[int]]
-    logits_output: None = None  # read only for drafters that need the target's features
+    # Read only for drafters that need the target's features: ``hidden_states`` [verify_bs * (width + 1), H].
+    logits_output: SimpleNamespace | None = None
     next_draft_input: object = None
     minedraft_rows: list[int] | None = None
 
@@ -160,25 +171,30 @@ class FakeResult:
 class VerifyCall:
     rids: tuple[str, ...]
     drafts: tuple[tuple[int, ...], ...]  # [verify_bs][width]
+    num_drafts: tuple[int, ...] | None  # TETRIS: drafts verified per request
     committed: tuple[tuple[int, ...], ...]
 
 
 class FakeTarget:
-    """Greedy chain verification by ``next_token``; optionally meets the drafter's thread at ``barrier``."""
+    """Greedy chain verification by ``next_token`` (of the first ``num_drafts`` drafts, under TETRIS);
+    optionally meets the drafter's thread at ``barrier``; with ``hidden`` > 0 its result carries hidden
+    states of that width (random), keeping only weak references to them in ``hidden_refs``."""
 
-    def __init__(self, barrier: threading.Barrier | None = None):
+    def __init__(self, barrier: threading.Barrier | None = None, hidden: int = 0):
         self.calls: list[VerifyCall] = []
         self.barrier = barrier
+        self.hidden = hidden
+        self.hidden_refs: list[weakref.ref] = []
 
     def verify(self, view: FakeBatch, drafts: torch.Tensor, *, num_drafts, grammar_barrier) -> FakeResult:
-        assert num_drafts is None  # no TETRIS here
         assert drafts.dtype == torch.int64 and drafts.shape[0] == len(view.reqs)
         if self.barrier is not None:
             self.barrier.wait()
+        counts = [drafts.shape[1]] * len(view.reqs) if num_drafts is None else num_drafts.tolist()
         committed = []
-        for req, row in zip(view.reqs, drafts.tolist()):
+        for req, row, n in zip(view.reqs, drafts.tolist(), counts):
             ctx = req.tokens()
-            for d in row:
+            for d in row[:n]:
                 if d != next_token(ctx):
                     break
                 ctx.append(d)
@@ -188,11 +204,22 @@ class FakeTarget:
             VerifyCall(
                 rids=tuple(r.rid for r in view.reqs),
                 drafts=tuple(tuple(row) for row in drafts.tolist()),
+                num_drafts=None if num_drafts is None else tuple(counts),
                 committed=tuple(tuple(c) for c in committed),
             )
         )
         accept_lens = torch.tensor([len(c) for c in committed], dtype=torch.int32)
-        return FakeResult(accept_lens=accept_lens, new_seq_lens=view.seq_lens + accept_lens, committed=committed)
+        logits_output = None
+        if self.hidden:
+            hidden_states = torch.randn(len(view.reqs) * (drafts.shape[1] + 1), self.hidden)
+            self.hidden_refs.append(weakref.ref(hidden_states))
+            logits_output = SimpleNamespace(hidden_states=hidden_states)
+        return FakeResult(
+            accept_lens=accept_lens,
+            new_seq_lens=view.seq_lens + accept_lens,
+            committed=committed,
+            logits_output=logits_output,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,10 +266,9 @@ class FakeDrafter(Drafter):
             raise RuntimeError("fake drafter fault")
         rows = [self.rule([*r.prompt, *r.output], num_tokens) for r in reqs]
         self.calls.append(DraftCall(rids, lens, num_tokens, thread, tid, tuple(map(tuple, rows)), False))
-        return DraftOutput(
-            tokens=torch.tensor(rows, dtype=torch.int64).view(len(reqs), num_tokens),
-            probs=torch.full((len(reqs), num_tokens), 0.5),
-        )
+        tokens = torch.tensor(rows, dtype=torch.int64).view(len(reqs), num_tokens)
+        # Varied, so TETRIS gives requests different counts.
+        return DraftOutput(tokens=tokens, probs=(tokens % 5 + 1) / 6)
 
     def release(self, rid: str) -> None:
         self.released.append(rid)
@@ -281,31 +307,46 @@ class StubPlanner:
 
 
 @pytest.fixture
-def make_worker(monkeypatch):
-    """Builds workers through ``_init_loop``; shuts their drafter threads down and gives the pytest process
-    its cores back (a CPU drafter pins the scheduler thread, here the test's thread)."""
+def built(monkeypatch):
+    """The workers a test builds (it appends them): their drafter threads are shut down afterwards and the
+    pytest process gets its cores back (a CPU drafter pins the scheduler thread, here the test's thread)."""
     saved = os.sched_getaffinity(0)
     monkeypatch.setattr(worker_mod, "sub_batch_view", fake_sub_batch_view)
-    workers = []
+    workers: list[MineDraftWorker] = []
+    yield workers
+    for w in workers:
+        if w.drafter is not None:
+            w.executor.shutdown()
+    os.sched_setaffinity(0, saved)
 
-    def make(mode: str, drafter: FakeDrafter, target: FakeTarget, trace_file: str | None = None):
+
+@pytest.fixture
+def make_worker(built):
+    """Builds workers through ``_init_loop``."""
+
+    def make(
+        mode: str,
+        drafter: FakeDrafter,
+        target: FakeTarget,
+        trace_file: str | None = None,
+        *,
+        device: str = "cpu",
+        draft_device: str = "cpu",
+    ):
         w = MineDraftWorker.__new__(MineDraftWorker)
         w._init_loop(
-            config=MineDraftConfig(mode=mode, k="fixed", draft_device="cpu", trace_file=trace_file),
+            config=MineDraftConfig(mode=mode, k="fixed", draft_device=draft_device, trace_file=trace_file),
             drafter=drafter,
-            draft_device="cpu",
-            device="cpu",
+            draft_device=draft_device,
+            device=device,
             num_steps=K,
             num_draft_tokens=K + 1,
         )
-        workers.append(w)
+        built.append(w)
         w._verify = target.verify
         return w
 
-    yield make
-    for w in workers:
-        w.executor.shutdown()
-    os.sched_setaffinity(0, saved)
+    return make
 
 
 def spy_plans(w: MineDraftWorker) -> list[StepPlan]:
@@ -340,9 +381,17 @@ class StepLog:
     result: FakeResult
 
 
-def run_requests(w: MineDraftWorker, target: FakeTarget, arrivals: Sequence[Arrival], max_steps: int = 400):
+def run_requests(
+    w: MineDraftWorker,
+    target: FakeTarget,
+    arrivals: Sequence[Arrival],
+    max_steps: int = 400,
+    followers: Sequence[tuple[MineDraftWorker, FakeTarget]] = (),
+):
     """The fake scheduler: admits arrivals (with the token their prefill committed), runs decode steps, applies
-    each result to the rows it names, retires requests at max_new tokens. Returns (outputs by rid, step logs)."""
+    each result to the rows it names, retires requests at max_new tokens. Returns (outputs by rid, step logs).
+    ``followers``: TP ranks other than ``w``'s rank 0, each with its own target, stepped after ``w`` on the
+    same batch as their schedulers would; each must verify what ``w`` verified and return the same result."""
     plans = spy_plans(w)
     drafter = w.drafter
     running: list[FakeReq] = []
@@ -369,6 +418,11 @@ def run_requests(w: MineDraftWorker, target: FakeTarget, arrivals: Sequence[Arri
         )
         result = w.forward_batch_generation(batch)
         assert len(target.calls) == n_verifies + 1, "one verify per decode step"
+        for follower, follower_target in followers:
+            same = follower.forward_batch_generation(batch)
+            assert follower_target.calls[-1] == target.calls[-1], "a TP rank verified otherwise than rank 0"
+            assert same.minedraft_rows == result.minedraft_rows
+            assert same.new_seq_lens.tolist() == result.new_seq_lens.tolist()
         calls = drafter.calls[n_calls:]
         logs.append(StepLog(**before, plan=plans[-1], draft_calls=calls, verify=target.calls[-1], result=result))
         rows = result.minedraft_rows if result.minedraft_rows is not None else range(len(running))
@@ -710,3 +764,203 @@ def test_trace_file_has_one_record_per_step(make_worker, tmp_path):
         assert record.verify[0] <= record.verify[1] and record.draft[0] <= record.draft[1]
         in_background = record.mode in (StepMode.PSD, StepMode.DRAFT_AHEAD)
         assert record.draft_thread.startswith("minedraft-drafter") == in_background
+
+
+# ------------------------------------------------------------------ 7. tensor parallelism
+
+
+class PairedLink(tp_sync.TpLink):
+    """TP ranks 0 and 1 in this process: rank 0's broadcast leaves its tensor in ``mailbox``, rank 1's takes
+    it. What travels is tp_sync's own packing; only the transport is in-process (``test_tp_sync.py`` runs it
+    over a real gloo group)."""
+
+    def __init__(self, rank: int, mailbox: list):
+        super().__init__(rank=rank, cpu_group=None, device_group=None, src=0)
+        self.mailbox = mailbox
+
+    def _broadcast(self, tensor, group) -> None:
+        if self.leads:
+            self.mailbox.append(tensor.clone())
+        else:
+            tensor.copy_(self.mailbox.pop(0))
+
+
+@pytest.fixture
+def make_tp_ranks(built, monkeypatch):
+    """Builds TP ranks 0 and 1 through ``MineDraftWorker.__init__`` (SGLang's objects faked: the spec, the
+    target worker, the TP group as a ``PairedLink``); ``drafter`` is what ``create_drafter`` returns, and
+    ``created`` records the ranks that asked for one."""
+    created: list[int] = []
+
+    def make(config: MineDraftConfig, drafter: FakeDrafter, targets: Sequence[FakeTarget], num_steps: int = K):
+        spec = SimpleNamespace(
+            speculative_draft_model_path="draft",
+            speculative_num_steps=num_steps,
+            speculative_num_draft_tokens=num_steps + 1,
+        )
+        monkeypatch.setattr(worker_mod, "get_spec", lambda: spec)
+        monkeypatch.setattr(MineDraftConfig, "from_env", classmethod(lambda cls: config))
+        server_args = SimpleNamespace(tp_size=2, gpu_id_step=1, nnodes=1, model_path="target", enable_metrics=False)
+        mailbox: list[torch.Tensor] = []
+        ranks = []
+        for rank, target in enumerate(targets):
+            monkeypatch.setattr(tp_sync.TpLink, "from_sglang", classmethod(lambda cls, r=rank: PairedLink(r, mailbox)))
+            monkeypatch.setattr(worker_mod, "create_drafter", lambda r=rank, **kwargs: created.append(r) or drafter)
+            runner = SimpleNamespace(
+                device="cpu",
+                gpu_id=rank,
+                dtype=torch.float32,
+                max_running_requests=16,
+                model_config=SimpleNamespace(context_len=128),
+            )
+            target_worker = SimpleNamespace(model_runner=runner, get_memory_pool=lambda: (None, None))
+            w = MineDraftWorker(server_args, gpu_id=rank, nccl_port=0, target_worker=target_worker)
+            w.alloc_memory_pool()
+            w._verify = target.verify
+            built.append(w)
+            ranks.append(w)
+        return ranks
+
+    make.created = created
+    return make
+
+
+@pytest.mark.parametrize("k_cycle", [None, [3, 1, 0, 2, 3, 3]], ids=["k-fixed", "k-varying"])
+@pytest.mark.parametrize("mode", ["psd", "auto", "sequential"])
+def test_tp_rank_1_verifies_what_rank_0_decides_and_never_drafts(make_tp_ranks, mode, k_cycle):
+    drafter, targets = FakeDrafter(rule_mixed), [FakeTarget(), FakeTarget()]
+    rank0, rank1 = make_tp_ranks(MineDraftConfig(mode=mode, k="fixed"), drafter, targets)
+    if k_cycle:
+        # Rank 0's planner alone moves k (rank 1 has none): the widths reach rank 1 with the drafts.
+        rank0.planner = StubPlanner(k_cycle)
+    assert make_tp_ranks.created == [0], "only TP rank 0 loads a drafter"
+    assert rank1.drafter is None and rank0.drafter is drafter
+    outputs, logs = run_requests(rank0, targets[0], ARRIVALS, followers=[(rank1, targets[1])])
+    check_exact(outputs, ARRIVALS)
+    assert targets[1].calls == targets[0].calls
+    assert drafter.calls
+    if k_cycle:
+        assert StepMode.PLAIN in {log.plan.mode for log in logs}
+
+
+def test_tp_rank_1_verifies_rank_0s_tetris_counts(make_tp_ranks):
+    extra = 2
+    config = MineDraftConfig(mode="psd", k="fixed", tetris=True, tetris_extra=extra)
+    drafter, targets = FakeDrafter(rule_right), [FakeTarget(), FakeTarget()]
+    rank0, rank1 = make_tp_ranks(config, drafter, targets, num_steps=K + extra)
+    outputs, _ = run_requests(rank0, targets[0], ARRIVALS, followers=[(rank1, targets[1])])
+    check_exact(outputs, ARRIVALS)
+    assert targets[1].calls == targets[0].calls
+    counts = [n for call in targets[0].calls for n in call.num_drafts]
+    # TETRIS really chose: requests got different numbers of their K + extra drafts.
+    assert len(set(counts)) > 1 and max(counts) > K
+
+
+# ------------------------------------------------------------------ 8. device safety
+
+QUEUED_S = 0.1
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """``torch.cuda`` as far as the worker's timing and drafter thread use it, on a machine without a GPU:
+    every stream still has ``QUEUED_S`` of work queued, which ``synchronize()`` waits out. Returns the log of
+    (device, thread name) of every synchronize."""
+    log: list[tuple[str, str]] = []
+
+    class Stream:
+        def __init__(self, device=None):
+            self.device = str(device)
+
+        def synchronize(self) -> None:
+            log.append((self.device, threading.current_thread().name))
+            time.sleep(QUEUED_S)
+
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: None)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    return log
+
+
+@pytest.mark.parametrize(
+    "device, draft_device", [("cpu", "cpu"), ("cuda:0", "cpu"), ("cpu", "cuda:1"), ("cuda:0", "cuda:1")]
+)
+def test_draft_and_verify_end_when_their_devices_have_finished(make_worker, fake_cuda, tmp_path, device, draft_device):
+    """Kernels run after the call that queued them returns: a stage's interval (the trace's, the planner's) ends
+    once its device's stream is done. On the CPU nothing is waited for."""
+    trace = tmp_path / "trace.jsonl"
+    target = FakeTarget()
+    # Sequential: the drafts are made on this thread before the verify, each step.
+    w = make_worker("sequential", FakeDrafter(rule_right), target, str(trace), device=device, draft_device=draft_device)
+    arrivals = [Arrival(0, "a", prompt(1, 4), 3 * (K + 1))]
+    outputs, logs = run_requests(w, target, arrivals)
+    check_exact(outputs, arrivals)
+    records = read_trace(trace)
+    assert len(records) == len(logs) == 3
+    scheduler = threading.current_thread().name
+    expected = [(d, scheduler) for d in (draft_device, device) if d.startswith("cuda")]
+    assert fake_cuda == expected * len(records)
+    for r in records:
+        if draft_device.startswith("cuda"):
+            assert r.draft[1] - r.draft[0] >= QUEUED_S
+        if device.startswith("cuda"):
+            assert r.verify[1] - r.verify[0] >= QUEUED_S
+
+
+def test_background_drafts_end_when_the_drafters_stream_has_finished(make_worker, fake_cuda, tmp_path):
+    trace = tmp_path / "trace.jsonl"
+    target = FakeTarget()
+    w = make_worker("psd", FakeDrafter(rule_right), target, str(trace), draft_device="cuda:1")
+    arrivals = [Arrival(0, "a", prompt(1, 4), 3 * (K + 1)), Arrival(0, "b", prompt(2, 5), 3 * (K + 1))]
+    run_requests(w, target, arrivals)
+    psd = [r for r in read_trace(trace) if r.mode is StepMode.PSD]
+    assert psd and all(r.draft[1] - r.draft[0] >= QUEUED_S for r in psd)
+    assert ("cuda:1", psd[0].draft_thread) in fake_cuda
+
+
+@pytest.mark.parametrize("draft_device", ["cpu", "meta"])
+def test_placeholder_drafts_are_made_on_the_drafters_device(make_worker, draft_device):
+    """They are stacked with the drafter's real drafts, which fails across devices ("meta" stands in for a GPU
+    here)."""
+    w = make_worker("psd", FakeDrafter(rule_right, fail=lambda reqs: True), FakeTarget(), draft_device=draft_device)
+    tokens, probs = w._safe_draft([DraftRequest("a", [1, 2], [3]), DraftRequest("b", [4], [5, 6])], K)
+    assert tokens.device == probs.device == torch.device(draft_device)
+    assert tokens.shape == probs.shape == (2, K)
+
+
+class FeatureDrafter(FakeDrafter):
+    """A drafter that reads the target's features; it copies what it keeps, as the drafter contract asks."""
+
+    needs_target_features = True
+
+    def __init__(self, rule: Rule):
+        super().__init__(rule)
+        self.observed: list[tuple[str, int, torch.Tensor]] = []
+
+    def observe(self, rid: str, start: int, features: torch.Tensor) -> None:
+        self.observed.append((rid, start, features.clone()))
+
+
+@pytest.mark.parametrize("mode", ["psd", "auto", "sequential"])
+def test_the_worker_keeps_no_view_of_the_targets_hidden_states(make_worker, mode):
+    """SGLang reuses its hidden-state buffer (static under graphs): once a step's result is handed back, nothing
+    the worker holds may still reference it. Each verify's hidden states are watched through a weak reference,
+    which dies only when no tensor (a view keeps its base) refers to them."""
+    drafter, target = FeatureDrafter(rule_mixed), FakeTarget(hidden=8)
+    w = make_worker(mode, drafter, target)
+    reqs = [FakeReq("a", prompt(1, 4), [5]), FakeReq("b", prompt(2, 6), [9]), FakeReq("c", prompt(3, 5), [2])]
+    batch = FakeBatch(reqs, torch.tensor([len(r.tokens()) for r in reqs]))
+    for _ in range(6):
+        result = w.forward_batch_generation(batch)
+        rows = result.minedraft_rows if result.minedraft_rows is not None else range(len(reqs))
+        observed = drafter.observed[-len(result.committed) :]
+        for row, tokens, (rid, start, features) in zip(rows, result.committed, observed):
+            # The features of the last committed token and of each accepted draft.
+            assert (rid, start, len(features)) == (reqs[row].rid, len(reqs[row].tokens()) - 1, len(tokens))
+            reqs[row].output_ids.extend(tokens)
+        batch.seq_lens = result.new_seq_lens
+        del result
+    gc.collect()
+    assert len(target.hidden_refs) == 6
+    assert [ref() is None for ref in target.hidden_refs] == [True] * 6
