@@ -919,6 +919,37 @@ def test_background_drafts_end_when_the_drafters_stream_has_finished(make_worker
     assert ("cuda:1", psd[0].draft_thread) in fake_cuda
 
 
+@pytest.mark.parametrize("mode", ["psd", "sequential"])
+def test_drafts_are_recorded_on_the_stream_that_takes_them(make_worker, monkeypatch, mode):
+    """Drafts are made on the drafter's stream and read, then freed, on the scheduler's: the drafts the
+    scheduler takes go through ``read_on_this_stream`` on its thread (else the caching allocator may give
+    their memory back to the drafter's stream while the verify still reads it)."""
+    made, recorded = [], []
+    drafter = FakeDrafter(rule_right)
+    draft = drafter.draft
+
+    def recording_draft(reqs, num_tokens):
+        out = draft(reqs, num_tokens)
+        made.extend([out.tokens, out.probs])
+        return out
+
+    drafter.draft = recording_draft
+    scheduler = threading.current_thread().name
+    monkeypatch.setattr(
+        worker_mod,
+        "read_on_this_stream",
+        lambda tensors: recorded.extend((t, threading.current_thread().name) for t in tensors),
+    )
+    target = FakeTarget()
+    w = make_worker(mode, drafter, target)
+    arrivals = [Arrival(0, "a", prompt(1, 4), 3 * (K + 1)), Arrival(0, "b", prompt(2, 5), 3 * (K + 1))]
+    outputs, _ = run_requests(w, target, arrivals)
+    check_exact(outputs, arrivals)
+    assert recorded and {name for _, name in recorded} == {scheduler}
+    # Each recorded tensor is a row of a draft call's output.
+    assert all(any(t.data_ptr() in range(m.data_ptr(), m.data_ptr() + m.nbytes) for m in made) for t, _ in recorded)
+
+
 @pytest.mark.parametrize("draft_device", ["cpu", "meta"])
 def test_placeholder_drafts_are_made_on_the_drafters_device(make_worker, draft_device):
     """They are stacked with the drafter's real drafts, which fails across devices ("meta" stands in for a GPU
