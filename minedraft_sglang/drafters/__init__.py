@@ -50,9 +50,9 @@ def step_mode(device: str, draft_compile: str) -> str:
     ``--minedraft-draft-compile``. A GPU drafter replays CUDA graphs unless
     told "off": eagerly, a small drafter's step is launch-bound (~45 kernels
     per layer). A CPU drafter compiles only when told "on": torch.compile
-    made the real 0.5B drafter's bfloat16 k=3 call slower, 543/658 ms at
-    1/8 requests against 377-393/485-494 ms eager, and took 105-149 s to
-    compile each new shape (lab/draft_speed, one core of a shared machine)."""
+    made the real 0.5B drafter's bfloat16 k=3 call slower, 594/659/720 ms at
+    1/4/8 requests against 364/407/477 ms eager, and took 113-161 s to
+    compile each new shape (lab/draft_speed, docs/benchmarks.md, 2026-11-26)."""
     if draft_compile == "off":
         return "eager"
     if torch.device(device).type == "cuda":

@@ -34,7 +34,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from minedraft_sglang.drafters.base import DraftOutput, DraftRequest, read_on_this_stream
-from minedraft_sglang.drafters.kv_cache import STEP_WIDTHS, CachedDrafter, CatchUp, SlotKVCache, StepRunner, project_qkv
+from minedraft_sglang.drafters.kv_cache import (
+    STEP_WIDTHS,
+    CachedDrafter,
+    CatchUp,
+    SlotKVCache,
+    StepRunner,
+    pack,
+    project_qkv,
+)
 
 EAGLE_ARCHITECTURES = {"LlamaForCausalLMEagle": 1, "LlamaForCausalLMEagle3": 3}
 
@@ -292,54 +300,44 @@ class EagleDrafter(CachedDrafter):
             feeds[i] = (feeds[i][0][-1:], feeds[i][1][-1:])
 
         rows, width = self.steps.shape(bs, max([1, *(len(f[0]) for f in feeds if f is not None)]))
-        tokens = torch.zeros(rows, width, dtype=torch.long)
-        positions = torch.zeros(rows, width, dtype=torch.long)
-        valid = torch.zeros(rows, width, dtype=torch.bool)
+        feed = pack([(s.cached, f[0]) if f else (0, []) for s, f in zip(slots, feeds)], rows, width)
         # Requests without features read scratch from position 0: a read
         # that masks every key would give NaN.
         slot_index = torch.full((rows,), self.cache.scratch)
         start = torch.zeros(rows, dtype=torch.long)
-        last = torch.zeros(rows, dtype=torch.long)
         features = torch.zeros(rows, width, self._feature_width(), dtype=self.dtype, device=self.device)
-        last_pos = [0] * rows
         for i, (s, f) in enumerate(zip(slots, feeds)):
             if f is None:
                 continue
-            toks, feats = f
-            n = len(toks)
-            features[i, :n] = feats
-            tokens[i, :n] = torch.tensor(toks)
-            positions[i] = s.cached + torch.arange(width).clamp(max=n - 1)
-            valid[i, :n] = True
-            slot_index[i], start[i], last[i] = s.index, s.start, n - 1
-            last_pos[i] = s.cached + n - 1
+            features[i, : len(f[1])] = f[1]
+            slot_index[i], start[i] = s.index, s.start
             s.cached = s.known - 1
 
         # Tokens past the last target feature: known (draft-ahead) or proposed.
         forced = [r.tokens(s.known + 1) if ok else [] for s, r, ok in zip(slots, reqs, live)]
         steps = max(len(f) for f in forced) + num_tokens
-        alive = live + [False] * (rows - bs)
         forced_tokens = torch.zeros(rows, steps, dtype=torch.long)
         is_forced = torch.zeros(rows, steps, dtype=torch.bool)
         for i, f in enumerate(forced):
             forced_tokens[i, : len(f)] = torch.tensor(f, dtype=torch.long)
             is_forced[i, : len(f)] = True
-        later = torch.where(torch.tensor(alive)[:, None], torch.tensor(last_pos)[:, None] + torch.arange(1, steps), 0)
         to = lambda t: t.to(self.device)
-        slot_index, start, later, zeros = to(slot_index), to(start), to(later), to(torch.zeros_like(last))
-        forced_tokens, is_forced, alive_t = to(forced_tokens), to(is_forced), to(torch.tensor(alive)[:, None])
+        slot_index, start, zeros = to(slot_index), to(start), to(torch.zeros_like(feed.last))
+        later, alive_t = to(feed.later_positions(steps)), to(torch.tensor(feed.alive)[:, None])
+        forced_tokens, is_forced = to(forced_tokens), to(is_forced)
 
         out_tokens = torch.zeros(rows, steps, dtype=torch.long, device=self.device)
         out_probs = torch.zeros(rows, steps, dtype=torch.float32, device=self.device)
         feature, ids, probs = self.steps(
-            (to(tokens), features, to(positions), to(valid), slot_index, start, to(last)), [p + 1 for p in last_pos]
+            (to(feed.tokens), features, to(feed.positions), to(feed.valid), slot_index, start, to(feed.last)),
+            feed.kv_at(0),
         )
         out_tokens[:, 0], out_probs[:, 0] = ids, probs
         for step in range(1, steps):
             token = torch.where(is_forced[:, step - 1], forced_tokens[:, step - 1], out_tokens[:, step - 1])
             feature, ids, probs = self.steps(
                 (token[:, None], feature, later[:, step - 1 : step], alive_t, slot_index, start, zeros),
-                [p + step + 1 if ok else 1 for p, ok in zip(last_pos, alive)],
+                feed.kv_at(step),
             )
             out_tokens[:, step], out_probs[:, step] = ids, probs
         take = torch.tensor([len(f) for f in forced], device=self.device)[:, None] + torch.arange(
@@ -358,23 +356,16 @@ class EagleDrafter(CachedDrafter):
 
         def forward(pieces):
             width = max(end - begin for _, begin, end in pieces)
-            tokens = torch.zeros(len(pieces), width, dtype=torch.long)
-            positions = torch.zeros(len(pieces), width, dtype=torch.long)
-            valid = torch.zeros(len(pieces), width, dtype=torch.bool)
+            feed = pack([(feeds[i][0].cached, feeds[i][1][begin:end]) for i, begin, end in pieces], len(pieces), width)
             features = torch.zeros(len(pieces), width, self._feature_width(), dtype=self.dtype, device=self.device)
-            kv = []
             for row, (i, begin, end) in enumerate(pieces):
-                slot, toks, feats = feeds[i]
-                n = end - begin
-                tokens[row, :n] = torch.tensor(toks[begin:end])
-                features[row, :n] = feats[begin:end]
-                positions[row] = slot.cached + torch.arange(width).clamp(max=n - 1)
-                valid[row, :n] = True
-                kv.append(slot.cached + n)
+                features[row, : end - begin] = feeds[i][2][begin:end]
             slot_index = torch.tensor([feeds[i][0].index for i, _, _ in pieces])
             start = torch.tensor([feeds[i][0].start for i, _, _ in pieces])
             to = lambda t: t.to(self.device)
-            self._forward(to(tokens), features, to(positions), to(valid), to(slot_index), to(start), kv=kv)
+            self._forward(
+                to(feed.tokens), features, to(feed.positions), to(feed.valid), to(slot_index), to(start), kv=feed.kv
+            )
             for i, begin, end in pieces:
                 feeds[i][0].cached += end - begin
 

@@ -74,6 +74,50 @@ class Rows:
     groups: list[ReadGroup]
 
 
+@dataclasses.dataclass
+class Feed:
+    """Ragged token runs packed into one forward's padded inputs (on the host)."""
+
+    tokens: torch.Tensor  # [rows, width]
+    # [rows, width]: padding repeats a row's last position (in range, never read)
+    positions: torch.Tensor
+    valid: torch.Tensor  # [rows, width]
+    last: torch.Tensor  # [rows]: column of each row's last token
+    kv: list[int]  # [rows]: keys each row reads (its last position + 1)
+    alive: list[bool]  # [rows]: rows with tokens; the rest are padding at position 0
+
+    def later_positions(self, steps: int) -> torch.Tensor:
+        """[rows, steps - 1]: the positions of the one-token steps that follow,
+        one on each; padding rows stay at 0 (in range; their writes go to
+        scratch)."""
+        last_pos = torch.tensor(self.kv)[:, None] - 1
+        return torch.where(torch.tensor(self.alive)[:, None], last_pos + torch.arange(1, steps), 0)
+
+    def kv_at(self, step: int) -> list[int]:
+        """Keys each row reads at the ``step``-th one-token step after this forward."""
+        return [n + step if ok else 1 for n, ok in zip(self.kv, self.alive)]
+
+
+def pack(runs: Sequence[tuple[int, Sequence[int]]], rows: int, width: int) -> Feed:
+    """``runs[i]``: (position of its first token, tokens) of row i, at most
+    ``width`` tokens; rows past ``len(runs)`` and runs without tokens are
+    padding."""
+    tokens = torch.zeros(rows, width, dtype=torch.long)
+    positions = torch.zeros(rows, width, dtype=torch.long)
+    valid = torch.zeros(rows, width, dtype=torch.bool)
+    last = torch.zeros(rows, dtype=torch.long)
+    kv, alive = [1] * rows, [False] * rows
+    for i, (base, run) in enumerate(runs):
+        n = len(run)
+        if n == 0:
+            continue
+        tokens[i, :n] = torch.tensor(run)
+        positions[i] = base + torch.arange(width).clamp(max=n - 1)
+        valid[i, :n] = True
+        last[i], kv[i], alive[i] = n - 1, base + n, True
+    return Feed(tokens, positions, valid, last, kv, alive)
+
+
 class SlotKVCache:
     def __init__(
         self,

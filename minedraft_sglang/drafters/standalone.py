@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from minedraft_sglang.drafters.base import DraftOutput, DraftRequest
-from minedraft_sglang.drafters.kv_cache import STEP_WIDTHS, CachedDrafter, CatchUp, SlotKVCache, StepRunner
+from minedraft_sglang.drafters.kv_cache import STEP_WIDTHS, CachedDrafter, CatchUp, SlotKVCache, StepRunner, pack
 
 logger = logging.getLogger(__name__)
 
@@ -94,21 +94,12 @@ class StandaloneDrafter(CachedDrafter):
 
         def forward(pieces):
             width = max(end - begin for _, begin, end in pieces)
-            tokens = torch.zeros(len(pieces), width, dtype=torch.long)
-            positions = torch.zeros(len(pieces), width, dtype=torch.long)
-            valid = torch.zeros(len(pieces), width, dtype=torch.bool)
-            kv = []
-            for row, (i, begin, end) in enumerate(pieces):
-                slot, feed = feeds[i]
-                n, base = end - begin, len(slot.cached)
-                tokens[row, :n] = torch.tensor(feed[begin:end])
-                # Padding repeats the last position: in range, and never read.
-                positions[row] = base + torch.arange(width).clamp(max=n - 1)
-                valid[row, :n] = True
-                kv.append(base + n)
+            feed = pack(
+                [(len(feeds[i][0].cached), feeds[i][1][begin:end]) for i, begin, end in pieces], len(pieces), width
+            )
             slot_index = torch.tensor([feeds[i][0].index for i, _, _ in pieces])
             to = lambda t: t.to(self.device)
-            self._forward(to(tokens), to(positions), to(valid), to(slot_index), kv=kv)
+            self._forward(to(feed.tokens), to(feed.positions), to(feed.valid), to(slot_index), kv=feed.kv)
             for i, begin, end in pieces:
                 feeds[i][0].cached.extend(feeds[i][1][begin:end])
 
@@ -132,41 +123,25 @@ class StandaloneDrafter(CachedDrafter):
         # The first step feeds what each request has new; its last token's
         # logits give the first draft. Padding rows write to scratch.
         rows, width = self.steps.shape(bs, max([1, *map(len, feeds)]))
-        tokens = torch.zeros(rows, width, dtype=torch.long)
-        positions = torch.zeros(rows, width, dtype=torch.long)
-        valid = torch.zeros(rows, width, dtype=torch.bool)
+        feed = pack([(len(s.cached), f) for s, f in zip(slots, feeds)], rows, width)
         slot_index = torch.full((rows,), self.cache.scratch)
-        last = torch.zeros(rows, dtype=torch.long)
-        last_pos = [0] * rows
-        alive = [bool(f) for f in feeds] + [False] * (rows - bs)
         for i, (s, f) in enumerate(zip(slots, feeds)):
-            if not f:
-                continue
-            n = len(f)
-            tokens[i, :n] = torch.tensor(f)
-            positions[i] = len(s.cached) + torch.arange(width).clamp(max=n - 1)
-            valid[i, :n] = True
-            slot_index[i] = s.index
-            last[i] = n - 1
-            last_pos[i] = len(s.cached) + n - 1
-        # Every later step feeds one token per request, one position on; dead
-        # and padding rows stay at position 0 (in range, their writes go to
-        # scratch).
-        later = torch.where(
-            torch.tensor(alive)[:, None], torch.tensor(last_pos)[:, None] + torch.arange(1, num_tokens), 0
-        )
+            if f:
+                slot_index[i] = s.index
         to = lambda t: t.to(self.device)
-        slot_index, later, zeros = to(slot_index), to(later), to(torch.zeros_like(last))
-        alive_t = to(torch.tensor(alive)[:, None])
+        slot_index, later, zeros = to(slot_index), to(feed.later_positions(num_tokens)), to(torch.zeros_like(feed.last))
+        alive_t = to(torch.tensor(feed.alive)[:, None])
 
         out_tokens = torch.zeros(rows, num_tokens, dtype=torch.long, device=self.device)
         out_probs = torch.zeros(rows, num_tokens, dtype=torch.float32, device=self.device)
-        ids, probs = self.steps((to(tokens), to(positions), to(valid), slot_index, to(last)), [p + 1 for p in last_pos])
+        ids, probs = self.steps(
+            (to(feed.tokens), to(feed.positions), to(feed.valid), slot_index, to(feed.last)), feed.kv_at(0)
+        )
         out_tokens[:, 0], out_probs[:, 0] = ids, probs
         for step in range(1, num_tokens):
             ids, probs = self.steps(
                 (out_tokens[:, step - 1 : step], later[:, step - 1 : step], alive_t, slot_index, zeros),
-                [p + step + 1 if ok else 1 for p, ok in zip(last_pos, alive)],
+                feed.kv_at(step),
             )
             out_tokens[:, step], out_probs[:, step] = ids, probs
 
