@@ -388,7 +388,7 @@ class StepRunner:
         return out
 
 
-def cuda_graph(fn: Callable[[], tuple], device: torch.device, pool) -> tuple[Callable[[], None], tuple, object]:
+def cuda_graph(fn: Callable[[], object], device: torch.device, pool) -> tuple[Callable[[], None], object, object]:
     """``fn`` captured as a CUDA graph in memory pool ``pool`` (None: a new
     one): (replay, fn's outputs, which every replay rewrites in place, the
     pool). ``fn`` runs once eagerly first, so that lazy initialisation does

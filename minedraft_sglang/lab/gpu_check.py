@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from minedraft_sglang.drafters import kv_cache
 from minedraft_sglang.drafters.base import DraftRequest
 from minedraft_sglang.drafters.standalone import StandaloneDrafter
 from minedraft_sglang.metrics import overlap_ratio
@@ -539,23 +540,15 @@ def cuda_graph(fn: Callable[[], object], device: torch.device, notes: list[str],
     if device.type != "cuda":
         return fn
     try:
-        with torch.cuda.device(device):
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                fn()  # lazy initialisation must not happen during capture
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = fn()
+        # The drafters' capture (warm-up run first, then capture on the device).
+        replay_graph, out, _ = kv_cache.cuda_graph(fn, device, None)
     except Exception as e:  # noqa: BLE001 - eager is still a valid measurement
         notes.append(f"{name}: eager, CUDA graph capture failed ({type(e).__name__}: {e})")
         synchronize([device])
         return fn
 
     def replay():
-        with torch.cuda.device(device):  # the caller's current device may be the target's
-            graph.replay()
+        replay_graph()
         return out
 
     return replay
