@@ -105,12 +105,16 @@ class MineDraftConfig:
         return cls(**values).validate()
 
 
-def validate_device(device: str) -> None:
-    """Fail early for a device this machine does not have."""
+def validate_device(device: str, server_args=None) -> None:
+    """Fail early for a device this machine does not have, and, given the
+    server arguments, for one the target's TP ranks hold."""
     from minedraft_sglang import devices
 
     try:
-        devices.place_drafter(device, None)
+        if server_args is None:
+            devices.place_drafter(device, None)
+        else:
+            devices.check_server_placement(device, server_args)
     except devices.DeviceError as e:
         raise MineDraftConfigError(str(e)) from None
 

@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from minedraft_sglang import devices, graphs, hooks
+from minedraft_sglang import graphs, hooks
 from minedraft_sglang.config import (
     ALGORITHM_NAME,
     DRAFTER_FOR_ARCHITECTURE,
@@ -23,6 +23,7 @@ from minedraft_sglang.config import (
     MineDraftConfigError,
     add_cli_args,
     config_from_argv,
+    validate_device,
 )
 
 logger = logging.getLogger(__name__)
@@ -185,10 +186,7 @@ def validate_server_args(sa) -> None:
     """Startup checks that need the model paths; each failure is one line."""
     config = MineDraftConfig.from_env()
     _check_parallelism(sa)
-    try:
-        devices.check_server_placement(config.draft_device, sa)
-    except devices.DeviceError as e:
-        raise MineDraftConfigError(str(e)) from None
+    validate_device(config.draft_device, sa)
     draft = sa.speculative_draft_model_path
     if not draft:
         raise MineDraftConfigError("--speculative-draft-model-path is required with --speculative-algorithm MINEDRAFT")

@@ -52,3 +52,20 @@ def test_env_with_unknown_key_is_refused(monkeypatch):
     monkeypatch.setenv("SGLANG_MINEDRAFT_CONFIG", '{"mode": "psd", "speculate_harder": true}')
     with pytest.raises(MineDraftConfigError, match="unknown keys"):
         MineDraftConfig.from_env()
+
+
+def test_validate_device_with_server_args_refuses_another_tp_ranks_gpu(monkeypatch):
+    """What plugin.validate_server_args runs at startup: a drafter on TP rank 1's GPU is one line, not a
+    traceback from inside a scheduler."""
+    from types import SimpleNamespace
+
+    from minedraft_sglang import devices
+    from minedraft_sglang.config import validate_device
+
+    monkeypatch.delenv("SGLANG_USE_CPU_ENGINE", raising=False)
+    monkeypatch.setattr(devices, "cuda_device_count", lambda: 4)
+    sa = SimpleNamespace(device="cuda", base_gpu_id=0, tp_size=2, gpu_id_step=1, nnodes=1)
+    with pytest.raises(MineDraftConfigError, match="GPU 1 runs TP rank 1"):
+        validate_device("cuda:1", sa)
+    validate_device("cuda:2", sa)
+    validate_device("cuda:1")  # without server arguments only the machine's devices are known
