@@ -1,46 +1,53 @@
-"""Online choice of k, the drafts per request, from the costs measured so far.
+"""Online choice of how to run each step, from the costs measured so far.
 
 Speculation pays only while drafting k tokens and verifying k + 1 per request
-costs less per committed token than a plain decode step. On a memory-bound
-target, plain batching is cheap, so at high concurrency it often does not pay;
-the field's adaptive schemes then stop drafting. The planner picks, before
-each step, the k in 0..k_max with the highest expected tokens per second;
-k = 0 is a plain decode step of the whole batch (each request verifies only
-its last token: no drafts, no drafting).
+costs less per committed token than a plain decode step; PSD's overlap pays
+only while splitting the cores (or devices) between the stages costs less than
+it hides. Before each step the planner picks the ``Option`` (mode, k, the
+drafter's cores while overlapping) with the highest expected tokens per
+second. With a CPU drafter the server's N cores are fungible: a stage that
+runs alone gets all N, overlapping stages get d (drafter) and N - d (verify).
 
-Measured online (pure Python, no SGLang, no torch):
+Measured online (pure Python, no SGLang, no torch), per core count c (c = 0:
+stages on their own devices, cores not managed):
 
-    t_v(n)   one target verify of n tokens (n = requests x (k + 1)): a + c*n
-    t_d(b)   one drafter forward over b requests (one token each): a + c*b
-    alpha    per-token acceptance, from accepted / offered drafts
+    t_v[c](n)   one target verify of n tokens (n = requests x (k + 1)): a + b*n
+    t_d[c](r)   one drafter forward over r requests (one token each): a + b*r
+    alpha       per-token acceptance, from accepted / offered drafts
 
-Rates compared, for B running requests split into halves b_v (verified) and
-b_d (drafted) when PSD overlaps them:
+Rates compared, for B running requests whose PSD halves are b_v (verified)
+and b_d (drafted), L(k) = (1 - alpha^(k+1)) / (1 - alpha) the expected tokens
+per verify:
 
-    psd(k)        b_v * L(k) / max(k*t_d(b_d), t_v(b_v*(k+1)))
-    sequential(k) B * L(k) / (k*t_d(B) + t_v(B*(k+1)))
-    ahead(k)      B * L(k) / (max((k+1)*t_d(B), t_v(B*(k+1))) + (1 - alpha^(k+1))*k*t_d(B))
-    plain         B / t_v(B)                       (k = 0)
+    plain          B / t_v[N](B)                                    (k = 0)
+    sequential(k)  B * L(k) / (k*t_d[N](B) + t_v[N](B*(k+1)))
+    psd(k, d)      b_v * L(k) / max(k*t_d[d](b_d), t_v[N-d](b_v*(k+1)))
+    ahead(k, d)    B * L(k) / (max((k+1)*t_d[d](B), t_v[N-d](B*(k+1)))
+                               + (1 - alpha^(k+1))*k*t_d[N](B))
 
-``ahead`` is draft-ahead (PEARL, one half empty in ``auto`` mode): the next
-drafts are made during the verify and are ready when all k drafts and the
-guessed bonus token were right (probability alpha^(k+1)); otherwise the next
-step drafts first.
+``ahead`` is draft-ahead (PEARL): the next drafts are made during the verify
+and are ready when all k drafts and the guessed bonus token were right
+(probability alpha^(k+1)); otherwise the next step drafts first, alone.
 
-with L(k) = (1 - alpha^(k+1)) / (1 - alpha), the expected tokens per verify.
-Every ``EXPLORE_EVERY``-th decision starts ``EXPLORE_STEPS`` steps at the k
-tried least recently, so the fits cover the widths they are asked about (a fit
-from one width cannot tell the fixed cost of a forward from the cost per
-token) and acceptance stays measured while plain steps win. Several steps,
-because in PSD a k takes a step to reach the verify (the half verified next
-was drafted now), and a lone step would measure only the switch. Otherwise
-the current k is kept unless another is ``HYSTERESIS`` better: every switch
-into drafting costs a step whose drafts are not ready.
+An option whose costs are not measured yet rates infinite, so each is tried
+once. Every ``EXPLORE_EVERY``-th decision starts ``EXPLORE_STEPS`` steps at the
+option tried least recently, so the fits cover the widths and core counts
+they are asked about (a fit from one width cannot tell the fixed cost of a
+forward from the cost per token) and acceptance stays measured while plain
+steps win. Several steps, because in PSD a k takes a step to reach the verify
+(the half verified next was drafted now), and a lone step would measure only
+the switch. Otherwise the current option is kept unless another is
+``HYSTERESIS`` better: every switch into drafting costs a step whose drafts
+are not ready. Moving the cores themselves costs microseconds
+(``cpu_affinity.Team``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+
+from minedraft_sglang.metrics import StepMode
 
 EXPLORE_EVERY = 64
 EXPLORE_STEPS = 4
@@ -89,27 +96,56 @@ class LinearFit:
         return max(0.0, my + c * (x - mx))
 
 
+OVERLAP = (StepMode.PSD, StepMode.DRAFT_AHEAD)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to run a step: ``mode`` with ``k`` drafts per request (k = 0:
+    plain); for PSD and draft-ahead, ``draft_cores`` of the server's cores
+    draft while the rest verify (0 where cores are not managed)."""
+
+    mode: StepMode
+    k: int
+    draft_cores: int = 0
+
+
+def options(k_max: int, modes: set[StepMode], draft_core_counts: list[int]) -> list[Option]:
+    """Every option of ``modes``, in the order ties are broken: overlapping
+    ones first (the longest chains first), plain last."""
+    out = [
+        Option(mode, k, d) for k in range(k_max, 0, -1) for mode in OVERLAP if mode in modes for d in draft_core_counts
+    ]
+    if StepMode.SEQUENTIAL in modes:
+        out += [Option(StepMode.SEQUENTIAL, k) for k in range(k_max, 0, -1)]
+    return [*out, Option(StepMode.PLAIN, 0)]
+
+
 @dataclass
 class KPlanner:
     k_max: int
-    verify: LinearFit = field(default_factory=LinearFit)
-    draft: LinearFit = field(default_factory=LinearFit)
+    # The server's cores (0: stages on their own devices, not managed), and
+    # the drafter's core counts it may overlap on.
+    total_cores: int = 0
+    draft_core_counts: list[int] = field(default_factory=lambda: [0])
+    verify: dict[int, LinearFit] = field(default_factory=dict)  # by core count
+    draft: dict[int, LinearFit] = field(default_factory=dict)  # by core count
     accepted: float = 0.0
     offered: float = 0.0
     decisions: int = 0
-    last_tried: dict = field(default_factory=dict)  # k -> decision index
-    current: int = -1  # the k chosen on rates (exploration aside); -1: none yet
-    explore_k: int = 0
+    last_tried: dict = field(default_factory=dict)  # Option -> decision index
+    current: Option | None = None  # chosen on rates (exploration aside)
+    explore: Option | None = None
     explore_left: int = 0
 
     # ------------------------------------------------------------ measure
 
-    def observe_verify(self, tokens: int, seconds: float) -> None:
-        self.verify.add(tokens, seconds)
+    def observe_verify(self, cores: int, tokens: int, seconds: float) -> None:
+        self.verify.setdefault(cores, LinearFit()).add(tokens, seconds)
 
-    def observe_draft(self, requests: int, forwards: int, seconds: float) -> None:
+    def observe_draft(self, cores: int, requests: int, forwards: int, seconds: float) -> None:
         if forwards > 0:
-            self.draft.add(requests, seconds / forwards)
+            self.draft.setdefault(cores, LinearFit()).add(requests, seconds / forwards)
 
     def observe_acceptance(self, accepted_drafts: list[int], offered: list[int]) -> None:
         """Per verified request: drafts accepted, drafts it had. A chain stops
@@ -125,52 +161,68 @@ class KPlanner:
 
     # ------------------------------------------------------------- decide
 
-    def rate(self, k: int, verify_bs: int, draft_bs: int, ahead: bool = False) -> float:
-        """Expected committed tokens per second of a step with k drafts.
-        ``draft_bs`` > 0: PSD (the other half is drafted meanwhile); 0:
-        sequential, or draft-ahead if ``ahead``. k = 0 is a plain decode of
-        all requests."""
-        batch = verify_bs + draft_bs
-        if k == 0:
-            return batch / max(self.verify(batch), 1e-9)
-        alpha = min(self.alpha, 1.0)
-        tokens = verify_bs * accept_length(alpha, k)
-        verify = self.verify(verify_bs * (k + 1))
-        if draft_bs:
-            step = max(k * self.draft(draft_bs), verify)
-        elif ahead:
-            draft = self.draft(verify_bs)
-            step = max((k + 1) * draft, verify) + (1 - alpha ** (k + 1)) * k * draft
-        else:
-            step = k * self.draft(verify_bs) + verify
-        return tokens / max(step, 1e-9)
+    def cores(self, option: Option) -> tuple[int, int]:
+        """(verify cores, background draft cores) of a step run as ``option``."""
+        n, d = self.total_cores, option.draft_cores
+        return (n - d, d) if option.mode in OVERLAP else (n, n)
 
-    def choose(self, verify_bs: int, draft_bs: int, ahead: bool = False) -> int:
-        """k for this step: the current one unless another's expected rate
-        is clearly better, or, for a few steps every EXPLORE_EVERY
-        decisions, the k tried least recently."""
+    def rate(self, option: Option, verify_bs: int, draft_bs: int) -> float:
+        """Expected committed tokens per second of a step run as ``option``
+        (infinite while a cost it needs is unmeasured). ``verify_bs`` and
+        ``draft_bs`` are the PSD halves; other modes verify both."""
+        batch = verify_bs + draft_bs
+        n = self.total_cores
+        v_cores, d_cores = self.cores(option)
+        needed = [self.verify.get(v_cores)]
+        if option.k:
+            needed.append(self.draft.get(d_cores))
+        if option.mode is StepMode.DRAFT_AHEAD:
+            needed.append(self.draft.get(n))  # a missed guess drafts alone
+        if any(fit is None for fit in needed):
+            return float("inf")
+        t_v, t_d = self.verify[v_cores], self.draft[d_cores]
+        if option.mode is StepMode.PLAIN:
+            return batch / max(t_v(batch), 1e-9)
+        k = option.k
+        alpha = min(self.alpha, 1.0)
+        if option.mode is StepMode.PSD:
+            step = max(k * t_d(draft_bs), t_v(verify_bs * (k + 1)))
+            return verify_bs * accept_length(alpha, k) / max(step, 1e-9)
+        verify = t_v(batch * (k + 1))
+        if option.mode is StepMode.DRAFT_AHEAD:
+            step = max((k + 1) * t_d(batch), verify) + (1 - alpha ** (k + 1)) * k * self.draft[n](batch)
+        else:
+            step = k * t_d(batch) + verify
+        return batch * accept_length(alpha, k) / max(step, 1e-9)
+
+    def choose(self, verify_bs: int, draft_bs: int, modes: set[StepMode]) -> Option:
+        """The option for this step among ``modes`` (PSD only where both
+        halves hold requests): the current one unless another's expected
+        rate is clearly better, or, for a few steps every EXPLORE_EVERY
+        decisions, the one tried least recently."""
         self.decisions += 1
-        if self.verify.empty or self.draft.empty:
-            k = self.k_max
-        elif self.explore_left:
+        allowed = options(self.k_max, modes, self.draft_core_counts)
+        if self.explore_left and self.explore in allowed:
             self.explore_left -= 1
-            k = self.explore_k
-        elif self.decisions % EXPLORE_EVERY == 0:
-            others = [j for j in range(self.k_max + 1) if j != self.current]
-            k = self.explore_k = min(others, key=lambda j: self.last_tried.get(j, -1))
+            choice = self.explore
+        elif self.decisions % EXPLORE_EVERY == 0 and len(allowed) > 1:
+            others = [o for o in allowed if o != self.current]
+            choice = self.explore = min(others, key=lambda o: self.last_tried.get(o, -1))
             self.explore_left = EXPLORE_STEPS - 1
         else:
-            rates = {j: self.rate(j, verify_bs, draft_bs, ahead) for j in range(self.k_max + 1)}
+            rates = {o: self.rate(o, verify_bs, draft_bs) for o in allowed}
             best = max(rates, key=rates.get)
-            if self.current < 0 or rates[best] > (1 + HYSTERESIS) * rates[self.current]:
+            if self.current not in rates or rates[best] > (1 + HYSTERESIS) * rates[self.current]:
                 self.current = best
-            k = self.current
-        self.last_tried[k] = self.decisions
-        return k
+            choice = self.current
+        self.last_tried[choice] = self.decisions
+        return choice
 
     def summary(self) -> dict:
         return {
             "alpha": self.alpha,
-            "t_verify_1_token_s": None if self.verify.empty else self.verify(1),
-            "t_draft_1_request_s": None if self.draft.empty else self.draft(1),
+            "choice": None if self.current is None else dataclasses.asdict(self.current),
+            # Per core count (0: not managed): one verified token, one request's draft forward.
+            "t_verify_1_token_s": {c: fit(1) for c, fit in self.verify.items()},
+            "t_draft_1_request_s": {c: fit(1) for c, fit in self.draft.items()},
         }

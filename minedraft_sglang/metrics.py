@@ -61,6 +61,10 @@ class StepRecord:
     draft_thread: str
     # [verify_bs] tokens each verified request committed: accepted drafts + 1.
     accept_lens: tuple[int, ...]
+    # CPU cores each stage ran on (split while they overlap); 0: not managed
+    # (a GPU drafter, TP), and in traces written before cores were recorded.
+    verify_cores: int = 0
+    draft_cores: int = 0
 
     @property
     def step_seconds(self) -> float:
@@ -79,7 +83,7 @@ class StepRecord:
     @classmethod
     def from_json(cls, line: str) -> StepRecord:
         raw = json.loads(line)
-        values = {f.name: raw[f.name] for f in dataclasses.fields(cls)}
+        values = {f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw}
         return cls(
             **{
                 **values,
@@ -173,6 +177,8 @@ class StepTracer:
         accept_lens: Sequence[int],
         verified_drafts: int,
         k: int,
+        verify_cores: int = 0,
+        draft_cores: int = 0,
     ) -> StepRecord:
         record = StepRecord(
             step=self.count,
@@ -186,6 +192,8 @@ class StepTracer:
             k=k,
             draft_thread=draft_thread,
             accept_lens=tuple(accept_lens),
+            verify_cores=verify_cores,
+            draft_cores=draft_cores,
         )
         self.count += 1
         self.mode_counts[mode.value] = self.mode_counts.get(mode.value, 0) + 1

@@ -71,12 +71,15 @@ class _Drafts:
 class StepPlan:
     """What one engine step does: verify ``verify_rows`` (indices into the
     running batch) while the drafter drafts ``k`` tokens per request for
-    ``draft_rows`` (psd) or the verified rows' next step (draft_ahead)."""
+    ``draft_rows`` (psd) or the verified rows' next step (draft_ahead), on
+    ``draft_cores`` of the server's cores (the rest verify; 0: cores not
+    managed). A stage that runs alone runs on every core."""
 
     mode: StepMode
     verify_rows: list[int]
     draft_rows: list[int]
     k: int
+    draft_cores: int = 0
 
 
 class MineDraftWorker(BaseSpecWorker):
@@ -152,15 +155,24 @@ class MineDraftWorker(BaseSpecWorker):
         # k: drafts per request SD would verify. With TETRIS the drafter
         # proposes k + extra and the budget is k per verified request.
         self.k = num_steps - (config.tetris_extra if config.tetris else 0)
+        self.cores = None
         if drafter is None:
-            # Sub-batches, pending drafts, the planner, the trace and the
-            # drafter's thread are rank 0's alone.
+            # Sub-batches, pending drafts, the planner, the trace, the cores
+            # and the drafter's thread are rank 0's alone.
             logger.info("MineDraft: TP rank %d verifies what TP rank 0 decides (the drafter lives there)", tp.rank)
             return
-        # --minedraft-k auto: k (and k = 0, a plain decode step) is chosen
-        # every step in 0..speculative_num_steps from the measured costs.
-        self.planner = adaptive_k.KPlanner(num_steps) if config.k == "auto" else None
-        self.cores = self._split_cores()
+        self.cores = self._plan_cores()
+        # --minedraft-k auto: the mode, k (k = 0: a plain decode step) and the
+        # core split are chosen every step from the measured costs.
+        self.planner = (
+            adaptive_k.KPlanner(
+                num_steps,
+                total_cores=len(self.cores.all) if self.cores else 0,
+                draft_core_counts=sorted(self.cores.splits) if self.cores else [0],
+            )
+            if config.k == "auto"
+            else None
+        )
         self.sub_batches = SubBatches()
         self.pending: dict[str, _Drafts] = {}
         self.drafter_failures = 0
@@ -173,12 +185,18 @@ class MineDraftWorker(BaseSpecWorker):
             max_workers=1,
             thread_name_prefix="minedraft-drafter",
             initializer=_init_drafter_thread,
-            initargs=(draft_device, self.cores.drafter if self.cores else None),
+            initargs=(draft_device,),
         )
         # Started now, not at the first PSD step, so /server_info and /proc
-        # show both threads with their cores from the start.
+        # show both threads from the start.
         self.scheduler_tid = threading.get_native_id()
         self.drafter_tid = self.executor.submit(threading.get_native_id).result()
+        if self.cores:
+            # One after the other: each finds its OpenMP threads by the CPU
+            # time they burn while nothing else computes.
+            self.verify_team = cpu_affinity.Team.discover(self.cores.all)
+            widest = self.cores.splits[max(self.cores.splits)].drafter
+            self.drafter_team = self.executor.submit(cpu_affinity.Team.discover, widest).result()
         logger.info(
             "MineDraft: mode=%s drafter=%s on %s, k=%s, drafts per request=%d, tetris=%s",
             config.mode,
@@ -189,24 +207,24 @@ class MineDraftWorker(BaseSpecWorker):
             config.tetris,
         )
 
-    def _split_cores(self) -> cpu_affinity.CoreSplit | None:
-        """On a CPU drafter, pin this (the scheduler) thread to its share of
-        the cores; the drafter's thread pins itself to the rest as it starts.
-        Decided once, from the cores the process had before either pin."""
-        if self.draft_device != "cpu" or self.config.mode == "sequential":
+    def _plan_cores(self) -> cpu_affinity.CorePlan | None:
+        """A CPU drafter shares the scheduler process's cores with the target:
+        the splits its steps may overlap on. None where they are not ours to
+        move: a GPU drafter, or TP (the ranks share the machine's cores)."""
+        if self.draft_device != "cpu" or self.tp is not None:
             return None
-        cores = cpu_affinity.split_cores(os.sched_getaffinity(0), self.config.draft_cores)
+        cores = cpu_affinity.plan_cores(os.sched_getaffinity(0), self.config.draft_cores)
         if cores is None:
             logger.warning(
                 "MineDraft: one CPU core available; draft and verify share it, so PSD "
                 "cannot overlap them (give the server two cores or more)"
             )
             return None
-        cpu_affinity.pin_current_thread(cores.scheduler)
         logger.info(
-            "MineDraft: scheduler (verify) on cores %s, drafter on cores %s",
-            cpu_affinity.format_cores(cores.scheduler),
-            cpu_affinity.format_cores(cores.drafter),
+            "MineDraft: cores %s; a stage that runs alone uses all of them, overlapping stages split them "
+            "(drafter on %s)",
+            cpu_affinity.format_cores(cores.all),
+            " or ".join(cpu_affinity.format_cores(s.drafter) for s in cores.splits.values()),
         )
         return cores
 
@@ -250,6 +268,7 @@ class MineDraftWorker(BaseSpecWorker):
             # really have.
             "scheduler_cores": sorted(cpu_affinity.thread_cores(self.scheduler_tid)),
             "drafter_cores": sorted(cpu_affinity.thread_cores(self.drafter_tid)),
+            **({"core_plan": _describe(self.cores, self.verify_team, self.drafter_team)} if self.cores else {}),
             "drafter_free_slots": self.drafter.free_slots(),
             "drafter_total_slots": self.drafter_slots,
             "drafter_active_requests": len(self.drafter.active_rids()),
@@ -296,38 +315,47 @@ class MineDraftWorker(BaseSpecWorker):
 
     def _plan(self, rids: list[str]) -> StepPlan:
         everyone = list(range(len(rids)))
-        if self.config.mode != "sequential":
-            verify_rows, draft_rows = self.sub_batches.split(rids)
-            if verify_rows and draft_rows:
-                k = self._choose_k(len(verify_rows), len(draft_rows))
-                if k:
-                    return StepPlan(StepMode.PSD, verify_rows, draft_rows, k)
-                return StepPlan(StepMode.PLAIN, everyone, [], 0)
-        # Sequential mode, or one half is empty (e.g. a single running
-        # request): nothing to overlap across sub-batches.
-        ahead = self.config.mode == "auto"
-        k = self._choose_k(len(rids), 0, ahead)
-        mode = StepMode.PLAIN if k == 0 else StepMode.DRAFT_AHEAD if ahead else StepMode.SEQUENTIAL
-        return StepPlan(mode, everyone, [], k)
+        verify_rows, draft_rows = self.sub_batches.split(rids) if self.config.mode != "sequential" else (everyone, [])
+        modes = _modes(self.config.mode, psd=bool(verify_rows and draft_rows))
+        if self.planner is not None:
+            choice = self.planner.choose(len(verify_rows), len(draft_rows), modes)
+        else:
+            # A fixed k: PSD where both halves hold requests; otherwise
+            # draft-ahead in auto mode, sequential SD in the others.
+            mode = next(m for m in (StepMode.PSD, StepMode.DRAFT_AHEAD, StepMode.SEQUENTIAL) if m in modes)
+            overlap = self.cores and mode in adaptive_k.OVERLAP
+            choice = adaptive_k.Option(mode, self.speculative_num_steps, self.cores.default if overlap else 0)
+        if choice.mode is StepMode.PSD:
+            return StepPlan(choice.mode, verify_rows, draft_rows, choice.k, choice.draft_cores)
+        return StepPlan(choice.mode, everyone, [], choice.k, choice.draft_cores)
 
-    def _choose_k(self, verify_bs: int, draft_bs: int, ahead: bool = False) -> int:
-        """Drafts per request for the drafting done in this step."""
-        return self.planner.choose(verify_bs, draft_bs, ahead) if self.planner else self.speculative_num_steps
+    def _use_all_cores(self) -> None:
+        """This (the scheduler) thread's team on every core: called while the
+        drafter's thread is idle."""
+        if self.cores:
+            self.verify_team.use(self.cores.all)
 
     def _prefill(self, batch: ScheduleBatch, on_publish) -> GenerationBatchResult:
         # Without a drafter (TP ranks other than 0) only the target prefills.
         needs_features = self.drafter is not None and self.drafter.needs_target_features
         drafter_prefill = None
-        if self.drafter is not None:
-            # The drafter's thread is idle during a prefill step: it fills the
-            # drafter's cache with the same prompts meanwhile, which otherwise
-            # lands in the requests' first draft, on the critical path.
+        if self.drafter is not None and not self.cores:
+            # The drafter's own device is idle during a prefill step: it fills
+            # the drafter's cache with the same prompts meanwhile, which
+            # otherwise lands in the requests' first draft, on the critical
+            # path. A CPU drafter prefills after the target instead, each on
+            # every core: prefill is compute-bound, so a stage should take
+            # about 1/n of its one-core time on n cores, and the sum of the
+            # two beat the longer one on a split (docs/design.md).
             drafter_prefill = self.executor.submit(self._safe_prefill, _draft_requests(batch.reqs))
+        self._use_all_cores()
         result = self.target_worker.forward_batch_generation(
             batch, capture_hidden_mode=CaptureHiddenMode.FULL if needs_features else None
         )
         if drafter_prefill is not None:
             drafter_prefill.result()
+        elif self.drafter is not None:
+            self._safe_prefill(_draft_requests(batch.reqs))
         if needs_features:
             features = result.logits_output.hidden_states.split(list(batch.extend_lens))
             for req, start, f in zip(batch.reqs, batch.prefix_lens, features):
@@ -359,6 +387,10 @@ class MineDraftWorker(BaseSpecWorker):
         mode, verify_rows, draft_rows, k = plan.mode, plan.verify_rows, plan.draft_rows, plan.k
         reqs = batch.reqs
         verify_reqs = [reqs[i] for i in verify_rows]
+        # Drafts made before the overlap (below) have every core; the
+        # overlap splits them.
+        self._use_all_cores()
+        split = self.cores.splits[plan.draft_cores] if self.cores and mode in adaptive_k.OVERLAP else None
         t0 = time.monotonic()
         missing = []
         if mode is StepMode.PLAIN:
@@ -384,13 +416,17 @@ class MineDraftWorker(BaseSpecWorker):
             logprobs = torch.stack([d.probs for d in taken]).clamp_min(1e-30).log()
             num_drafts = tetris_select(logprobs, self.k * len(verify_reqs))
         background: Future | None = None
+        if split is not None:
+            # This thread's team leaves the drafter's cores before the
+            # drafter's team takes them.
+            self.verify_team.use(split.scheduler)
         if mode is StepMode.PSD:
             background = self.executor.submit(
-                self._timed, self._draft, _draft_requests([reqs[i] for i in draft_rows]), k
+                self._timed, split, self._draft, _draft_requests([reqs[i] for i in draft_rows]), k
             )
         elif mode is StepMode.DRAFT_AHEAD:
             ahead = _draft_requests(verify_reqs, extra=drafts.tolist())
-            background = self.executor.submit(self._timed, self._draft_ahead, ahead, k)
+            background = self.executor.submit(self._timed, split, self._draft_ahead, ahead, k)
         if missing:
             # The drafts made on this thread may still be computing: the
             # draft ends, and the verify starts, at their completion.
@@ -412,6 +448,7 @@ class MineDraftWorker(BaseSpecWorker):
             # After the background draft: the drafter is this thread's now.
             self._observe_verified(view.reqs, result, drafts.shape[1] + 1)
         accept_lens = result.accept_lens.tolist()
+        verify_cores, draft_cores = self._stage_cores(plan)
         if self.planner is not None:
             self._measure(
                 plan,
@@ -420,6 +457,7 @@ class MineDraftWorker(BaseSpecWorker):
                 times=(t0, t1, t2),
                 n_missing=len(missing),
                 background=background and draft_interval,
+                cores=(verify_cores, draft_cores),
             )
         self.tracer.step(
             mode=mode,
@@ -431,6 +469,8 @@ class MineDraftWorker(BaseSpecWorker):
             accept_lens=accept_lens,
             verified_drafts=int(num_drafts.sum()) if num_drafts is not None else drafts.numel(),
             k=drafts.shape[1],
+            verify_cores=verify_cores,
+            draft_cores=draft_cores,
         )
         return self._finish(batch, view, verify_rows, result, on_publish)
 
@@ -443,28 +483,42 @@ class MineDraftWorker(BaseSpecWorker):
         result = self._verify(view, decision.drafts, num_drafts=decision.num_drafts, grammar_barrier=grammar_barrier)
         return view, result
 
-    def _measure(self, plan: StepPlan, *, drafts, accept_lens, times, n_missing, background) -> None:
-        """Feed the planner this step's stage costs and acceptance."""
+    def _stage_cores(self, plan: StepPlan) -> tuple[int, int]:
+        """(verify cores, draft cores) of a step: the split's parts while the
+        stages overlap, every core for a stage alone (0: not managed)."""
+        if not self.cores:
+            return 0, 0
+        if plan.mode in adaptive_k.OVERLAP:
+            split = self.cores.splits[plan.draft_cores]
+            return len(split.scheduler), len(split.drafter)
+        return len(self.cores.all), len(self.cores.all)
+
+    def _measure(self, plan: StepPlan, *, drafts, accept_lens, times, n_missing, background, cores) -> None:
+        """Feed the planner this step's stage costs (with the cores each
+        stage ran on) and acceptance."""
         t0, t1, t2 = times
         k = plan.k
         bs, width = drafts.shape
-        self.planner.observe_verify(bs * (width + 1), t2 - t1)
+        verify_cores, draft_cores = cores
+        self.planner.observe_verify(verify_cores, bs * (width + 1), t2 - t1)
         if n_missing:
-            # Drafted before the verify, on this thread.
-            self.planner.observe_draft(n_missing, k, t1 - t0)
+            # Drafted before the verify, on this thread, on every core.
+            self.planner.observe_draft(self.planner.total_cores, n_missing, k, t1 - t0)
         if background:
             # psd: the other half, k tokens; draft_ahead: the verified rows, k + 1.
             requests, forwards = (bs, k + 1) if plan.mode is StepMode.DRAFT_AHEAD else (len(plan.draft_rows), k)
-            self.planner.observe_draft(requests, forwards, background[1] - background[0])
+            self.planner.observe_draft(draft_cores, requests, forwards, background[1] - background[0])
         if width:
             self.planner.observe_acceptance([n - 1 for n in accept_lens], [width] * bs)
 
     # --------------------------------------------------------------- helpers
 
-    def _timed(self, fn, *args):
-        """On the drafter's thread: ``fn(*args)`` and its interval, ended when
-        its kernels have finished (the scheduler thread reads the drafts
-        next, from another stream)."""
+    def _timed(self, split: cpu_affinity.CoreSplit | None, fn, *args):
+        """On the drafter's thread: ``fn(*args)`` (on the drafter's cores of
+        ``split``) and its interval, ended when its kernels have finished
+        (the scheduler thread reads the drafts next, from another stream)."""
+        if split is not None:
+            self.drafter_team.use(split.drafter)
         t0 = time.monotonic()
         out = fn(*args)
         _sync_stream(self.draft_device)
@@ -588,14 +642,33 @@ def _sync_stream(device) -> None:
         torch.cuda.current_stream(device).synchronize()
 
 
-def _init_drafter_thread(device: str, cores) -> None:
-    """The drafter's thread gets its own CUDA stream (PSD drafting must not
-    queue behind the target's verify kernels on a shared GPU) or, on CPU, its
-    own cores (Linux sets affinity per thread)."""
+def _init_drafter_thread(device: str) -> None:
+    """The drafter's thread gets its own CUDA stream: PSD drafting must not
+    queue behind the target's verify kernels on a shared GPU. (On CPU each
+    step moves it onto its cores: ``_timed``.) Its OS-level name is inherited
+    by the OpenMP threads it starts."""
     cpu_affinity.name_current_thread("minedraft-draft")
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
         torch.cuda.set_stream(torch.cuda.Stream(device))
-        return
-    if cores is not None:
-        cpu_affinity.pin_current_thread(cores)
+
+
+def _modes(setting: str, *, psd: bool) -> set[StepMode]:
+    """What a step may run as under --minedraft-mode ``setting``; ``psd``:
+    both sub-batches hold requests."""
+    if setting == "sequential":
+        return {StepMode.PLAIN, StepMode.SEQUENTIAL}
+    if setting == "psd":
+        return {StepMode.PLAIN, StepMode.PSD if psd else StepMode.SEQUENTIAL}
+    return {StepMode.PLAIN, StepMode.SEQUENTIAL, StepMode.DRAFT_AHEAD, *([StepMode.PSD] if psd else [])}
+
+
+def _describe(cores: cpu_affinity.CorePlan, *teams: cpu_affinity.Team) -> dict:
+    """/server_info's view of the core plan and the two teams' threads."""
+    fmt = cpu_affinity.format_cores
+    return {
+        "all": fmt(cores.all),
+        "splits": {d: {"scheduler": fmt(s.scheduler), "drafter": fmt(s.drafter)} for d, s in cores.splits.items()},
+        "scheduler_team": sorted([teams[0].master, *teams[0].workers]),
+        "drafter_team": sorted([teams[1].master, *teams[1].workers]),
+    }

@@ -13,6 +13,8 @@ import pytest
 import requests
 from conftest import K
 
+from minedraft_sglang.cpu_affinity import parse_cores
+
 pytestmark = pytest.mark.server
 
 PROMPTS = [
@@ -160,7 +162,14 @@ def test_psd_schedules_draft_and_verify_together_on_separate_threads(pool):
     info = _server_info(psd)
     assert info["mean_overlap_ratio"] > 0.3
     assert info["drafter_cores"] and info["scheduler_cores"]
-    assert not set(info["drafter_cores"]) & set(info["scheduler_cores"]), info
+    # The splits the steps overlap on share no core and cover every core the scheduler may use (at
+    # rest the scheduler thread holds whichever part its last step gave it).
+    plan = info["core_plan"]
+    every = set(parse_cores(plan["all"]))
+    assert every >= set(info["scheduler_cores"]) | set(info["drafter_cores"]), info
+    for split in plan["splits"].values():
+        scheduler, drafter = set(parse_cores(split["scheduler"])), set(parse_cores(split["drafter"]))
+        assert scheduler and drafter and not scheduler & drafter and scheduler | drafter == every, info
 
 
 def test_no_leaks_after_aborts_and_completion(pool):

@@ -1,10 +1,23 @@
-"""The online k planner (adaptive_k.py): pure arithmetic, no server."""
+"""The online planner (adaptive_k.py): pure arithmetic, no server."""
 
 from __future__ import annotations
 
 import pytest
 
-from minedraft_sglang.adaptive_k import EXPLORE_EVERY, EXPLORE_STEPS, HYSTERESIS, KPlanner, LinearFit, accept_length
+from minedraft_sglang.adaptive_k import (
+    EXPLORE_EVERY,
+    EXPLORE_STEPS,
+    HYSTERESIS,
+    KPlanner,
+    LinearFit,
+    Option,
+    accept_length,
+    options,
+)
+from minedraft_sglang.metrics import StepMode
+
+PLAIN, SEQ, PSD, AHEAD = StepMode.PLAIN, StepMode.SEQUENTIAL, StepMode.PSD, StepMode.DRAFT_AHEAD
+ALL_MODES = {PLAIN, SEQ, PSD, AHEAD}
 
 
 def test_linear_fit_recovers_intercept_and_slope_and_degrades_to_a_constant():
@@ -18,72 +31,133 @@ def test_linear_fit_recovers_intercept_and_slope_and_degrades_to_a_constant():
     assert one_x(1) == one_x(100) == pytest.approx(one_x.sy / one_x.w)
 
 
-def _planner(alpha: float, t_verify, t_draft, k_max: int = 4) -> KPlanner:
-    """A planner that has seen verifies of every width and drafts of every
-    batch size with the given cost functions, and acceptance ``alpha``."""
-    p = KPlanner(k_max)
-    for n in range(1, 65):
-        p.observe_verify(n, t_verify(n))
-    for b in range(1, 9):
-        p.observe_draft(b, 3, 3 * t_draft(b))
+def _planner(alpha: float, t_verify, t_draft, k_max: int = 4, total_cores: int = 0) -> KPlanner:
+    """A planner that has seen verifies of every width and drafts of every batch size, on every core count
+    1..total_cores (or on devices: 0), with the given cost functions of (size, cores), and acceptance ``alpha``."""
+    counts = list(range(1, total_cores)) if total_cores else [0]
+    p = KPlanner(k_max, total_cores=total_cores, draft_core_counts=counts)
+    for c in range(1, total_cores + 1) if total_cores else [0]:
+        for n in range(1, 65):
+            p.observe_verify(c, n, t_verify(n, c))
+        for b in range(1, 9):
+            p.observe_draft(c, b, 3, 3 * t_draft(b, c))
     offered = 10_000
     accepted = round(alpha * offered)
-    # 'accepted' accepted drafts and 'offered - accepted' rejections.
-    p.observe_acceptance([accepted], [accepted + 1])
     p.accepted, p.offered = accepted, offered
     return p
 
 
-def _best(p: KPlanner, verify_bs: int, draft_bs: int) -> int:
-    return max(range(p.k_max + 1), key=lambda k: p.rate(k, verify_bs, draft_bs))
+def _best(p: KPlanner, verify_bs: int, draft_bs: int, modes=ALL_MODES) -> Option:
+    allowed = options(p.k_max, modes if draft_bs else modes - {PSD}, p.draft_core_counts)
+    return max(allowed, key=lambda o: p.rate(o, verify_bs, draft_bs))
 
 
 def test_good_drafts_and_a_costly_verify_pick_the_longest_chain():
-    p = _planner(0.95, t_verify=lambda n: 0.100 + 0.0005 * n, t_draft=lambda b: 0.005 + 0.001 * b)
-    assert _best(p, 1, 0) == 4
-    assert _best(p, 2, 2) == 4
+    p = _planner(0.95, t_verify=lambda n, c: 0.100 + 0.0005 * n, t_draft=lambda b, c: 0.005 + 0.001 * b)
+    assert _best(p, 1, 0, {PLAIN, SEQ}).k == 4
+    assert _best(p, 2, 2, {PLAIN, PSD}) == Option(PSD, 4)
 
 
 def test_useless_drafts_pick_plain_decoding():
-    p = _planner(0.02, t_verify=lambda n: 0.100 + 0.0005 * n, t_draft=lambda b: 0.005 + 0.001 * b)
-    assert _best(p, 1, 0) == 0
-    assert _best(p, 4, 4) == 0
+    p = _planner(0.02, t_verify=lambda n, c: 0.100 + 0.0005 * n, t_draft=lambda b, c: 0.005 + 0.001 * b)
+    assert _best(p, 1, 0) == Option(PLAIN, 0)
+    assert _best(p, 4, 4) == Option(PLAIN, 0)
 
 
 def test_psd_balances_the_stages():
     # Drafting is as slow as verifying: PSD hides k*t_d behind t_v only for
     # small k, so the best k is the one that balances them, not the longest.
-    p = _planner(0.9, t_verify=lambda n: 0.060 + 0.0001 * n, t_draft=lambda b: 0.030)
-    assert _best(p, 2, 2) == 2
-    assert p.rate(2, 2, 2) > p.rate(4, 2, 2)
+    p = _planner(0.9, t_verify=lambda n, c: 0.060 + 0.0001 * n, t_draft=lambda b, c: 0.030)
+    assert _best(p, 2, 2, {PLAIN, PSD}) == Option(PSD, 2)
+    assert p.rate(Option(PSD, 2), 2, 2) > p.rate(Option(PSD, 4), 2, 2)
 
 
 def test_cheap_batching_makes_speculation_lose_at_high_concurrency():
     # A weight-bound target: tokens are nearly free, so 8 requests decode
     # plainly at 8 tokens per verify; drafting adds its full cost.
-    p = _planner(0.7, t_verify=lambda n: 0.080 + 0.0002 * n, t_draft=lambda b: 0.030 + 0.004 * b)
-    assert _best(p, 1, 0) > 0
-    assert _best(p, 4, 4) == 0
+    p = _planner(0.7, t_verify=lambda n, c: 0.080 + 0.0002 * n, t_draft=lambda b, c: 0.030 + 0.004 * b)
+    assert _best(p, 1, 0).k > 0
+    assert _best(p, 4, 4) == Option(PLAIN, 0)
 
 
-def test_choose_starts_at_k_max_then_explores_every_k_for_a_few_steps():
-    p = KPlanner(3)
-    assert p.choose(2, 2) == 3  # nothing measured yet
-    p = _planner(0.02, t_verify=lambda n: 0.1, t_draft=lambda b: 0.01, k_max=3)
-    chosen = [p.choose(2, 2) for _ in range(3 * EXPLORE_EVERY + EXPLORE_STEPS)]
-    assert chosen.count(0) == len(chosen) - 3 * EXPLORE_STEPS
-    # Each exploration is a run of EXPLORE_STEPS steps at one k, every k in turn.
-    runs = "".join(map(str, chosen)).replace("0", " ").split()
-    assert runs == [str(k) * EXPLORE_STEPS for k in (1, 2, 3)]
+def _two_cores(t1_verify: float, t1_draft: float, speedup: float) -> tuple:
+    """Stage costs on 1 and 2 cores: one core's time, divided by ``speedup`` on two; weight-bound (flat in size)."""
+    return (
+        lambda n, c: t1_verify / (speedup if c == 2 else 1),
+        lambda b, c: t1_draft / (speedup if c == 2 else 1),
+    )
+
+
+def test_cores_go_to_a_stage_alone_when_a_split_hides_less_than_it_slows():
+    # Both stages twice as fast on two cores: splitting them halves each
+    # stage's speed, so overlap cannot win; sequential SD on every core does.
+    t_v, t_d = _two_cores(0.400, 0.100, speedup=2.0)
+    p = _planner(0.9, t_v, t_d, k_max=3, total_cores=2)
+    best = _best(p, 1, 1)
+    assert best.mode is SEQ and best.draft_cores == 0, best
+
+
+def test_a_split_wins_where_more_cores_barely_speed_a_stage():
+    # A second core does not speed a stage (say, one core already saturates
+    # memory bandwidth) and a stage's cost grows with its batch: the
+    # overlap, which hides k*t_d, wins.
+    p = _planner(
+        0.9, t_verify=lambda n, c: 0.2 + 0.02 * n, t_draft=lambda b, c: 0.05 + 0.01 * b, k_max=3, total_cores=2
+    )
+    assert _best(p, 1, 0).mode is AHEAD
+    assert _best(p, 2, 2, {PLAIN, PSD, SEQ}).mode is PSD
+    # Each stage's cost is read at the cores it runs on: the split's for an overlap, all for a stage alone.
+    assert p.cores(Option(PSD, 3, 1)) == (1, 1) and p.cores(Option(SEQ, 3)) == (2, 2)
+
+
+def test_a_weight_bound_target_prefers_one_batch_to_two_halves():
+    # The same cores, but a verify of 2B requests costs what one of B does:
+    # PSD verifies half the batch per step for the same time, sequential SD
+    # all of it.
+    t_v, t_d = _two_cores(0.400, 0.100, speedup=1.1)
+    p = _planner(0.9, t_v, t_d, k_max=3, total_cores=2)
+    assert _best(p, 2, 2, {PLAIN, PSD, SEQ}).mode is SEQ
+
+
+def test_the_split_ratio_follows_the_stages_costs():
+    # Four cores, a target that scales with cores and a drafter that does not: give the target three.
+    p = _planner(
+        0.9, t_verify=lambda n, c: 0.400 / c, t_draft=lambda b, c: 0.050 * (1.0 if c else 1), k_max=3, total_cores=4
+    )
+    best = _best(p, 2, 2, {PSD})
+    assert best.mode is PSD and best.draft_cores == 1
+    assert p.rate(Option(PSD, best.k, 1), 2, 2) > p.rate(Option(PSD, best.k, 3), 2, 2)
+
+
+def test_unmeasured_options_are_tried_before_rates_decide():
+    p = KPlanner(2, total_cores=2, draft_core_counts=[1])
+    first = p.choose(1, 1, {PLAIN, SEQ, PSD})
+    assert first == Option(PSD, 2, 1)  # nothing measured: the first in tie order
+    p.observe_verify(1, 3, 0.2)
+    p.observe_draft(1, 1, 2, 0.1)
+    # PSD's costs are known now; sequential's (every core) are not: tried next.
+    assert p.choose(1, 1, {PLAIN, SEQ, PSD}) == Option(SEQ, 2)
+
+
+def test_choose_explores_every_option_for_a_few_steps():
+    p = _planner(0.02, t_verify=lambda n, c: 0.1, t_draft=lambda b, c: 0.01, k_max=2)
+    modes = {PLAIN, PSD}
+    chosen = [p.choose(2, 2, modes) for _ in range(2 * EXPLORE_EVERY + EXPLORE_STEPS)]
+    plain = Option(PLAIN, 0)
+    assert chosen.count(plain) == len(chosen) - 2 * EXPLORE_STEPS
+    # Each exploration is a run of EXPLORE_STEPS steps at one option, every option in turn.
+    runs = [o for o in chosen if o != plain]
+    assert runs == [Option(PSD, 2)] * EXPLORE_STEPS + [Option(PSD, 1)] * EXPLORE_STEPS
 
 
 def test_a_near_tie_does_not_flip_the_choice():
-    p = _planner(0.9, t_verify=lambda n: 0.300, t_draft=lambda b: 0.150, k_max=2)
-    p.current = 0
-    p.rate = lambda k, *_: {0: 1.0, 1: 1.0 + HYSTERESIS / 2, 2: 0.5}[k]
-    assert p.choose(1, 1) == 0
-    p.rate = lambda k, *_: {0: 1.0, 1: 1.0 + 2 * HYSTERESIS, 2: 0.5}[k]
-    assert p.choose(1, 1) == 1
+    p = _planner(0.9, t_verify=lambda n, c: 0.300, t_draft=lambda b, c: 0.150, k_max=1)
+    plain, psd = Option(PLAIN, 0), Option(PSD, 1)
+    p.current = plain
+    p.rate = lambda o, *_: {plain: 1.0, psd: 1.0 + HYSTERESIS / 2}[o]
+    assert p.choose(1, 1, {PLAIN, PSD}) == plain
+    p.rate = lambda o, *_: {plain: 1.0, psd: 1.0 + 2 * HYSTERESIS}[o]
+    assert p.choose(1, 1, {PLAIN, PSD}) == psd
 
 
 def test_acceptance_counts_a_rejection_only_for_chains_cut_short():
@@ -97,8 +171,8 @@ def test_acceptance_counts_a_rejection_only_for_chains_cut_short():
 def test_draft_ahead_hides_drafting_when_guesses_hold():
     # Drafting 2 tokens costs about one verify: sequential SD pays both,
     # draft-ahead with good drafts mostly hides it.
-    p = _planner(0.95, t_verify=lambda n: 0.300, t_draft=lambda b: 0.150)
-    assert p.rate(2, 1, 0, ahead=True) > p.rate(2, 1, 0) > p.rate(0, 1, 0)
+    p = _planner(0.95, t_verify=lambda n, c: 0.300, t_draft=lambda b, c: 0.150)
+    assert p.rate(Option(AHEAD, 2), 1, 0) > p.rate(Option(SEQ, 2), 1, 0) > p.rate(Option(PLAIN, 0), 1, 0)
     # Useless guesses: draft-ahead is sequential SD plus drafts thrown away.
-    p = _planner(0.1, t_verify=lambda n: 0.300, t_draft=lambda b: 0.150)
-    assert p.rate(2, 1, 0, ahead=True) < p.rate(0, 1, 0)
+    p = _planner(0.1, t_verify=lambda n, c: 0.300, t_draft=lambda b, c: 0.150)
+    assert p.rate(Option(AHEAD, 2), 1, 0) < p.rate(Option(PLAIN, 0), 1, 0)

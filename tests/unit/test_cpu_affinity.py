@@ -8,6 +8,7 @@ import os
 import threading
 
 import pytest
+import torch
 
 from minedraft_sglang import cpu_affinity
 from minedraft_sglang.cpu_affinity import CoreError, CoreSplit, parse_cores, split_cores
@@ -70,3 +71,44 @@ def test_pinning_is_per_thread_and_independent_of_creation_order():
     assert seen["name"] == "minedraft-draft"
     # This (the test's) thread was never pinned.
     assert cpu_affinity.thread_cores(threading.get_native_id()) == split.scheduler | split.drafter
+
+
+def test_plan_cores_offers_splits_of_every_core():
+    two = cpu_affinity.plan_cores({0, 1}, "auto")
+    assert two.all == {0, 1} and two.default == 1
+    assert two.splits == {1: CoreSplit(scheduler=frozenset({0}), drafter=frozenset({1}))}
+    assert sorted(cpu_affinity.plan_cores(range(4), "auto").splits) == [1, 2, 3]
+    sixteen = cpu_affinity.plan_cores(range(16), "auto")
+    assert sorted(sixteen.splits) == [1, 4, 8, 12, 15]
+    assert all(s.scheduler | s.drafter == sixteen.all and not s.scheduler & s.drafter for s in sixteen.splits.values())
+    explicit = cpu_affinity.plan_cores(range(4), "2-3")
+    assert explicit.splits == {2: CoreSplit(frozenset({0, 1}), frozenset({2, 3}))} and explicit.default == 2
+    assert cpu_affinity.plan_cores({3}, "auto") is None
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_a_team_moves_its_openmp_threads_with_it():
+    """OpenMP pool threads keep the CPU set they were created with: a team that re-pinned only its own
+    thread would leave them on the cores the other side now uses. Run in a thread of its own (its pool is
+    its own) so the test process's main thread keeps no OpenMP pool (fork-based tests follow)."""
+    allowed = frozenset(os.sched_getaffinity(0))
+    first = min(allowed)
+    seen = {}
+
+    def master():
+        team = cpu_affinity.Team.discover(allowed)
+        seen["workers"] = team.workers
+        seen["all"] = {tid: cpu_affinity.thread_cores(tid) for tid in (team.master, *team.workers)}
+        team.use(frozenset({first}))
+        seen["one"] = {tid: cpu_affinity.thread_cores(tid) for tid in (team.master, *team.workers)}
+        seen["threads_one"] = torch.get_num_threads()
+        team.use(allowed)
+        seen["threads_all"] = torch.get_num_threads()
+
+    t = threading.Thread(target=master)
+    t.start()
+    t.join()
+    assert len(seen["workers"]) == len(allowed) - 1, seen
+    assert all(cores == allowed for cores in seen["all"].values()), seen
+    assert all(cores == {first} for cores in seen["one"].values()), seen
+    assert (seen["threads_one"], seen["threads_all"]) == (1, len(allowed))

@@ -50,6 +50,10 @@ def run_ranks(tmp_path, fn, *args) -> list:
 
 
 def _rank_main(rank, rendezvous, results, fn, args):
+    # A forked child inherits the parent's OpenMP pool state but none of its
+    # threads (earlier tests give the test process a pool: the worker's
+    # thread teams); one thread never waits on them.
+    torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2, timeout=TIMEOUT)
         group = dist.group.WORLD

@@ -42,6 +42,7 @@ import torch
 
 import minedraft_sglang.worker as worker_mod
 from minedraft_sglang import tp_sync
+from minedraft_sglang.adaptive_k import Option
 from minedraft_sglang.config import MineDraftConfig
 from minedraft_sglang.drafters.base import Drafter, DraftOutput, DraftRequest
 from minedraft_sglang.metrics import StepMode, read_trace
@@ -173,6 +174,9 @@ class VerifyCall:
     drafts: tuple[tuple[int, ...], ...]  # [verify_bs][width]
     num_drafts: tuple[int, ...] | None  # TETRIS: drafts verified per request
     committed: tuple[tuple[int, ...], ...]
+    # The calling thread's CPU set and intra-op thread count, as the kernel and torch have them.
+    cores: frozenset[int] = frozenset()
+    threads: int = 0
 
 
 class FakeTarget:
@@ -206,6 +210,8 @@ class FakeTarget:
                 drafts=tuple(tuple(row) for row in drafts.tolist()),
                 num_drafts=None if num_drafts is None else tuple(counts),
                 committed=tuple(tuple(c) for c in committed),
+                cores=frozenset(os.sched_getaffinity(0)),
+                threads=torch.get_num_threads(),
             )
         )
         accept_lens = torch.tensor([len(c) for c in committed], dtype=torch.int32)
@@ -231,6 +237,8 @@ class DraftCall:
     tid: int
     tokens: tuple[tuple[int, ...], ...]  # what it proposed; () when it raised
     failed: bool
+    cores: frozenset[int] = frozenset()  # the calling thread's, as in VerifyCall
+    threads: int = 0
 
 
 class FakeDrafter(Drafter):
@@ -265,7 +273,8 @@ class FakeDrafter(Drafter):
             self.calls.append(DraftCall(rids, lens, num_tokens, thread, tid, (), True))
             raise RuntimeError("fake drafter fault")
         rows = [self.rule([*r.prompt, *r.output], num_tokens) for r in reqs]
-        self.calls.append(DraftCall(rids, lens, num_tokens, thread, tid, tuple(map(tuple, rows)), False))
+        placement = dict(cores=frozenset(os.sched_getaffinity(0)), threads=torch.get_num_threads())
+        self.calls.append(DraftCall(rids, lens, num_tokens, thread, tid, tuple(map(tuple, rows)), False, **placement))
         tokens = torch.tensor(rows, dtype=torch.int64).view(len(reqs), num_tokens)
         # Varied, so TETRIS gives requests different counts.
         return DraftOutput(tokens=tokens, probs=(tokens % 5 + 1) / 6)
@@ -282,16 +291,22 @@ class FakeDrafter(Drafter):
 
 
 class StubPlanner:
-    """Stands in for adaptive_k.KPlanner: k from a fixed cycle, measurements ignored."""
+    """Stands in for adaptive_k.KPlanner: k from a fixed cycle, in the mode a fixed-k server takes (plain for
+    k = 0) and on the worker's default core split; measurements ignored."""
 
-    def __init__(self, ks: Sequence[int]):
+    def __init__(self, ks: Sequence[int], w: MineDraftWorker):
         self.ks = list(ks)
         self.decisions = 0
+        self.total_cores = len(w.cores.all) if w.cores else 0
+        self.draft_cores = w.cores.default if w.cores else 0
 
-    def choose(self, verify_bs: int, draft_bs: int, ahead: bool = False) -> int:
+    def choose(self, verify_bs: int, draft_bs: int, modes) -> Option:
         k = self.ks[self.decisions % len(self.ks)]
         self.decisions += 1
-        return k
+        if k == 0:
+            return Option(StepMode.PLAIN, 0)
+        mode = next(m for m in (StepMode.PSD, StepMode.DRAFT_AHEAD, StepMode.SEQUENTIAL) if m in modes)
+        return Option(mode, k, self.draft_cores)
 
     def observe_verify(self, *args) -> None:
         pass
@@ -309,8 +324,9 @@ class StubPlanner:
 @pytest.fixture
 def built(monkeypatch):
     """The workers a test builds (it appends them): their drafter threads are shut down afterwards and the
-    pytest process gets its cores back (a CPU drafter pins the scheduler thread, here the test's thread)."""
-    saved = os.sched_getaffinity(0)
+    pytest process gets its cores and thread count back (a CPU drafter moves the scheduler thread's team, here
+    the test's thread)."""
+    saved, threads = os.sched_getaffinity(0), torch.get_num_threads()
     monkeypatch.setattr(worker_mod, "sub_batch_view", fake_sub_batch_view)
     workers: list[MineDraftWorker] = []
     yield workers
@@ -318,6 +334,7 @@ def built(monkeypatch):
         if w.drafter is not None:
             w.executor.shutdown()
     os.sched_setaffinity(0, saved)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -486,8 +503,10 @@ def test_psd_mode_splits_rows_into_halves_that_swap(make_worker):
 @pytest.mark.parametrize("mode, expected", [("auto", StepMode.DRAFT_AHEAD), ("psd", StepMode.SEQUENTIAL)])
 def test_one_request_drafts_ahead_in_auto_and_sequentially_in_psd(make_worker, mode, expected):
     w = make_worker(mode, FakeDrafter(rule_right), FakeTarget())
+    # Draft-ahead overlaps the stages, on the default split where cores are managed.
+    draft_cores = w.cores.default if w.cores and expected is StepMode.DRAFT_AHEAD else 0
     for _ in range(3):  # whichever half the lone request sits in
-        assert w._plan(["a"]) == StepPlan(expected, [0], [], K)
+        assert w._plan(["a"]) == StepPlan(expected, [0], [], K, draft_cores)
 
 
 def test_sequential_mode_verifies_every_row(make_worker):
@@ -500,7 +519,7 @@ def test_sequential_mode_verifies_every_row(make_worker):
 @pytest.mark.parametrize("rids", [["a"], ["a", "b", "c"]])
 def test_k_zero_is_a_plain_step_of_every_row(make_worker, mode, rids):
     w = make_worker(mode, FakeDrafter(rule_right), FakeTarget())
-    w.planner = StubPlanner([0])
+    w.planner = StubPlanner([0], w)
     assert w._plan(rids) == StepPlan(StepMode.PLAIN, list(range(len(rids))), [], 0)
 
 
@@ -541,7 +560,7 @@ def test_outputs_equal_greedy_decoding(make_worker, mode, rule, k_cycle):
     w = make_worker(mode, drafter, target)
     if k_cycle:
         # The planner moving k between steps: drafts made at one k get verified in a step planned at another.
-        w.planner = StubPlanner(k_cycle)
+        w.planner = StubPlanner(k_cycle, w)
     outputs, logs = run_requests(w, target, ARRIVALS)
     check_exact(outputs, ARRIVALS)
 
@@ -585,6 +604,32 @@ def test_psd_drafts_the_other_half_while_the_target_verifies(make_worker):
         batch.seq_lens = result.new_seq_lens
     assert w.tracer.mode_counts == {"psd": 4}
     assert not barrier.broken
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+@pytest.mark.parametrize("mode", ["auto", "psd", "sequential"])
+def test_a_stage_alone_runs_on_every_core_and_overlapping_stages_on_the_split(make_worker, mode):
+    """The split follows the step: a plain step's verify, a sequential step's draft and verify, and the drafts
+    made before an overlap run on every core with one thread per core; while the stages overlap, the verify
+    runs on the split's scheduler part and the background draft on its drafter part. Fails if the cores are
+    split once for good (as before), or if thread counts do not follow the cores."""
+    target = FakeTarget()
+    w = make_worker(mode, FakeDrafter(rule_mixed), target)
+    w.planner = StubPlanner([3, 0, 2, 3], w)  # plain steps between the drafting ones
+    _, logs = run_requests(w, target, ARRIVALS)
+    every = (w.cores.all, len(w.cores.all))
+    split = w.cores.splits[w.cores.default]
+    seen = set()
+    for log in logs:
+        overlap = log.plan.mode in (StepMode.PSD, StepMode.DRAFT_AHEAD)
+        seen.add(overlap)
+        assert (log.verify.cores, log.verify.threads) == ((split.scheduler, len(split.scheduler)) if overlap else every)
+        for call in log.draft_calls:
+            background = on_drafter_thread(w, call)
+            assert background == overlap or not background
+            assert (call.cores, call.threads) == ((split.drafter, len(split.drafter)) if background else every)
+    # Both kinds of step ran (sequential mode never overlaps).
+    assert seen == ({False} if mode == "sequential" else {False, True})
 
 
 # ------------------------------------------------------------------ 3. row stitching
@@ -745,7 +790,7 @@ def test_trace_file_has_one_record_per_step(make_worker, tmp_path):
     path = tmp_path / "trace.jsonl"
     target = FakeTarget()
     w = make_worker("auto", FakeDrafter(rule_mixed), target, trace_file=str(path))
-    w.planner = StubPlanner([3, 2, 0, 3])  # plain steps too
+    w.planner = StubPlanner([3, 2, 0, 3], w)  # plain steps too
     outputs, logs = run_requests(w, target, ARRIVALS)
     check_exact(outputs, ARRIVALS)
     records = read_trace(path)
@@ -832,7 +877,7 @@ def test_tp_rank_1_verifies_what_rank_0_decides_and_never_drafts(make_tp_ranks, 
     rank0, rank1 = make_tp_ranks(MineDraftConfig(mode=mode, k="fixed"), drafter, targets)
     if k_cycle:
         # Rank 0's planner alone moves k (rank 1 has none): the widths reach rank 1 with the drafts.
-        rank0.planner = StubPlanner(k_cycle)
+        rank0.planner = StubPlanner(k_cycle, rank0)
     assert make_tp_ranks.created == [0], "only TP rank 0 loads a drafter"
     assert rank1.drafter is None and rank0.drafter is drafter
     outputs, logs = run_requests(rank0, targets[0], ARRIVALS, followers=[(rank1, targets[1])])
