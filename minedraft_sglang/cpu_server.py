@@ -27,12 +27,15 @@ SHIM_DIR = Path(__file__).resolve().parent / "cpu_kernels" / "shim"
 CPU_ENV = {
     # SGLang's CPU branches (and its non-vllm rotary embedding) key on this.
     "SGLANG_USE_CPU_ENGINE": "1",
-    # One OpenMP thread per process: on a 2-core machine oversubscribed
-    # threads made identical batches take 5-11 s instead of 0.25 s.
-    "OMP_NUM_THREADS": "1",
     # Models are local folders; never reach for the hub.
     "HF_HUB_OFFLINE": "1",
 }
+# Also set (see cpu_environ): OMP_NUM_THREADS, one OpenMP thread per core
+# each scheduler rank may use. More runnable threads than cores is ruinous
+# (several 2-thread servers on 2 cores: identical batches took 5-11 s instead
+# of 0.25 s), fewer leaves cores idle (plain decoding of the real 1.5B on 2
+# cores: 1.68x faster than on 1 thread). A MINEDRAFT worker with a CPU drafter
+# sets its two sides' thread counts itself, step by step (cpu_affinity.py).
 
 # - torch_native serves plain prefill/decode, but speculative decoding needs
 #   the intel_amx backend's draft/verify support; asking for intel_amx via
@@ -97,19 +100,22 @@ def threads_bind(ranks: int, cores: Sequence[int]) -> str:
 
 
 def cpu_environ(env: Mapping[str, str], args: Sequence[str] = ()) -> dict[str, str]:
-    """``env`` with CPU serving set up for the server arguments ``args`` (an
-    OMP_NUM_THREADS or thread binding of the caller's is kept)."""
+    """``env`` with CPU serving set up for the server arguments ``args``: by
+    default every core this process may use works, one OpenMP thread per
+    core, shared among the scheduler ranks (an OMP_NUM_THREADS or thread
+    binding of the caller's is kept)."""
     out = {**env, "SGLANG_USE_CPU_ENGINE": "1", "HF_HUB_OFFLINE": env.get("HF_HUB_OFFLINE", "1")}
-    out.setdefault("OMP_NUM_THREADS", CPU_ENV["OMP_NUM_THREADS"])
+    cores = os.sched_getaffinity(0)
+    ranks = num_ranks(args)
+    out.setdefault("OMP_NUM_THREADS", str(max(1, len(cores) // ranks)))
     paths = [p for p in out.get("PYTHONPATH", "").split(os.pathsep) if p]
     if str(SHIM_DIR) not in paths:
         out["PYTHONPATH"] = os.pathsep.join([str(SHIM_DIR), *paths])
-    ranks = num_ranks(args)
     if ranks > 1 and not out.get(BIND_VAR):
         # Without a binding SGLang gives each rank a NUMA node and refuses more
         # ranks than nodes; the cores this process may use are
         # shared out instead.
-        out[BIND_VAR] = threads_bind(ranks, os.sched_getaffinity(0))
+        out[BIND_VAR] = threads_bind(ranks, cores)
     return out
 
 
@@ -121,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     env = cpu_environ(os.environ, argv)
     if argv == ["--print-env"]:
-        for name in (*CPU_ENV, "PYTHONPATH"):
+        for name in (*CPU_ENV, "OMP_NUM_THREADS", "PYTHONPATH"):
             print(f"export {name}={shlex.quote(env[name])}")
         return
     cmd = server_command(argv)

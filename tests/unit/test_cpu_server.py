@@ -18,7 +18,10 @@ def test_environment_puts_the_kernel_shim_first_and_keeps_the_callers_paths():
     assert (cpu_server.SHIM_DIR / "common_ops.py").is_file()
     assert env["SGLANG_USE_CPU_ENGINE"] == "1" and env["HF_HUB_OFFLINE"] == "1"
     assert env["OMP_NUM_THREADS"] == "4"  # the caller's choice stands
-    assert cpu_server.cpu_environ({})["OMP_NUM_THREADS"] == "1"
+    # Otherwise one thread per allowed core, shared among the scheduler ranks.
+    cores = len(os.sched_getaffinity(0))
+    assert cpu_server.cpu_environ({})["OMP_NUM_THREADS"] == str(cores)
+    assert cpu_server.cpu_environ({}, ["--tp", "2"])["OMP_NUM_THREADS"] == str(max(1, cores // 2))
     # Idempotent: a second pass adds nothing.
     assert cpu_server.cpu_environ(env)["PYTHONPATH"] == env["PYTHONPATH"]
 
@@ -38,7 +41,7 @@ def test_print_env_is_what_cpu_env_sh_evaluates():
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "OMP_NUM_THREADS")}
     out = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, env=env, check=True).stdout
     flags, path = out.splitlines()
-    assert flags == "1 1"
+    assert flags == f"1 {len(os.sched_getaffinity(0))}"
     assert path.split(os.pathsep)[0] == str(cpu_server.SHIM_DIR)
 
 
