@@ -32,7 +32,8 @@ class Server:
     """A CPU server process with a log file; use as a context manager or
     call ``stop()``. ``command`` starts the server (default: this
     interpreter's ``minedraft_sglang.cpu_server``); ``env`` is added to
-    ``base_env`` (default: this process's environment)."""
+    ``base_env`` (default: this process's environment); ``cores``: the CPU
+    set it runs on (default: this process's)."""
 
     def __init__(
         self,
@@ -43,6 +44,7 @@ class Server:
         *,
         command: Sequence[str] = SERVE_CPU,
         base_env=None,
+        cores: frozenset[int] | None = None,
     ):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -54,7 +56,12 @@ class Server:
         full_env = {**(os.environ if base_env is None else base_env), **(env or {})}
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
+            cmd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            start_new_session=True,
+            preexec_fn=None if cores is None else lambda: os.sched_setaffinity(0, cores),
         )
 
     def wait_ready(self, timeout: float = 600) -> Server:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 from pathlib import Path
 
@@ -19,7 +20,17 @@ from minedraft_sglang.metrics import StepMode, StepRecord
 
 REPO = Path(__file__).resolve().parents[2]
 
-RUNS = ["plain@B", "plain@2B", "STANDALONE@B", "STANDALONE@2B", "seq@B", "seq@2B", "psd@2B"]
+RUNS = [
+    "plain@B",
+    "plain@2B",
+    "plain-tp@B",
+    "plain-tp@2B",
+    "STANDALONE@B",
+    "STANDALONE@2B",
+    "seq@B",
+    "seq@2B",
+    "psd@2B",
+]
 B, N, TOKENS, K = 2, 6, 12, 3
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -27,8 +38,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def test_plan_is_data_driven():
     runs = build_plan(2, ["tetris"], [1, 4])
     names = [s.name for s in runs]
-    assert names[:8] == [*RUNS, "tetris@2B"]
-    tetris = runs[7]
+    assert names[:10] == [*RUNS, "tetris@2B"]
+    tetris = runs[9]
     assert (tetris.engine, tetris.flags, tetris.concurrency, tetris.sub_batch_size) == (
         "psd",
         ("--minedraft-tetris",),
@@ -36,7 +47,7 @@ def test_plan_is_data_driven():
         2,
     )
     # Concurrency 1 is new for every mode; 4 (= 2B) already exists for all of them.
-    assert names[8:] == ["plain@1", "STANDALONE@1", "seq@1", "psd@1", "tetris@1"]
+    assert names[10:] == ["plain@1", "plain-tp@1", "STANDALONE@1", "seq@1", "psd@1", "tetris@1"]
     assert runs[-1].flags == ("--minedraft-tetris",)
     with pytest.raises(SystemExit):
         cli.parse_args(["--variants", "nope"])
@@ -46,6 +57,8 @@ def test_k_sweep_runs_at_2b_only_and_adaptive_expands():
     names = [s.name for s in build_plan(1, ["adaptive", "ksweep"], [4])]
     assert [n for n in names if n.startswith("psd-k")] == ["psd-k1@2B", "psd-k2@2B", "psd-k4@2B"]
     assert "adaptive@2B" in names and "adaptive@4" in names and "psd-k1@4" not in names
+    ahead = [s for s in build_plan(1, ["ahead"], [4]) if s.mode == "ahead"]
+    assert [(s.name, s.engine, s.flags) for s in ahead] == [("ahead@B", "auto", ("--minedraft-k", "fixed"))]
     only = [s.name for s in build_plan(1, ["adaptive", "ksweep"], [4], modes=["adaptive"])]
     assert only == ["plain@B", "plain@2B", "adaptive@2B", "plain@4", "adaptive@4"]
 
@@ -193,8 +206,9 @@ def test_bench_quick_reports_every_field(tmp_path):
     env = report["env"]
     assert (env["k"], env["B"], env["N"], env["max_new_tokens"], env["repeats"]) == (K, B, N, TOKENS, 1)
     assert env["max_alive"] == 3  # --quick's default: the CI time budget
-    for key in ("date", "cpu_count", "torch", "sglang", "target", "draft", "command"):
+    for key in ("date", "cpu_count", "torch", "sglang", "target", "draft", "command", "cores"):
         assert env[key], key
+    cores = len(os.sched_getaffinity(0))
 
     runs = {r["name"]: r for r in report["runs"]}
     assert list(runs) == RUNS
@@ -204,6 +218,14 @@ def test_bench_quick_reports_every_field(tmp_path):
         assert len(r["throughput_repeats"]) == 1 and r["throughput_stdev"] == 0
         for key in ("throughput_tok_s", "ttft_ms", "tpot_ms", "makespan_per_request_ms", "vs_plain", "vs_standalone"):
             assert 0 < r[key] < math.inf, (name, key)
+        # Every server on the same cores, each with a thread (or a --tp rank) per core.
+        assert r["cores"] == env["cores"] and r["threads"], name
+        assert 0 < r["cpu_per_wall"] <= cores + 0.5 and r["busy_threads"] >= 1, name
+        assert r["vs_best_baseline"] > 0, name
+        assert (r["choices"] is None) == (r["engine"] in ("plain", "plain-tp", "standalone")), name
+        if r["engine"] == "plain-tp":
+            assert f"--tp {cores}" in r["threads"], name
+            continue
         if r["engine"] == "plain":
             assert r["vs_plain"] == 1 and r["accept_length"] is None and r["overlap"] is None
             continue

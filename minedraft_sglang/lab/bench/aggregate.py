@@ -23,6 +23,13 @@ class Sample(TypedDict):
     makespan: float
     # The steps the run's MINEDRAFT worker traced (none for plain, STANDALONE).
     steps: list[StepRecord]
+    # The server's CPU seconds per second of the run, and its threads that
+    # worked at least a fifth of the run (measure.run_once).
+    cpu_per_wall: float
+    busy_threads: int
+    # The server's cores and how its threads use them (servers.threads).
+    cores: str
+    threads: str
 
 
 def request_metrics(replies: list[dict], makespan: float) -> dict:
@@ -87,8 +94,9 @@ def draft_prefill_seconds(steps: list[StepRecord]) -> float:
 def trace_metrics(spec: RunSpec, steps: list[StepRecord], n_requests: int) -> dict:
     """Step counts, stage times, overlap and drafter prefill per request of
     one repeat of ``spec``; all None for runs without a MINEDRAFT worker."""
-    if spec.engine in ("plain", "standalone"):
+    if spec.engine in ("plain", "plain-tp", "standalone"):
         return {
+            "choices": None,
             "steps": None,
             "fallback_steps": None,
             **stage_times([]),
@@ -106,6 +114,7 @@ def trace_metrics(spec: RunSpec, steps: list[StepRecord], n_requests: int) -> di
         counted = timed = [s for s in steps if s.mode is StepMode.PSD]
         overlap = mean(s.overlap for s in counted) if counted else None
     return {
+        "choices": choices(steps),
         "steps": len(counted),
         "fallback_steps": len(steps) - len(counted),
         **stage_times(timed),
@@ -118,22 +127,43 @@ def run_record(spec: RunSpec, samples: list[Sample]) -> dict:
     """``spec``'s fields, the means over repeats of every metric (of the
     repeats that have it), and each repeat's throughput."""
     per = [
-        {**request_metrics(x["replies"], x["makespan"]), **trace_metrics(spec, x["steps"], len(x["replies"]))}
+        {
+            **request_metrics(x["replies"], x["makespan"]),
+            **trace_metrics(spec, x["steps"], len(x["replies"])),
+            "cpu_per_wall": x.get("cpu_per_wall"),
+            "busy_threads": x.get("busy_threads"),
+        }
         for x in samples
     ]
     record = {}
     for key in per[0]:
         values = [p[key] for p in per if p[key] is not None]
-        record[key] = mean(values) if values else None
+        record[key] = (mean(values) if key != "choices" else _merge(values)) if values else None
     tputs = [p["throughput_tok_s"] for p in per]
     return {
         **{k: v for k, v in asdict(spec).items() if k != "flags"},
         "flags": list(spec.flags),
         "sub_batch_size": spec.sub_batch_size,
+        "cores": samples[0].get("cores"),
+        "threads": samples[0].get("threads"),
         **record,
         "throughput_repeats": tputs,
         "throughput_stdev": pstdev(tputs),
     }
+
+
+def _merge(counts: list[dict[str, int]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for c in counts:
+        for key, n in c.items():
+            out[key] = out.get(key, 0) + n
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def choices(steps: list[StepRecord]) -> dict[str, int]:
+    """How many steps ran in each configuration: mode, drafts per request
+    and the cores of verify + draft ("draft_ahead k3 1+1"), most taken first."""
+    return _merge([{f"{s.mode} k{s.k} {s.verify_cores}+{s.draft_cores}": 1} for s in steps])
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -141,14 +171,19 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def add_ratios(runs: list[dict]) -> None:
-    """vs_plain, vs_standalone: throughput over that mode's at the same concurrency."""
+    """vs_plain, vs_standalone: throughput over that mode's at the same
+    concurrency; vs_best_baseline: over the best of plain, plain --tp and
+    STANDALONE there (all on the same cores)."""
 
     def at(mode: str, c: int) -> float | None:
         return next((r["throughput_tok_s"] for r in runs if r["mode"] == mode and r["concurrency"] == c), None)
 
     for r in runs:
-        r["vs_plain"] = ratio(r["throughput_tok_s"], at("plain", r["concurrency"]))
-        r["vs_standalone"] = ratio(r["throughput_tok_s"], at("STANDALONE", r["concurrency"]))
+        c = r["concurrency"]
+        r["vs_plain"] = ratio(r["throughput_tok_s"], at("plain", c))
+        r["vs_standalone"] = ratio(r["throughput_tok_s"], at("STANDALONE", c))
+        baselines = [t for t in (at("plain", c), at("plain-tp", c), at("STANDALONE", c)) if t]
+        r["vs_best_baseline"] = ratio(r["throughput_tok_s"], max(baselines, default=None))
 
 
 def summary(runs: list[dict]) -> dict:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from minedraft_sglang.cpu_affinity import format_cores, parse_cores
 from minedraft_sglang.lab.bench import report
 from minedraft_sglang.lab.bench.measure import run_all
 from minedraft_sglang.lab.bench.plan import FULL, PAIRS, QUICK, VARIANTS, build_plan, make_prompts, model_paths
@@ -80,6 +81,12 @@ def _parser() -> argparse.ArgumentParser:
         default="",
         help='extra sglang arguments for every server, one string: --server-args="--flag value"',
     )
+    p.add_argument(
+        "--cores",
+        type=parse_cores,
+        help="the CPU cores every server runs on, e.g. 0-1 (default: all this process may use); baselines "
+        "use all of them (one thread per core, or one --tp rank per core), as MINEDRAFT does",
+    )
     p.add_argument("--log-dir", help="keep server logs and traces here (default: a temporary folder)")
     p.add_argument(
         "--max-alive",
@@ -105,6 +112,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     not given; exits (status 2) on a contradiction."""
     p = _parser()
     args = p.parse_args(argv)
+    if args.cores is None:
+        args.cores = frozenset(os.sched_getaffinity(0))
     sizes = {**QUICK, "max_alive": 3} if args.quick else {**FULL, "max_alive": 1}
     for name, value in sizes.items():
         if getattr(args, name) is None:
@@ -122,6 +131,8 @@ def _contradiction(args: argparse.Namespace) -> str | None:
         return "--target-path and --draft-path go together"
     if min(args.num_prompts, args.max_new_tokens, args.batch_size, args.num_steps, args.repeats, *args.concurrency) < 1:
         return "sizes must be >= 1"
+    if not args.cores <= os.sched_getaffinity(0):
+        return f"--cores {format_cores(args.cores)}: not all among this process's cores"
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         return f"unknown variants {unknown}; known: {', '.join(VARIANTS)}"
@@ -158,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             startup_timeout=args.startup_timeout,
             warmup_prompts=tuple(prompts),
             warmup_tokens=min(8, args.max_new_tokens),
+            cores=args.cores,
         )
         samples = run_all(
             plan,

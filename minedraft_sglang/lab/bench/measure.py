@@ -8,8 +8,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
+import psutil
 from tqdm import tqdm
 
+from minedraft_sglang.cpu_affinity import format_cores
 from minedraft_sglang.lab.bench.aggregate import Sample, request_metrics
 from minedraft_sglang.lab.bench.client import flush_cache, send_all
 from minedraft_sglang.lab.bench.plan import RunSpec
@@ -68,7 +70,34 @@ def run_once(
     url = server.server.url
     flush_cache(url)
     before = len(server.steps())
+    cpu = thread_cpu_seconds(server.server.proc.pid)
     replies, makespan = send_all(
         url, prompts, max_new_tokens=max_new_tokens, concurrency=spec.concurrency, on_done=on_done
     )
-    return {"replies": replies, "makespan": makespan, "steps": server.steps()[before:]}
+    used = thread_cpu_seconds(server.server.proc.pid)
+    burnt = [t - cpu.get(key, 0.0) for key, t in used.items()]
+    return {
+        "replies": replies,
+        "makespan": makespan,
+        "steps": server.steps()[before:],
+        # The kernel's view of the hardware a run used: CPU seconds of the
+        # server's processes per second of the run, and the threads that each
+        # worked at least a fifth of it.
+        "cpu_per_wall": sum(burnt) / makespan,
+        "busy_threads": sum(b >= 0.2 * makespan for b in burnt),
+        "cores": format_cores(server.settings.cores),
+        "threads": server.threads,
+    }
+
+
+def thread_cpu_seconds(pid: int) -> dict[tuple[int, int], float]:
+    """User + system CPU seconds of every thread of ``pid`` and its
+    descendants, by (process, thread) id."""
+    out = {}
+    root = psutil.Process(pid)
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            out.update({(proc.pid, t.id): t.user_time + t.system_time for t in proc.threads()})
+        except psutil.NoSuchProcess:
+            continue
+    return out

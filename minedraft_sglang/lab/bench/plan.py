@@ -70,11 +70,14 @@ class RunSpec:
 
 
 def base_runs(B: int) -> list[RunSpec]:
-    """The runs every invocation has: plain, STANDALONE and sequential at B
-    and 2B, psd at 2B (two sub-batches of B)."""
+    """The runs every invocation has: plain, plain with tensor parallelism
+    over the same cores (--tp, one rank per core), STANDALONE and sequential
+    at B and 2B, psd at 2B (two sub-batches of B)."""
     return [
         RunSpec("plain@B", "plain", "plain", B),
         RunSpec("plain@2B", "plain", "plain", 2 * B),
+        RunSpec("plain-tp@B", "plain-tp", "plain-tp", B),
+        RunSpec("plain-tp@2B", "plain-tp", "plain-tp", 2 * B),
         RunSpec("STANDALONE@B", "STANDALONE", "standalone", B),
         RunSpec("STANDALONE@2B", "STANDALONE", "standalone", 2 * B),
         RunSpec("seq@B", "seq", "sequential", B),
@@ -103,6 +106,10 @@ VARIANTS: dict[str, Callable[[int], list[RunSpec]]] = {
     "adaptive": lambda B: [
         RunSpec("adaptive@2B", "adaptive", "psd", 2 * B, ("--minedraft-mode", "auto", "--minedraft-k", "auto"))
     ],
+    # Draft-ahead (auto mode, one sub-batch empty) at the fixed -k and B: with
+    # seq (every core for each stage) and psd (split cores), the fixed
+    # configurations the adaptive choice is measured against.
+    "ahead": lambda B: [RunSpec("ahead@B", "ahead", "auto", B, ("--minedraft-k", "fixed"), expand=False)],
     # psd at fixed k = 1, 2, 4 beside the base run's -k: what the adaptive
     # choice is measured against.
     "ksweep": lambda B: [

@@ -14,6 +14,7 @@ from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from minedraft_sglang.cpu_affinity import format_cores
 from minedraft_sglang.lab import cost_model
 from minedraft_sglang.lab.bench import plots
 from minedraft_sglang.lab.bench.aggregate import (
@@ -46,7 +47,8 @@ def environment(args: argparse.Namespace, *, argv: list[str], pair: str, target:
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        # Every server's CPU set; each run's threads are in its record.
+        "cores": format_cores(args.cores),
         # A busy machine skews every number; the load says how busy it was.
         "loadavg_start": list(os.getloadavg()),
         "torch": _version("torch"),
@@ -202,9 +204,13 @@ COLUMNS = [
     # (header, key, format)
     ("run", "name", "{}"),
     ("conc", "concurrency", "{}"),
+    ("cores", "cores", "{}"),
+    ("threads", "threads", "{}"),
+    ("cpu/wall", "cpu_per_wall", "{:.2f}"),
     ("tok/s", "throughput_tok_s", "{:.1f}"),
     ("x plain", "vs_plain", "{:.2f}"),
     ("x SA", "vs_standalone", "{:.2f}"),
+    ("x best", "vs_best_baseline", "{:.2f}"),
     ("TTFT ms", "ttft_ms", "{:.1f}"),
     ("TPOT ms", "tpot_ms", "{:.2f}"),
     ("lat/req ms", "makespan_per_request_ms", "{:.1f}"),
@@ -240,6 +246,11 @@ def print_report(report: dict) -> None:
     B = env["B"]
     print()
     print(table(runs))
+    print(f"cores of every server: {env['cores']}; x best: over the best of plain, plain --tp, STANDALONE")
+    for run in runs:
+        if run.get("choices"):
+            top = ", ".join(f"{key} x{n}" for key, n in list(run["choices"].items())[:4])
+            print(f"  {run['name']:<16} steps as (mode k verify+draft cores): {top}")
     print()
     print(
         f"psd / seq throughput: {_fmt(s['psd_over_seq_same_sub_batch'])}x at the same sub-batch size "

@@ -37,6 +37,22 @@ class ServerSettings:
     # After a start, requests that fill every slot once (see ModeServer.wait_ready).
     warmup_prompts: tuple[str, ...]
     warmup_tokens: int
+    # The CPU set every server runs on: each baseline gets exactly the cores
+    # the MINEDRAFT servers get, all of them working (see threads()).
+    cores: frozenset[int]
+
+
+def threads(spec: RunSpec, cores: frozenset[int]) -> tuple[dict[str, str], str]:
+    """The OpenMP environment of ``spec``'s server on ``cores`` and a line
+    saying how its threads use them: one thread per core in one process, one
+    rank per core under --tp, and for MINEDRAFT the worker's own per-step
+    split (cpu_affinity.py)."""
+    n = len(cores)
+    if spec.engine == "plain-tp":
+        return {"OMP_NUM_THREADS": "1"}, f"--tp {n}: {n} ranks x 1 thread"
+    if spec.engine in ("plain", "standalone"):
+        return {"OMP_NUM_THREADS": str(n)}, f"1 process x {n} threads"
+    return {"OMP_NUM_THREADS": str(n)}, f"{n} threads, split per step between verify and draft"
 
 
 def served_dtype(server_args: str) -> str:
@@ -52,6 +68,8 @@ def server_args(spec: RunSpec, settings: ServerSettings, *, max_running: int, tr
     cap = ["--max-running-requests", str(max_running)]
     if spec.engine == "plain":
         return ["--model-path", s.target, *cap, *s.extra]
+    if spec.engine == "plain-tp":
+        return ["--model-path", s.target, "--tp", str(len(s.cores)), *cap, *s.extra]
     if spec.engine == "standalone":
         return [
             "--model-path",
@@ -87,6 +105,7 @@ class ModeServer:
         self.max_running = max(s.concurrency for s in specs)
         self.trace = settings.workdir / f"{mode}.trace.jsonl"
         self.cmd = server_args(specs[0], settings, max_running=self.max_running, trace=self.trace)
+        self.env, self.threads = threads(specs[0], settings.cores)
         self.starts = 0
         self.started = 0.0
         self.server: Server | None = None
@@ -97,7 +116,7 @@ class ModeServer:
         self.starts += 1
         tqdm.write(f"[bench] starting {self.mode} server (--max-running-requests {self.max_running}, log {log})")
         self.started = time.monotonic()
-        self.server = Server(self.cmd, log)
+        self.server = Server(self.cmd, log, env=self.env, cores=self.settings.cores)
 
     def wait_ready(self) -> None:
         """Waits for the started server to answer, then warms it up."""
