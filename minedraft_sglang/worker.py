@@ -387,9 +387,6 @@ class MineDraftWorker(BaseSpecWorker):
         mode, verify_rows, draft_rows, k = plan.mode, plan.verify_rows, plan.draft_rows, plan.k
         reqs = batch.reqs
         verify_reqs = [reqs[i] for i in verify_rows]
-        # Drafts made before the overlap (below) have every core; the
-        # overlap splits them.
-        self._use_all_cores()
         split = self.cores.splits[plan.draft_cores] if self.cores and mode in adaptive_k.OVERLAP else None
         t0 = time.monotonic()
         missing = []
@@ -403,7 +400,9 @@ class MineDraftWorker(BaseSpecWorker):
             if missing:
                 # Newcomers of the verified half, requests moved by
                 # re-balancing, failed draft-ahead guesses, requests after a
-                # plain step, or every request in sequential mode.
+                # plain step, or every request in sequential mode: drafted
+                # alone, on every core.
+                self._use_all_cores()
                 self._draft(_draft_requests(missing), k)
             taken = [self.pending.pop(r.rid) for r in verify_reqs]
             read_on_this_stream([t for d in taken for t in (d.tokens, d.probs)])
@@ -420,6 +419,8 @@ class MineDraftWorker(BaseSpecWorker):
             # This thread's team leaves the drafter's cores before the
             # drafter's team takes them.
             self.verify_team.use(split.scheduler)
+        else:
+            self._use_all_cores()
         if mode is StepMode.PSD:
             background = self.executor.submit(
                 self._timed, split, self._draft, _draft_requests([reqs[i] for i in draft_rows]), k
