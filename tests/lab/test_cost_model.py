@@ -204,3 +204,18 @@ def test_cli_prints_the_plan(tmp_path, capsys):
     assert "at most 4 in flight" in out
     assert out.count("SD : k=") == 2 and out.count("PSD: k=") == 2  # isolated, and with the slowdown
     assert "draft x2.00, verify x1.50" in out
+
+
+def test_core_split_pays_where_a_second_core_barely_speeds_a_stage():
+    """lab/core_split: the planner's rates on hypothetical two-core machines. A second core that does not
+    speed a stage makes the overlap win; one that doubles its speed makes each stage alone on both win."""
+    from minedraft_sglang.lab import core_split
+    from minedraft_sglang.metrics import StepMode
+
+    for speedup, overlap_wins in ((1.0, True), (2.0, False)):
+        p = core_split.planner((0.200, 0.002), (0.060, 0.001), speedup, alpha=0.8, k=3)
+        for batch in (1, 4):
+            (alone, r_alone), (overlap, r_overlap) = core_split.best(p, batch)
+            assert alone.mode in (StepMode.PLAIN, StepMode.SEQUENTIAL)
+            assert overlap.mode in (StepMode.PSD, StepMode.DRAFT_AHEAD) and overlap.draft_cores == 1
+            assert (r_overlap > r_alone) == overlap_wins, (speedup, batch)
