@@ -6,10 +6,11 @@
 # share cut for the drafter. Environment (defaults in brackets):
 #   TARGET, DRAFT, K, MODE, HOST, PORT, PYTHON   as in launch/serve_gpu_two.sh
 #   DRAFT_MAX_LEN  --minedraft-draft-max-len, tokens per request in the drafter's KV cache [4096]
-#   MEM_FRACTION   --mem-fraction-static [computed: the drafter's weights and its
-#                  largest KV cache (256 requests x DRAFT_MAX_LEN tokens) live on
+#   MEM_FRACTION   --mem-fraction-static [computed: the drafter's KV cache (256
+#                  requests x DRAFT_MAX_LEN tokens, allocated at startup) lives on
 #                  this GPU outside SGLang's pool, so the target's share shrinks
-#                  by that much; `python -m minedraft_sglang.devices --help`]
+#                  by that much (its weights SGLang counts itself);
+#                  `python -m minedraft_sglang.devices --help`]
 # Arguments come last and override the flags above (SGLang keeps the last value);
 # set DRAFT_MAX_LEN rather than passing --minedraft-draft-max-len, so that the
 # memory estimate follows it.

@@ -119,6 +119,51 @@ def validate_device(device: str, server_args=None) -> None:
         raise MineDraftConfigError(str(e)) from None
 
 
+# Attention backends whose TARGET_VERIFY takes each verify's width from the
+# batch's spec input (docs/gpu.md, "Attention backends"): flashinfer
+# (``generate_attn_arg_prefill``), triton (``num_tokens_per_req``) and
+# intel_amx (``draft_token_num``). fa3 sizes its verify metadata from the
+# startup --speculative-num-draft-tokens; the rest are unread.
+VARIABLE_WIDTH_BACKENDS = ("flashinfer", "triton", "intel_amx")
+
+
+def validate_verify_backend(server_args, k_policy: str, capability: tuple[int, int] | None = None) -> None:
+    """``--minedraft-k auto`` verifies windows narrower than the startup
+    --speculative-num-draft-tokens (k chosen per step, drafts made at another
+    k verified on their common prefix); refuse a verify backend that cannot
+    read them. Fixed k verifies that one width (and k = 0, a decode, is taken
+    only by auto). ``capability``: the GPU's, when no backend is named
+    (SGLang then picks fa3 on sm90 and trtllm_mha on sm100; default: this
+    machine's first GPU, None without one)."""
+    if k_policy != "auto":
+        return
+    backend = getattr(server_args, "decode_attention_backend", None) or getattr(server_args, "attention_backend", None)
+    hint = "pass --attention-backend flashinfer (or triton), or --minedraft-k fixed"
+    if backend is None:
+        if capability is None:
+            capability = _gpu_capability()
+        default = {9: "fa3", 10: "trtllm_mha"}.get(capability[0]) if capability else None
+        if default is not None:
+            raise MineDraftConfigError(
+                f"--minedraft-k auto: SGLang's default attention backend on this GPU is {default}, which reads "
+                f"a verify's width from --speculative-num-draft-tokens, not from the step; {hint}"
+            )
+        return
+    if backend not in VARIABLE_WIDTH_BACKENDS:
+        raise MineDraftConfigError(
+            f"--minedraft-k auto with attention backend {backend}: its verify does not read the width of each "
+            f"step (supported: {', '.join(VARIABLE_WIDTH_BACKENDS)}); {hint}"
+        )
+
+
+def _gpu_capability() -> tuple[int, int] | None:
+    if os.environ.get("SGLANG_USE_CPU_ENGINE") == "1":
+        return None
+    import torch
+
+    return torch.cuda.get_device_capability(0) if torch.cuda.is_available() else None
+
+
 def validate_cores(draft_cores: str, draft_device: str) -> None:
     """Fail early for cores this process may not use (the scheduler inherits
     the launcher's CPU set)."""

@@ -10,8 +10,8 @@ the launch scripts and the tests share one set of rules:
 * Under ``--tp N`` the drafter lives with TP rank 0 (``tp_sync.py``): ``cuda``
   is rank 0's GPU, and the other ranks' GPUs are refused.
 * The drafter's KV cache lives outside SGLang's memory pool, so on a shared
-  GPU ``--mem-fraction-static`` has to shrink by the drafter's weights and
-  worst-case KV cache.
+  GPU ``--mem-fraction-static`` has to shrink by its size (its weights SGLang
+  counts itself: ``shared_gpu_reserve``).
 
 ``python -m minedraft_sglang.devices --draft-model-path DIR`` prints the
 ``--mem-fraction-static`` to give a target that shares its GPU with that
@@ -182,11 +182,28 @@ def param_count(hf_config: dict) -> int:
     return cfg["num_hidden_layers"] * layer + embed + lm_head + hidden
 
 
+def drafter_kv_bytes(hf_config: dict, *, max_requests: int, max_len: int, elem_bytes: int) -> int:
+    """The drafter's KV cache: ``max_requests`` slots of ``max_len`` tokens
+    and one scratch slot (``drafters/kv_cache.py``; allocated whole at
+    startup on a GPU)."""
+    return kv_bytes_per_token(hf_config, elem_bytes) * max_len * (max_requests + 1)
+
+
 def drafter_bytes(hf_config: dict, *, max_requests: int, max_len: int, elem_bytes: int) -> int:
-    """Weights plus the drafter's largest KV cache: ``max_requests`` slots of
-    ``max_len`` tokens and one scratch slot (the standalone drafter's layout)."""
-    kv = kv_bytes_per_token(hf_config, elem_bytes) * max_len * (max_requests + 1)
+    """Weights plus the drafter's KV cache: all it takes on its device."""
+    kv = drafter_kv_bytes(hf_config, max_requests=max_requests, max_len=max_len, elem_bytes=elem_bytes)
     return param_count(hf_config) * elem_bytes + kv
+
+
+def shared_gpu_reserve(hf_config: dict, *, max_requests: int, max_len: int, elem_bytes: int) -> int:
+    """What ``--mem-fraction-static`` must leave a drafter on the target's
+    GPU: its KV cache only. Its weights load while the worker is built, before
+    SGLang sizes the target's KV pool (``Scheduler.__init__``: speculative
+    worker, then ``init_memory_pools``, which sizes the pool from the memory
+    free then), so SGLang counts them already; counting them here too took
+    them off the target twice (issue 21). The cache is allocated after the
+    pool, in ``alloc_memory_pool``, so SGLang cannot see it."""
+    return drafter_kv_bytes(hf_config, max_requests=max_requests, max_len=max_len, elem_bytes=elem_bytes)
 
 
 def target_mem_fraction(drafter_total: int, gpu_bytes: int, base_fraction: float = DEFAULT_BASE_FRACTION) -> float:
@@ -225,8 +242,15 @@ def main(argv: list[str]) -> None:
     p.add_argument("--base-fraction", type=float, default=DEFAULT_BASE_FRACTION)
     args = p.parse_args(argv)
     try:
-        hf_config = json.loads((Path(args.draft_model_path) / "config.json").read_text())
-        need = drafter_bytes(
+        from minedraft_sglang import model_files
+        from minedraft_sglang.config import MineDraftConfigError
+
+        try:
+            folder = model_files.local_dir(args.draft_model_path, "--draft-model-path")
+        except MineDraftConfigError as e:
+            raise OSError(str(e)) from None
+        hf_config = json.loads((Path(folder) / "config.json").read_text())
+        need = shared_gpu_reserve(
             hf_config, max_requests=args.max_requests, max_len=args.max_len, elem_bytes=dtype_bytes(hf_config)
         )
         gpu = args.gpu_bytes or _gpu_bytes(args.gpu)

@@ -58,6 +58,31 @@ def decode_graph_spec_info_around(original, runner, num_tokens):
     return verify_graph_spec_info(runner.captured_req_width, runner.buffers.custom_mask)
 
 
+def dummy_verify_input_around(original, spec_algorithm, custom_mask, num_tokens_per_req, is_draft_worker):
+    """The dummy verify input of SGLang's warm-up forwards (FlashInfer's
+    autotune run on sm90+ for quantised and MoE targets calls it before
+    capture), for MINEDRAFT's target too: like ``get_spec_info`` at capture,
+    SGLang builds one only for its own algorithms and gives a plugin None."""
+    if is_draft_worker or not _is_minedraft(spec_algorithm):
+        return original(spec_algorithm, custom_mask, num_tokens_per_req, is_draft_worker)
+    return verify_graph_spec_info(num_tokens_per_req, custom_mask)
+
+
+def decode_graph_can_run_around(original, runner, forward_batch):
+    """A MINEDRAFT target's CUDA graphs hold TARGET_VERIFY forwards; a batch
+    of another mode (a k = 0 step is a DECODE, ``verify.decode_forward_batch``)
+    runs eagerly. SGLang's ``can_run_graph`` checks the batch size, not the
+    mode: it would replay a verify graph for a decode."""
+    model_runner = runner.model_runner
+    if (
+        not model_runner.is_draft_worker
+        and _is_minedraft(model_runner.spec_algorithm)
+        and forward_batch.forward_mode != runner.capture_forward_mode
+    ):
+        return False
+    return original(runner, forward_batch)
+
+
 def graph_runner_cls_around(original, platform):
     """On CPU, a MINEDRAFT target's graphs come from ``cpu_verify_graph_runner_cls()``."""
     from sglang.srt.runtime_context import get_spec

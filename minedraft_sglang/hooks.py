@@ -26,6 +26,17 @@ def process_batch_result_decode_around(original, processor, batch, result):
     return original(processor, sub_batch_view(batch, rows), result)
 
 
+def eagle_prepare_for_verify_around(original, verify_input, req_to_token_pool, batch, target_worker):
+    """A MINEDRAFT verify of width 1 (k = 0, a plain step) runs as SGLang's
+    own decode forward (``verify.decode_forward_batch``); every other verify
+    is SGLang's."""
+    from minedraft_sglang.verify import decode_forward_batch, is_plain_step
+
+    if is_plain_step(verify_input) and not batch.forward_mode.is_idle():
+        return decode_forward_batch(verify_input, req_to_token_pool, batch, target_worker)
+    return original(verify_input, req_to_token_pool, batch, target_worker)
+
+
 def add_speculative_state_around(original, controller, state):
     """``/server_info``'s internal state gains a ``minedraft`` entry: drafter
     slots and pool free counts, which the leak tests read, and on CPU with
@@ -39,6 +50,10 @@ def add_speculative_state_around(original, controller, state):
             "token_pool_available": int(scheduler.token_to_kv_pool_allocator.available_size()),
             "req_pool_available": int(scheduler.req_to_token_pool.available_size()),
         }
+        from minedraft_sglang import verify
+
+        # k = 0 steps that ran as SGLang's decode forward.
+        state["minedraft"]["decode_forwards"] = verify.decode_forwards
         graphs = scheduler.tp_worker.model_runner.decode_cuda_graph_runner
         if hasattr(graphs, "replays"):
             state["minedraft"]["verify_graph_replays"] = graphs.replays
@@ -85,3 +100,20 @@ def register_cpu_compile_fake_around(original, op_name):
     if hasattr(torch.ops.sgl_kernel, op_name):
         return original(op_name)
     return lambda fake: fake
+
+
+def process_batch_result_prefill_around(original, processor, batch, result):
+    """Requests that finish in their prefill step (one new token, a stop at
+    once, an abort) never reach the decode path, where SGLang calls the
+    worker's ``note_request_finished``; without this their drafter rows stay
+    held until the next decode step sweeps them (the request fuzzer found a
+    busy drafter slot on an idle server, tests/server/test_fuzz.py)."""
+    out = original(processor, batch, result)
+    from minedraft_sglang.worker import MineDraftWorker
+
+    worker = getattr(processor, "draft_worker", None)
+    if isinstance(worker, MineDraftWorker):
+        for req in batch.reqs:
+            if req.finished():
+                worker.note_request_finished(rid=req.rid, natural_stop=False)
+    return out

@@ -9,12 +9,11 @@ and the behaviour hooks of ``hooks.py``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 
-from minedraft_sglang import graphs, hooks
+from minedraft_sglang import door, graphs, hooks, model_files
 from minedraft_sglang.config import (
     ALGORITHM_NAME,
     DRAFTER_FOR_ARCHITECTURE,
@@ -24,6 +23,7 @@ from minedraft_sglang.config import (
     add_cli_args,
     config_from_argv,
     validate_device,
+    validate_verify_backend,
 )
 
 logger = logging.getLogger(__name__)
@@ -61,6 +61,23 @@ def register() -> None:
         _prepare_server_args_around,
         HookType.AROUND,
     )
+    # On every server, plain ones too (door.py says why).
+    HookRegistry.register(
+        "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request",
+        door.validate_one_request_around,
+        HookType.AROUND,
+    )
+    HookRegistry.register(
+        "sglang.srt.managers.io_struct.GenerateReqInput._handle_parallel_sampling",
+        door.handle_parallel_sampling_around,
+        HookType.AROUND,
+    )
+    HookRegistry.register(
+        "sglang.srt.managers.scheduler_components.batch_result_processor."
+        "SchedulerBatchResultProcessor.process_batch_result_prefill",
+        hooks.process_batch_result_prefill_around,
+        HookType.AROUND,
+    )
     HookRegistry.register(
         "sglang.srt.managers.scheduler_components.batch_result_processor."
         "SchedulerBatchResultProcessor.process_batch_result_decode",
@@ -90,6 +107,21 @@ def register() -> None:
     HookRegistry.register(
         "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner.get_spec_info",
         graphs.decode_graph_spec_info_around,
+        HookType.AROUND,
+    )
+    HookRegistry.register(
+        "sglang.srt.speculative.eagle_worker_common.eagle_prepare_for_verify",
+        hooks.eagle_prepare_for_verify_around,
+        HookType.AROUND,
+    )
+    HookRegistry.register(
+        "sglang.srt.speculative.spec_info.create_dummy_verify_input",
+        graphs.dummy_verify_input_around,
+        HookType.AROUND,
+    )
+    HookRegistry.register(
+        "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner.can_run_graph",
+        graphs.decode_graph_can_run_around,
         HookType.AROUND,
     )
     HookRegistry.register(
@@ -187,22 +219,31 @@ def validate_server_args(sa) -> None:
     config = MineDraftConfig.from_env()
     _check_parallelism(sa)
     validate_device(config.draft_device, sa)
+    validate_verify_backend(sa, config.k)
     draft = sa.speculative_draft_model_path
     if not draft:
         raise MineDraftConfigError("--speculative-draft-model-path is required with --speculative-algorithm MINEDRAFT")
-    if not os.path.isdir(draft):
-        raise MineDraftConfigError(f"--speculative-draft-model-path {draft!r}: no such directory")
-    draft_config = _read_config(draft, "--speculative-draft-model-path")
+    # A folder or a hub id, resolved as SGLang's loader resolves it (model_files.py).
+    draft_dir = model_files.local_dir(
+        draft, "--speculative-draft-model-path", revision=getattr(sa, "speculative_draft_model_revision", None)
+    )
+    draft_config = model_files.read_config(draft_dir, draft, "--speculative-draft-model-path")
     _check_drafter_kind(draft, draft_config, config.drafter)
-    draft_vocab = _vocab_size(draft_config, draft, "--speculative-draft-model-path")
     target = sa.model_path
-    if os.path.isdir(target):
-        target_vocab = _vocab_size(_read_config(target, "--model-path"), target, "--model-path")
-        if draft_vocab != target_vocab:
-            raise MineDraftConfigError(
-                f"--speculative-draft-model-path {draft!r} has vocabulary size {draft_vocab}, "
-                f"the target {target!r} has {target_vocab}: drafts must use the target's tokenizer"
-            )
+    if os.path.isfile(target) or "://" in target:
+        return  # a GGUF file or an object-store URL: SGLang resolves those itself
+    try:
+        target_dir = model_files.local_dir(target, "--model-path", revision=getattr(sa, "revision", None))
+    except MineDraftConfigError:
+        return  # not resolvable here; SGLang's own loading reports it
+    model_files.check_vocabularies(
+        draft_dir,
+        draft,
+        target_dir,
+        target,
+        draft_config=draft_config,
+        target_config=model_files.read_config(target_dir, target, "--model-path"),
+    )
 
 
 def _check_parallelism(sa) -> None:
@@ -222,14 +263,6 @@ def _check_parallelism(sa) -> None:
         )
 
 
-def _read_config(path: str, flag: str) -> dict:
-    try:
-        with open(os.path.join(path, "config.json")) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise MineDraftConfigError(f"{flag} {path!r}: cannot read config.json ({e})") from None
-
-
 def _check_drafter_kind(path: str, config: dict, drafter: str) -> None:
     arch = (config.get("architectures") or ["(none)"])[0]
     kind = DRAFTER_FOR_ARCHITECTURE.get(arch)
@@ -243,13 +276,6 @@ def _check_drafter_kind(path: str, config: dict, drafter: str) -> None:
             f"--minedraft-drafter {drafter} cannot run {path!r}: its architecture {arch} "
             f"needs --minedraft-drafter {kind} (or auto)"
         )
-
-
-def _vocab_size(config: dict, path: str, flag: str) -> int:
-    vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
-    if not vocab:
-        raise MineDraftConfigError(f"{flag} {path!r}: config.json has no vocab_size")
-    return int(vocab)
 
 
 def _add_cli_args_around(original, parser):

@@ -53,6 +53,9 @@ class VerifyContext:
 
 _current = threading.local()
 
+# k = 0 steps run as SGLang's decode forward in this process (/server_info).
+decode_forwards = 0
+
 
 def current_verify() -> VerifyContext | None:
     """The MINEDRAFT verify running on this thread, if any: the hook must
@@ -135,7 +138,6 @@ def verify_chain(
     returns SGLang's GenerationBatchResult (accept_lens include the bonus)."""
     bs, num_steps = draft_tokens.shape
     device = batch.device
-    parents, scores = chain_topology(num_steps, bs, device)
     context = VerifyContext(chain_penalties(batch.reqs, draft_tokens), num_drafts, generator, tp)
     # SGLang's speculative penalties are "relaxed" (one vector for the whole
     # chain, counting only the last token of each step); ours replace them.
@@ -144,20 +146,26 @@ def verify_chain(
     batch.sampling_info = dataclasses.replace(
         batch.sampling_info, acc_additive_penalties=None, acc_scaling_penalties=None
     )
-    batch.spec_info = build_eagle_verify_input(
-        batch,
-        _BonusTokens(bonus_tokens),
-        parents,
-        scores,
-        draft_tokens,
-        None,
-        target_worker=target_worker,
-        topk=1,
-        num_steps=num_steps,
-        num_draft_tokens=num_steps + 1,
-        tree_mask_mode=default_tree_mask_mode(),
-        device=device,
-    )
+    if num_steps == 0:
+        # k = 0, a plain step: its forward is SGLang's decode
+        # (decode_forward_batch); the tree kernel refuses depth 0.
+        batch.spec_info = plain_verify_input(batch, bonus_tokens)
+    else:
+        parents, scores = chain_topology(num_steps, bs, device)
+        batch.spec_info = build_eagle_verify_input(
+            batch,
+            _BonusTokens(bonus_tokens),
+            parents,
+            scores,
+            draft_tokens,
+            None,
+            target_worker=target_worker,
+            topk=1,
+            num_steps=num_steps,
+            num_draft_tokens=num_steps + 1,
+            tree_mask_mode=default_tree_mask_mode(),
+            device=device,
+        )
     if num_drafts is not None:
         # Cut each chain after its selected drafts: SGLang's greedy walk
         # stops there, and the sampling path reads num_drafts itself.
@@ -178,6 +186,86 @@ def verify_chain(
             finalize_tree_path=True,
             grammar_barrier=grammar_barrier,
         )
+
+
+def plain_verify_input(batch: ScheduleBatch, bonus_tokens: torch.Tensor):
+    """The verify input of a k = 0 step: each request's window is its last
+    token alone (a one-node tree), built without SGLang's tree kernel, which
+    refuses depth 0 on CUDA (``tree.cuh``: ``CHECK_HOST(topk > 0 && depth >
+    0)``). Its forward is a decode (``decode_forward_batch``), which reads
+    no tree mask; sampling, grammar, logprobs and the KV commit read the
+    rest, as for any verify of width 1."""
+    from sglang.srt.speculative.eagle_info import EagleVerifyInput
+
+    bs = len(batch.seq_lens)
+    device = batch.seq_lens.device
+    no_link = torch.full((bs, 1), -1, dtype=torch.int64, device=device)
+    return EagleVerifyInput(
+        draft_token=bonus_tokens.to(torch.int64),
+        custom_mask=torch.ones(bs, dtype=torch.bool, device=device),
+        positions=batch.seq_lens.to(torch.int64),
+        retrieve_index=torch.arange(bs, dtype=torch.int64, device=device)[:, None],
+        retrieve_next_token=no_link,
+        retrieve_next_sibling=no_link.clone(),
+        retrieve_cum_len=None,
+        spec_steps=0,
+        topk=1,
+        draft_token_num=1,
+        capture_hidden_mode=None,
+        seq_lens_sum=None,
+        seq_lens_cpu=None,
+    )
+
+
+def is_plain_step(verify_input) -> bool:
+    """A MINEDRAFT verify of width 1 on this thread: a k = 0 step."""
+    return current_verify() is not None and getattr(verify_input, "draft_token_num", None) == 1
+
+
+def decode_forward_batch(verify_input, req_to_token_pool, batch: ScheduleBatch, target_worker):
+    """What ``eagle_prepare_for_verify`` returns for a verify, made for a
+    k = 0 step: SGLang's own decode forward (``ForwardMode.DECODE``, no spec
+    input) of each request's last token, so that it costs what plain
+    SGLang's step costs and runs where a decode runs (the hook in
+    ``hooks.py`` calls this). The token is written where a width-1 verify
+    writes it: position seq_len, the first slot of SGLang's speculative
+    reserve. ``batch`` itself is left as a verify leaves it (TARGET_VERIFY,
+    its window's ids and slots), since the rest of SGLang's verify
+    (sampling, grammar, logprobs, the KV commit) reads it."""
+    from sglang.kernels.ops.speculative.cache_locs import assign_extend_cache_locs_uniform_func
+    from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardBatch, ForwardMode
+
+    model_runner = target_worker.model_runner
+    batch.input_ids = verify_input.draft_token
+    batch.out_cache_loc = assign_extend_cache_locs_uniform_func(
+        req_pool_indices=batch.req_pool_indices,
+        req_to_token=req_to_token_pool.req_to_token,
+        start_offset=batch.seq_lens,
+        batch_size=len(batch.req_pool_indices),
+        draft_token_num=1,
+        device=batch.device,
+    )
+    verify_input.seq_lens_cpu = batch.seq_lens_cpu
+    verify_input.seq_lens_sum = int(batch.seq_lens_cpu.sum()) if batch.seq_lens_cpu is not None else None
+    batch.forward_mode = ForwardMode.TARGET_VERIFY
+    # A decode's lengths count the token it feeds (ScheduleBatch.prepare_for_decode).
+    decode = copy.copy(batch)
+    decode.forward_mode = ForwardMode.DECODE
+    decode.spec_info = None
+    decode.seq_lens = batch.seq_lens + 1
+    decode.seq_lens_cpu = None if batch.seq_lens_cpu is None else batch.seq_lens_cpu + 1
+    decode.orig_seq_lens = None if batch.orig_seq_lens is None else batch.orig_seq_lens + 1
+    decode.seq_lens_sum = None
+    capture = CaptureHiddenMode.NULL if model_runner.spec_algorithm.is_standalone() else CaptureHiddenMode.FULL
+    forward_batch = ForwardBatch.init_new(
+        decode, model_runner, capture_hidden_mode=capture, return_hidden_states_before_norm=False
+    )
+    global decode_forwards
+    decode_forwards += 1
+    # Eager unless a graph of this very mode was captured: a speculative
+    # target's graphs are TARGET_VERIFY ones, and SGLang's runner does not
+    # check the mode (graphs.decode_graph_can_run_around).
+    return forward_batch, False
 
 
 def sample_chain(verify_input, batch: ScheduleBatch, logits_output, context: VerifyContext, grammar_mask=None):

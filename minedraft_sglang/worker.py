@@ -109,6 +109,8 @@ class MineDraftWorker(BaseSpecWorker):
                 target_path=server_args.model_path,
                 target_dtype=self.model_runner.dtype,
                 draft_compile=config.draft_compile,
+                draft_revision=getattr(server_args, "speculative_draft_model_revision", None),
+                target_revision=getattr(server_args, "revision", None),
             )
             if drafter.aux_layer_ids is not None:
                 # EAGLE-3: the target returns these layers' outputs side by
@@ -250,11 +252,12 @@ class MineDraftWorker(BaseSpecWorker):
         self.drafter_slots = max_requests
         logger.info(
             "MineDraft: drafter KV cache on %s (outside SGLang's memory pool): up to %d "
-            "requests x %d tokens = %.1f MiB, allocated as requests arrive",
+            "requests x %d tokens = %.1f MiB, allocated %s",
             self.draft_device,
             max_requests,
             max_len,
             nbytes / 2**20,
+            "now (on a GPU it never grows)" if self.draft_device.startswith("cuda") else "as requests arrive",
         )
 
     def minedraft_stats(self) -> dict:

@@ -9,6 +9,27 @@ them as ``torch.ops.sgl_kernel.<name>`` with the schemas SGLang's call sites use
 ``sgl_kernel/speculative.py`` and ``sgl_kernel/kvcacheio.py``).
 
 Written for clarity, not speed: per-request Python loops over small batches.
+
+Each op refuses what the kernel SGLang runs in its place on a GPU refuses, so
+that a call a GPU would reject fails in the CPU tests too (issue 21: a k = 0
+verify passed here and would raise on CUDA). The GPU kernels and their host
+checks (SGLang 0.5.23 wheel):
+
+* ``build_tree_kernel_efficient_cpu``: the JIT kernel of
+  ``sglang/kernels/jit/csrc/speculative/tree.cuh`` refuses ``topk`` or
+  ``depth`` < 1, ``draft_token_num`` outside 1..1024, an unknown mask mode,
+  wrong ranks, sizes, dtypes (int64) or non-contiguous tensors, a parent list
+  whose width is not ``topk * (depth - 1) + 1`` (depth > 1), a mask of fewer
+  bytes than its mode needs, and bit-packing past 32 tokens;
+* ``verify_tree_greedy_cpu``: the same file's kernel refuses wrong ranks,
+  sizes, dtypes (int64 tree, int32 outputs), non-contiguous tensors, and no
+  draft token or no accept slot;
+* ``assign_*``, ``fill_*``, ``copy_all_layer_kv_cache_cpu``: their GPU twins
+  are Triton kernels (``mem_cache/allocation.py``,
+  ``kernels/ops/speculative/{cache_locs,eagle}.py``,
+  ``kernels/ops/kvcache/cache_move.py``) that check nothing on the host;
+* ``build_draft_decode_metadata_cpu``, the attention ops and the collectives
+  are CPU-only (intel_amx, the shared-memory ring): no GPU twin.
 """
 
 import ctypes
@@ -114,6 +135,30 @@ def fill_accept_out_cache_loc_cpu(accept_index, out_cache_loc, accept_out_cache_
     accept_out_cache_loc[: accepted.numel()] = out_cache_loc[accepted]
 
 
+def _check(ok: bool, kernel: str, what: str) -> None:
+    """The GPU kernel's host check (``RuntimeCheck`` / ``CHECK_HOST``), which
+    raises RuntimeError there too."""
+    if not ok:
+        raise RuntimeError(f"{kernel}: {what} (refused by the GPU kernel too)")
+
+
+def _match(kernel: str, name: str, t, shape, dtype, *, row_strided: bool = False) -> None:
+    """sgl-kernel's ``TensorMatcher``: rank and sizes (None: any), dtype and
+    layout. ``row_strided``: only the last dimension must be dense (the
+    kernel's explicit strides, for a matrix that may have no columns);
+    otherwise the tensor must be contiguous, the matcher's default."""
+    _check(t.dim() == len(shape), kernel, f"{name} must have {len(shape)} dimensions, got {tuple(t.shape)}")
+    for i, (got, want) in enumerate(zip(t.shape, shape)):
+        _check(want is None or got == want, kernel, f"{name} has size {got} in dimension {i}, expected {want}")
+    _check(t.dtype == dtype, kernel, f"{name} must be {dtype}, got {t.dtype}")
+    if row_strided:
+        rows, cols = t.shape
+        dense = (cols == 1 or t.stride(1) == 1) and (cols == 0 or rows == 1 or t.stride(0) == cols)
+    else:
+        dense = t.is_contiguous()
+    _check(dense, kernel, f"{name} is not contiguous")
+
+
 def verify_tree_greedy_cpu(
     predicts,
     accept_index,
@@ -131,6 +176,21 @@ def verify_tree_greedy_cpu(
     node, and the walk continues below it. predicts[i] gets the target's
     prediction at every accepted node i (the last one supplies the bonus token).
     """
+    kernel = "verify_tree_greedy"
+    _check(candidates.dim() == 2, kernel, f"candidates must be [bs, draft_tokens], got {tuple(candidates.shape)}")
+    bs, draft_tokens = candidates.shape
+    for name, t in (
+        ("candidates", candidates),
+        ("retrive_index", retrive_index),
+        ("retrive_next_token", retrive_next_token),
+        ("retrive_next_sibling", retrive_next_sibling),
+        ("target_predict", target_predict),
+    ):
+        _match(kernel, name, t, (bs, draft_tokens), torch.int64)
+    _match(kernel, "accept_index", accept_index, (bs, None), torch.int32)
+    _match(kernel, "accept_token_num", accept_token_num, (bs,), torch.int32)
+    _match(kernel, "predicts", predicts, (bs * draft_tokens,), torch.int32)
+    _check(draft_tokens > 0 and accept_index.shape[1] > 0, kernel, "no draft token or no accept slot")
     num_steps = accept_index.shape[1]
     targets = target_predict.reshape(-1).tolist()
     tokens = candidates.tolist()
@@ -163,7 +223,7 @@ def verify_tree_greedy_cpu(
     accept_token_num.copy_(torch.tensor(accept_counts, dtype=torch.long))
 
 
-FULL_MASK, QLEN_ONLY = 0, 1  # sglang.srt.speculative.eagle_utils.TreeMaskMode
+FULL_MASK, QLEN_ONLY, QLEN_ONLY_BITPACKING = 0, 1, 2  # sglang.srt.speculative.eagle_utils.TreeMaskMode
 
 
 def _parent_nodes(parents, selected, topk, draft_token_num):
@@ -212,11 +272,46 @@ def build_tree_kernel_efficient_cpu(
     kernel does), positions are seq_len + node depth, and the draft_token_num x
     draft_token_num mask lets each node see itself and its ancestors. FULL_MASK
     rows also carry seq_len prefix columns, which the caller has already set.
-    depth is implied by the tree and kept only for the op's signature.
+    depth is implied by the tree and checked only as the GPU kernel checks it.
     """
+    kernel = "build_tree_kernel_efficient"
+    # The GPU kernel's host checks, in its order (tree.cuh).
+    _check(topk > 0 and depth > 0, kernel, f"topk ({topk}) and depth ({depth}) must be > 0")
+    _check(0 < draft_token_num <= 1024, kernel, f"draft_token_num ({draft_token_num}) must be in 1..1024")
+    _check(0 <= tree_mask_mode <= QLEN_ONLY_BITPACKING, kernel, f"unknown tree_mask_mode {tree_mask_mode}")
+    _check(parent_list.dim() == 2, kernel, f"parent_list must be [bs, parent_width], got {tuple(parent_list.shape)}")
+    bs = parent_list.shape[0]
+    _match(kernel, "parent_list", parent_list, (bs, None), torch.int64, row_strided=True)
+    _check(
+        depth == 1 or parent_list.shape[1] == topk * (depth - 1) + 1,
+        kernel,
+        f"parent_list width {parent_list.shape[1]} must be topk * (depth - 1) + 1 = {topk * (depth - 1) + 1}",
+    )
+    n = draft_token_num
+    _match(kernel, "selected_index", selected_index, (bs, n - 1), torch.int64, row_strided=True)
+    _match(kernel, "verified_seq_len", verified_seq_len, (bs,), torch.int64)
+    for name, t in (
+        ("retrive_index", retrive_index),
+        ("retrive_next_token", retrive_next_token),
+        ("retrive_next_sibling", retrive_next_sibling),
+    ):
+        _match(kernel, name, t, (bs, n), torch.int64)
+    _match(kernel, "positions", positions, (bs * n,), torch.int64)
+    min_mask_bytes = 0
+    if tree_mask_mode == QLEN_ONLY_BITPACKING:
+        _check(n <= 32, kernel, f"bit-packed masks hold at most 32 tokens, not {n}")
+        min_mask_bytes = bs * n * (4 if n > 16 else 2 if n > 8 else 1)
+    elif tree_mask_mode == QLEN_ONLY:
+        min_mask_bytes = bs * n * n
+    _check(tree_mask.dim() == 1 and tree_mask.is_contiguous(), kernel, "tree_mask must be flat and contiguous")
+    _check(
+        tree_mask.numel() * tree_mask.element_size() >= min_mask_bytes,
+        kernel,
+        f"tree_mask has {tree_mask.numel() * tree_mask.element_size()} bytes, "
+        f"mode {tree_mask_mode} needs {min_mask_bytes}",
+    )
     if tree_mask_mode not in (FULL_MASK, QLEN_ONLY):
         raise NotImplementedError(f"tree_mask_mode {tree_mask_mode} (only FULL_MASK and QLEN_ONLY)")
-    n = draft_token_num
     seq_lens = verified_seq_len.tolist()
     mask_offset = 0
     for b, seq_len in enumerate(seq_lens):

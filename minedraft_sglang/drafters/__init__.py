@@ -7,18 +7,31 @@ import random
 
 import torch
 
+from minedraft_sglang import model_files
 from minedraft_sglang.config import DRAFTER_FOR_ARCHITECTURE
 from minedraft_sglang.drafters.base import Drafter
 
 
 def create_drafter(
-    *, device: str, model_path: str, target_path: str, target_dtype: torch.dtype, draft_compile: str = "auto"
+    *,
+    device: str,
+    model_path: str,
+    target_path: str,
+    target_dtype: torch.dtype,
+    draft_compile: str = "auto",
+    draft_revision: str | None = None,
+    target_revision: str | None = None,
 ) -> Drafter:
     """The drafter for the draft checkpoint's architecture (validated at
     startup by plugin.validate_server_args), on ``device``;
-    ``draft_compile`` is ``--minedraft-draft-compile``."""
+    ``draft_compile`` is ``--minedraft-draft-compile``. Either path may be a
+    hub id (``model_files.local_dir``: the local Hugging Face cache's
+    snapshot, as SGLang's loader resolves it)."""
     from transformers import AutoConfig
 
+    model_path = model_files.local_dir(
+        model_path, "--speculative-draft-model-path", revision=draft_revision, weights=True
+    )
     dtype = drafter_dtype(device, target_dtype)
     mode = step_mode(device, draft_compile)
     arch = AutoConfig.from_pretrained(model_path).architectures[0]
@@ -29,6 +42,8 @@ def create_drafter(
     else:
         from minedraft_sglang.drafters.eagle import EagleDrafter
 
+        # An EAGLE head reads the target's embedding (and LM head) from its checkpoint.
+        target_path = model_files.local_dir(target_path, "--model-path", revision=target_revision, weights=True)
         drafter = EagleDrafter(model_path, target_path, device, dtype, step_mode=mode)
     fault = os.environ.get(FAULT_ENV)
     return FaultInjectingDrafter(drafter, fault) if fault else drafter
@@ -60,22 +75,41 @@ def step_mode(device: str, draft_compile: str) -> str:
     return "compile" if draft_compile == "on" else "eager"
 
 
-# Test-only: "draft_raise:P" makes each draft call raise with probability P.
+# Test-only: comma-separated "KIND:P"; KIND draft_raise makes each draft call
+# raise with probability P, prefill_raise each prefill call (after the inner
+# drafter wrote its cache rows: the worst case for what must be released).
 FAULT_ENV = "MINEDRAFT_FAULT_INJECT"
+FAULT_KINDS = ("draft_raise", "prefill_raise")
+
+
+def parse_faults(spec: str) -> dict[str, float]:
+    """``{kind: probability}`` from a MINEDRAFT_FAULT_INJECT value; raises
+    ValueError naming the variable on anything else."""
+    faults = {}
+    for part in spec.split(","):
+        kind, _, prob = part.strip().partition(":")
+        try:
+            p = float(prob)
+        except ValueError:
+            p = -1.0
+        if kind not in FAULT_KINDS or not 0 <= p <= 1:
+            raise ValueError(f"{FAULT_ENV}={spec!r}: expected KIND:P[,KIND:P] with KIND in {FAULT_KINDS}, P in [0, 1]")
+        faults[kind] = p
+    return faults
 
 
 class FaultInjectingDrafter(Drafter):
-    """Wraps a drafter and fails some of its draft calls, for fault tests."""
+    """Wraps a drafter and fails some of its draft and prefill calls, for
+    fault tests."""
 
     def __init__(self, inner: Drafter, spec: str):
-        kind, _, prob = spec.partition(":")
-        if kind != "draft_raise":
-            raise ValueError(f"{FAULT_ENV}={spec!r}: expected draft_raise:P")
+        faults = parse_faults(spec)
         self.inner = inner
         self.device = inner.device
         self.needs_target_features = inner.needs_target_features
         self.aux_layer_ids = inner.aux_layer_ids
-        self.prob = float(prob)
+        self.prob = faults.get("draft_raise", 0.0)
+        self.prefill_prob = faults.get("prefill_raise", 0.0)
         self.rng = random.Random(0)
 
     def draft(self, reqs, num_tokens):
@@ -85,6 +119,8 @@ class FaultInjectingDrafter(Drafter):
 
     def prefill(self, reqs):
         self.inner.prefill(reqs)
+        if self.rng.random() < self.prefill_prob:
+            raise RuntimeError(f"injected drafter prefill fault ({FAULT_ENV})")
 
     def allocate(self, max_requests, max_len):
         return self.inner.allocate(max_requests, max_len)

@@ -40,6 +40,7 @@ from minedraft_sglang.drafters.kv_cache import (
     CatchUp,
     SlotKVCache,
     StepRunner,
+    StreamHandoff,
     pack,
     project_qkv,
 )
@@ -258,6 +259,7 @@ class EagleDrafter(CachedDrafter):
         )
         self.steps = StepRunner(self._step, step_mode, self.cache)
         self.catch_up = CatchUp()
+        self.handoff = StreamHandoff(self.device)
 
     def observe(self, rid: str, start: int, features: torch.Tensor) -> None:
         slot = self.cache.slot(rid)
@@ -271,11 +273,16 @@ class EagleDrafter(CachedDrafter):
         slot.features.append(own_copy(features, self.device, self.dtype))
         slot.known += len(features)
 
-    @torch.inference_mode()
     def draft(self, reqs: Sequence[DraftRequest], num_tokens: int) -> DraftOutput:
         """Feed each request's new target features, then run the head
         autoregressively: first over the request's tokens that have no target
-        feature yet (draft-ahead guesses), then ``num_tokens`` proposals."""
+        feature yet (draft-ahead guesses), then ``num_tokens`` proposals.
+        Ordered after the previous call's kernels (``StreamHandoff``)."""
+        with self.handoff():
+            return self._draft(reqs, num_tokens)
+
+    @torch.inference_mode()
+    def _draft(self, reqs: Sequence[DraftRequest], num_tokens: int) -> DraftOutput:
         bs = len(reqs)
         slots = [self.cache.slot(r.rid) for r in reqs]
         live = [

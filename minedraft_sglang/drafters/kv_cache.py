@@ -21,6 +21,7 @@ The forwards:
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Sequence
@@ -143,13 +144,19 @@ class SlotKVCache:
         # Bumped when k and v move (captured graphs hold their addresses).
         self.version = 0
 
-    def allocate(self, max_requests: int, max_len: int) -> int:
-        """Set the limits; memory grows with the number of requests that
-        hold draft state at once (doubling, up to ``max_requests``). Returns
-        the bytes at the full size."""
+    def allocate(self, max_requests: int, max_len: int, *, grow: bool | None = None) -> int:
+        """Set the limits and allocate. ``grow`` (default: on the CPU only):
+        memory grows with the number of requests that hold draft state at
+        once (doubling, up to ``max_requests``); otherwise the whole cache
+        is allocated now, at startup, and never grows on the hot path: on a
+        GPU a resize there could fail for memory the target took meanwhile,
+        and it would drop the captured graphs (issue 21). Returns the bytes
+        at the full size."""
+        if grow is None:
+            grow = torch.device(self.device).type != "cuda"
         self.max_requests = max_requests
         self.max_len = max_len
-        self._resize(min(INITIAL_SLOTS, max_requests))
+        self._resize(min(INITIAL_SLOTS, max_requests) if grow else max_requests)
         per_slot = 2 * self.num_layers * max_len * self.num_kv_heads * self.head_dim * self.dtype.itemsize
         return per_slot * (max_requests + 1)
 
@@ -286,6 +293,39 @@ class SlotKVCache:
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=group.mask, scale=scale)
 
 
+class StreamHandoff:
+    """Orders a drafter's calls when they come from threads with streams of
+    their own (PSD's background drafts on the drafter's thread, a newcomer's
+    draft on the scheduler's): each call's stream first waits for an event
+    recorded at the end of the previous call, so no call starts on the
+    drafter's cache and graph buffers while the last one's kernels are still
+    queued (issue 21). A call returns with its work queued, not finished;
+    the caller synchronises before it reads the result on the host. Nothing
+    to order on the CPU. ``cuda``: the module the streams and events come
+    from (tests pass a stand-in)."""
+
+    def __init__(self, device, cuda=None):
+        self.device = torch.device(device)
+        self.enabled = self.device.type == "cuda"
+        self.cuda = cuda if cuda is not None else torch.cuda
+        self.last = None  # the event recorded at the end of the previous call
+
+    @contextlib.contextmanager
+    def __call__(self):
+        if not self.enabled:
+            yield
+            return
+        stream = self.cuda.current_stream(self.device)
+        if self.last is not None:
+            stream.wait_event(self.last)
+        try:
+            yield
+        finally:
+            event = self.cuda.Event()
+            event.record(stream)
+            self.last = event
+
+
 class CachedDrafter(Drafter):
     """A drafter whose per-request state lives in the slots of ``self.cache``."""
 
@@ -394,16 +434,21 @@ def cuda_graph(fn: Callable[[], object], device: torch.device, pool) -> tuple[Ca
     pool). ``fn`` runs once eagerly first, so that lazy initialisation does
     not happen during the capture."""
     with torch.cuda.device(device):  # the caller's current device may be the target's
-        warmup = torch.cuda.Stream(device)
-        warmup.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(warmup):
+        # One side stream of the drafter's device for warm-up and capture.
+        # torch.cuda.graph's default capture stream is one per process,
+        # created on whichever device was current first (the target's
+        # cuda:0 in SGLang's scheduler), and cannot capture a drafter on
+        # cuda:1 (issue 21).
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
             fn()
-        torch.cuda.current_stream(device).wait_stream(warmup)
         graph = torch.cuda.CUDAGraph()
         # thread_local: the target's thread keeps running (and allocating)
         # while the drafter's thread captures.
-        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
             out = fn()
+        torch.cuda.current_stream(device).wait_stream(side)
 
     def replay():
         with torch.cuda.device(device):

@@ -23,7 +23,15 @@ import torch
 from torch import nn
 
 from minedraft_sglang.drafters.base import DraftOutput, DraftRequest
-from minedraft_sglang.drafters.kv_cache import STEP_WIDTHS, CachedDrafter, CatchUp, SlotKVCache, StepRunner, pack
+from minedraft_sglang.drafters.kv_cache import (
+    STEP_WIDTHS,
+    CachedDrafter,
+    CatchUp,
+    SlotKVCache,
+    StepRunner,
+    StreamHandoff,
+    pack,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +71,7 @@ class StandaloneDrafter(CachedDrafter):
         )
         self.steps = StepRunner(self._step, step_mode, self.cache)
         self.catch_up = CatchUp()
+        self.handoff = StreamHandoff(self.device)
 
     def _sync(self, slot: _Slot, req: DraftRequest) -> list[int]:
         """Keep the cached rows that match the real tokens; return the tokens
@@ -77,8 +86,12 @@ class StandaloneDrafter(CachedDrafter):
         slot.committed = n
         return req.tokens(keep)
 
-    @torch.inference_mode()
     def prefill(self, reqs: Sequence[DraftRequest]) -> None:
+        with self.handoff():
+            self._prefill(reqs)
+
+    @torch.inference_mode()
+    def _prefill(self, reqs: Sequence[DraftRequest]) -> None:
         feeds = []
         for req in reqs:
             slot = self.cache.slot(req.rid)
@@ -105,8 +118,12 @@ class StandaloneDrafter(CachedDrafter):
 
         self.catch_up.run([len(f) for _, f in feeds], forward)
 
-    @torch.inference_mode()
     def draft(self, reqs: Sequence[DraftRequest], num_tokens: int) -> DraftOutput:
+        with self.handoff():
+            return self._draft(reqs, num_tokens)
+
+    @torch.inference_mode()
+    def _draft(self, reqs: Sequence[DraftRequest], num_tokens: int) -> DraftOutput:
         bs = len(reqs)
         slots = [self.cache.slot(r.rid) for r in reqs]
         feeds = [self._sync(s, r) for s, r in zip(slots, reqs)]

@@ -9,7 +9,7 @@ rejected and every step exercises rejection). Servers, at most two at a time:
   plain    the target without speculation: the reference for every output
   psd      --minedraft-mode psd (scenarios 1, 2, 4)
   tinykv   psd with a KV pool of KV_TOKENS tokens, so SGLang retracts (3)
-  fault    psd with MINEDRAFT_FAULT_INJECT=draft_raise:0.2 (5)
+  fault    psd with MINEDRAFT_FAULT_INJECT=draft_raise:0.2,prefill_raise:0.5 (5)
 
 They start one after the other (concurrent startups disturb SGLang's memory
 profiling); starting a MINEDRAFT server stops the previous one. A server that
@@ -39,9 +39,11 @@ pytestmark = pytest.mark.server
 
 K = 3  # --speculative-num-steps
 KV_TOKENS = 512  # --max-total-tokens of the "tinykv" server
-FAULT_SPEC = "draft_raise:0.2"
-# What the worker logs when a draft call fails (worker._safe_draft).
+FAULT_SPEC = "draft_raise:0.2,prefill_raise:0.5"
+# What the worker logs when a draft call fails (worker._safe_draft), and when
+# the drafter's prefill does (worker._safe_prefill).
 FAULT_WARNING = "MineDraft drafter failed"
+PREFILL_WARNING = "MineDraft drafter prefill failed"
 
 # --mem-fraction-static: on a shared CPU machine the free memory SGLang
 # measures around model loading moves with other processes; with serve_cpu.sh's
@@ -753,10 +755,12 @@ def test_kv_pressure_retracts_and_resumes_token_identical(servers):
 
 
 def test_drafter_faults_fall_back_to_plain_decoding(servers, request):
-    """MINEDRAFT_FAULT_INJECT=draft_raise:0.2 makes 20% of the drafter's calls
-    raise. Expected: a warning per failure, the affected requests verified
-    without real drafts for that step, output still token-identical, and the
-    server never hangs or dies."""
+    """MINEDRAFT_FAULT_INJECT makes 20% of the drafter's draft calls and half
+    of its prefill calls raise (a prefill fails after writing its cache rows).
+    Expected: a warning per failure, the affected requests verified without
+    real drafts for that step (after a failed prefill: drafted from scratch
+    later), output still token-identical, and the server never hangs or
+    dies."""
     plain = servers.get("plain")
     rng = random.Random(5)
     jobs = [
@@ -770,6 +774,7 @@ def test_drafter_faults_fall_back_to_plain_decoding(servers, request):
     if FAULT_WARNING not in servers.log_text("fault"):
         request.applymarker(pytest.mark.xfail(strict=True, reason="needs MINEDRAFT_FAULT_INJECT in worker"))
     assert FAULT_WARNING in servers.log_text("fault")
+    assert PREFILL_WARNING in servers.log_text("fault")
     assert all(status == 200 for status, _ in outs + lone), [b for s, b in outs + lone if s != 200][:3]
     assert [body["output_ids"] for _, body in outs] == want
     assert [body["output_ids"] for _, body in lone] == want[:3]
@@ -778,6 +783,7 @@ def test_drafter_faults_fall_back_to_plain_decoding(servers, request):
         "requests": len(outs) + len(lone),
         "drafter_failures": info["drafter_failures"],
         "warnings": servers.log_text("fault").count(FAULT_WARNING),
+        "prefill_warnings": servers.log_text("fault").count(PREFILL_WARNING),
         "steps": info["steps"],
     }
     assert info["drafter_failures"] > 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -24,8 +25,22 @@ CASES = {
     "unknown mode": (["--minedraft-mode", "fast"], {}, "--minedraft-mode"),
     # "no CUDA device" here, "no such device" on a machine with fewer GPUs.
     "missing draft device": (["--minedraft-draft-device", "cuda:3"], {}, "--minedraft-draft-device 'cuda:3': "),
-    "vocab mismatch": (["@mismatch-vocab"], {}, "has vocabulary size 1088"),
-    "missing draft path": (["--speculative-draft-model-path", "/nonexistent/draft"], {}, "no such directory"),
+    # More rows than the target's 1024 (fewer, a padded target, is served:
+    # tests/server/test_model_paths.py).
+    "vocab mismatch": (["@mismatch-vocab"], {}, "has vocabulary size 1088, the target"),
+    "missing draft path": (
+        ["--speculative-draft-model-path", "/nonexistent/draft"],
+        {},
+        "'/nonexistent/draft': no such directory, and not a model in the Hugging Face cache",
+    ),
+    # A hub id is resolved from the local cache as SGLang resolves it
+    # (tests/server/test_model_paths.py serves one); one that is not there:
+    "hub id not in the cache": (
+        ["--speculative-draft-model-path", "tiny-org/not-cached"],
+        {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": "@hub-cache"},
+        "'tiny-org/not-cached': no such directory, and not a model in the Hugging Face cache (HF_HUB_OFFLINE=1",
+    ),
+    "draft tokenizer differs": (["@other-tokenizer"], {}, "its tokenizer differs from the target's"),
     "draft cores not allowed": (["--minedraft-draft-cores", "64"], {}, "--minedraft-draft-cores '64': cores 64"),
     "draft cores take all": (
         ["--minedraft-draft-cores", ",".join(map(str, sorted(os.sched_getaffinity(0))))],
@@ -39,6 +54,12 @@ CASES = {
         "--minedraft-k auto does not combine",
     ),
     "tree drafts": (["--speculative-eagle-topk", "2"], {}, "--speculative-eagle-topk must be 1"),
+    # fa3 sizes verify metadata from the startup width; auto k verifies narrower windows.
+    "auto k on fa3": (
+        ["--minedraft-k", "auto", "--decode-attention-backend", "fa3"],
+        {},
+        "--minedraft-k auto with attention backend fa3: its verify does not read the width of each step",
+    ),
     "negative draft max len": (["--minedraft-draft-max-len", "-1"], {}, "--minedraft-draft-max-len must be >= 0"),
     "draft tokens != steps + 1": (
         ["--speculative-num-steps", "3", "--speculative-num-draft-tokens", "7"],
@@ -78,10 +99,21 @@ def _draft_folders(tmp: Path) -> dict[str, str]:
             (gpt2 / f.name).symlink_to(f)
     config = json.loads((src / "config.json").read_text())
     (gpt2 / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
+    # The tiny draft with two tokens' ids swapped in its tokenizer.
+    other = tmp / "other-tokenizer"
+    shutil.copytree(src, other)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[100:102]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    (tmp / "hub-cache").mkdir()
     return {
         "@mismatch-vocab": str(tiny_models.model_path("mismatch-vocab")),
         "@empty": str(tmp / "empty"),
         "@gpt2": str(gpt2),
+        "@other-tokenizer": str(other),
+        "@hub-cache": str(tmp / "hub-cache"),
     }
 
 
@@ -89,6 +121,7 @@ def _launch(extra: list[str], env: dict, folders: dict[str, str]) -> subprocess.
     draft = str(tiny_models.model_path("draft"))
     if extra and extra[0] in folders:
         extra = ["--speculative-draft-model-path", folders[extra[0]]]
+    env = {k: folders.get(v, v) for k, v in env.items()}
     args = [
         "--model-path",
         str(tiny_models.model_path("target")),

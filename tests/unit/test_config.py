@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from minedraft_sglang.config import MineDraftConfig, MineDraftConfigError, config_from_argv
+from minedraft_sglang.config import MineDraftConfig, MineDraftConfigError, config_from_argv, validate_verify_backend
 
 
 def test_config_round_trips_through_env(monkeypatch):
@@ -69,3 +69,32 @@ def test_validate_device_with_server_args_refuses_another_tp_ranks_gpu(monkeypat
         validate_device("cuda:1", sa)
     validate_device("cuda:2", sa)
     validate_device("cuda:1")  # without server arguments only the machine's devices are known
+
+
+# --minedraft-k auto verifies narrower windows than the startup width (issue 21, item 3; docs/gpu.md).
+def _args(attention=None, decode=None):
+    import types
+
+    return types.SimpleNamespace(attention_backend=attention, decode_attention_backend=decode)
+
+
+@pytest.mark.parametrize("backend", ["flashinfer", "triton", "intel_amx"])
+def test_auto_k_runs_on_backends_that_read_each_verifys_width(backend):
+    validate_verify_backend(_args(attention=backend), "auto", capability=(9, 0))
+    validate_verify_backend(_args(attention="torch_native", decode=backend), "auto", capability=(9, 0))
+
+
+@pytest.mark.parametrize("backend", ["fa3", "fa4", "trtllm_mha", "torch_native"])
+def test_auto_k_is_refused_on_backends_that_take_the_startup_width(backend):
+    with pytest.raises(MineDraftConfigError, match=f"--minedraft-k auto with attention backend {backend}: "):
+        validate_verify_backend(_args(decode=backend), "auto")
+    validate_verify_backend(_args(decode=backend), "fixed")  # one width: the startup one
+
+
+@pytest.mark.parametrize("capability, default", [((9, 0), "fa3"), ((10, 0), "trtllm_mha"), ((8, 0), None)])
+def test_auto_k_with_sglangs_default_backend(capability, default):
+    if default is None:  # flashinfer
+        validate_verify_backend(_args(), "auto", capability=capability)
+        return
+    with pytest.raises(MineDraftConfigError, match=f"default attention backend on this GPU is {default}"):
+        validate_verify_backend(_args(), "auto", capability=capability)

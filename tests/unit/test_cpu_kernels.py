@@ -7,6 +7,7 @@ test too. Attention is checked against F.scaled_dot_product_attention.
 
 import enum
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -356,6 +357,97 @@ def test_verify_tree_greedy_random(topk, num_steps, n):
         for node in path:
             expected_predicts[b * n + node] = target[b, node]
     assert torch.equal(predicts, expected_predicts)
+
+
+def chain_build_args(bs=2, k=3, mode=MaskMode.QLEN_ONLY):
+    """Valid build_tree_kernel_efficient arguments for chains of k drafts,
+    as MINEDRAFT's verify passes them (verify.chain_topology)."""
+    n = k + 1
+    width = k if k > 1 else 0
+    args = dict(
+        parent_list=torch.arange(-1, width - 1).repeat(bs, 1),
+        selected_index=torch.arange(k).repeat(bs, 1),
+        verified_seq_len=torch.full((bs,), 5),
+        tree_mask=torch.ones(bs * n * n if mode == MaskMode.QLEN_ONLY else bs * 5 * n + bs * n * n, dtype=torch.bool),
+        positions=torch.zeros(bs * n, dtype=torch.long),
+        retrive_index=torch.full((bs, n), -1),
+        retrive_next_token=torch.full((bs, n), -1),
+        retrive_next_sibling=torch.full((bs, n), -1),
+        topk=1,
+        depth=k,
+        draft_token_num=n,
+        tree_mask_mode=mode,
+    )
+    return args
+
+
+# What sgl-kernel's JIT tree kernel (sglang/kernels/jit/csrc/speculative/tree.cuh)
+# refuses on the host, one change at a time from valid chain arguments.
+BUILD_TREE_REFUSALS = {
+    # A k = 0 verify (a plain decode step through the verify path), issue 21.
+    "depth 0": (dict(k=0), {}, "topk (1) and depth (0) must be > 0"),
+    "topk 0": ({}, dict(topk=0), "topk (0) and depth (3) must be > 0"),
+    "too many tokens": (dict(k=1024), {}, "draft_token_num (1025) must be in 1..1024"),
+    "mask mode": ({}, dict(tree_mask_mode=3), "unknown tree_mask_mode 3"),
+    "parent width": ({}, dict(parent_list=torch.zeros(2, 2, dtype=torch.long)), "parent_list width 2 must be"),
+    "int32 seq lens": ({}, dict(verified_seq_len=torch.full((2,), 5, dtype=torch.int32)), "verified_seq_len must be"),
+    "2-D positions": ({}, dict(positions=torch.zeros(2, 4, dtype=torch.long)), "positions must have 1 dimensions"),
+    "selected width": ({}, dict(selected_index=torch.zeros(2, 2, dtype=torch.long)), "selected_index has size 2"),
+    "strided retrieve": (
+        {},
+        dict(retrive_index=torch.full((4, 2), -1).t()),
+        "retrive_index is not contiguous",
+    ),
+    "mask too small": ({}, dict(tree_mask=torch.ones(31, dtype=torch.bool)), "tree_mask has 31 bytes"),
+    "bit-packing past 32": (dict(k=32), dict(tree_mask_mode=2), "bit-packed masks hold at most 32 tokens"),
+}
+
+
+@pytest.mark.parametrize("case", list(BUILD_TREE_REFUSALS))
+def test_build_tree_refuses_what_the_gpu_kernel_refuses(case):
+    shape, override, message = BUILD_TREE_REFUSALS[case]
+    args = {**chain_build_args(**shape), **override}
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        K.build_tree_kernel_efficient_cpu(*args.values())
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("mode", list(MaskMode))
+def test_build_tree_takes_every_chain_minedraft_verifies(k, mode):
+    K.build_tree_kernel_efficient_cpu(*chain_build_args(k=k, mode=mode).values())
+
+
+def verify_args(bs=2, n=4, steps=4):
+    return dict(
+        predicts=torch.zeros(bs * n, dtype=torch.int32),
+        accept_index=torch.zeros(bs, steps, dtype=torch.int32),
+        accept_token_num=torch.zeros(bs, dtype=torch.int32),
+        candidates=torch.zeros(bs, n, dtype=torch.long),
+        retrive_index=torch.zeros(bs, n, dtype=torch.long),
+        retrive_next_token=torch.full((bs, n), -1),
+        retrive_next_sibling=torch.full((bs, n), -1),
+        target_predict=torch.zeros(bs, n, dtype=torch.long),
+    )
+
+
+VERIFY_REFUSALS = {
+    "no accept slot": (dict(steps=0), {}, "no draft token or no accept slot"),
+    "no draft token": (dict(n=0, steps=1), {}, "no draft token or no accept slot"),
+    "int64 accept index": ({}, dict(accept_index=torch.zeros(2, 4, dtype=torch.long)), "accept_index must be"),
+    "int32 candidates": ({}, dict(candidates=torch.zeros(2, 4, dtype=torch.int32)), "candidates must be"),
+    "int64 predicts": ({}, dict(predicts=torch.zeros(8, dtype=torch.long)), "predicts must be"),
+    "predicts size": ({}, dict(predicts=torch.zeros(7, dtype=torch.int32)), "predicts has size 7"),
+    "flat target": ({}, dict(target_predict=torch.zeros(8, dtype=torch.long)), "target_predict must have 2"),
+    "batch mismatch": ({}, dict(accept_token_num=torch.zeros(3, dtype=torch.int32)), "accept_token_num has size 3"),
+}
+
+
+@pytest.mark.parametrize("case", list(VERIFY_REFUSALS))
+def test_verify_tree_greedy_refuses_what_the_gpu_kernel_refuses(case):
+    shape, override, message = VERIFY_REFUSALS[case]
+    args = {**verify_args(**shape), **override}
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        K.verify_tree_greedy_cpu(*args.values())
 
 
 # ---------------------------------------------------------------------------

@@ -198,8 +198,13 @@ def test_cli(tmp_path):
         "1000",
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    need = devices.drafter_bytes(LLAMA_1B, max_requests=16, max_len=1000, elem_bytes=2)
+    # The KV cache only: SGLang counts the drafter's weights itself (they load
+    # before it sizes its pool); counting them here too took them twice.
+    need = devices.drafter_kv_bytes(LLAMA_1B, max_requests=16, max_len=1000, elem_bytes=2)
+    assert need == devices.shared_gpu_reserve(LLAMA_1B, max_requests=16, max_len=1000, elem_bytes=2)
     assert float(out) == devices.target_mem_fraction(need, gpu)
+    weights = devices.param_count(LLAMA_1B) * 2
+    assert float(out) > devices.target_mem_fraction(need + weights, gpu)
     bad = subprocess.run(cmd[:4] + [str(tmp_path / "missing")] + cmd[5:], capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.startswith("error:")
 
