@@ -23,11 +23,16 @@ per verify:
     sequential(k)  B * L(k) / (k*t_d[N](B) + t_v[N](B*(k+1)))
     psd(k, d)      b_v * L(k) / max(k*t_d[d](b_d), t_v[N-d](b_v*(k+1)))
     ahead(k, d)    B * L(k) / (max((k+1)*t_d[d](B), t_v[N-d](B*(k+1)))
-                               + (1 - alpha^(k+1))*k*t_d[N](B))
+                               + (1 - h^B)*k*t_d[N](max(1, B*(1 - h))))
 
-``ahead`` is draft-ahead (PEARL): the next drafts are made during the verify
-and are ready when all k drafts and the guessed bonus token were right
-(probability alpha^(k+1)); otherwise the next step drafts first, alone.
+``ahead`` is draft-ahead (PEARL): a request's next drafts are made during the
+verify and are ready when all k drafts and the guessed bonus token were right
+(probability h = alpha^(k+1)); otherwise the next step drafts it first,
+alone. That costs a whole draft whenever any of the B requests missed
+(probability 1 - h^B), for the B*(1 - h) that did: a weight-bound draft of a
+few requests costs nearly what one of all does (measured 2026-12-02, real
+pair: 44% of draft-ahead steps at 4 requests and 73% at 8 paid one,
+docs/benchmarks.md).
 
 An option whose costs are not measured yet rates infinite, so each is tried
 once. Every ``EXPLORE_EVERY``-th decision starts ``EXPLORE_STEPS`` steps at the
@@ -190,7 +195,9 @@ class KPlanner:
             return verify_bs * accept_length(alpha, k) / max(step, 1e-9)
         verify = t_v(batch * (k + 1))
         if option.mode is StepMode.DRAFT_AHEAD:
-            step = max((k + 1) * t_d(batch), verify) + (1 - alpha ** (k + 1)) * k * self.draft[n](batch)
+            hold = alpha ** (k + 1)
+            miss = (1 - hold**batch) * k * self.draft[n](max(1.0, batch * (1 - hold)))
+            step = max((k + 1) * t_d(batch), verify) + miss
         else:
             step = k * t_d(batch) + verify
         return batch * accept_length(alpha, k) / max(step, 1e-9)

@@ -176,3 +176,22 @@ def test_draft_ahead_hides_drafting_when_guesses_hold():
     # Useless guesses: draft-ahead is sequential SD plus drafts thrown away.
     p = _planner(0.1, t_verify=lambda n, c: 0.300, t_draft=lambda b, c: 0.150)
     assert p.rate(Option(AHEAD, 2), 1, 0) < p.rate(Option(PLAIN, 0), 1, 0)
+
+
+def test_draft_ahead_pays_a_whole_draft_when_any_request_misses():
+    # Weight-bound drafting (a draft of one request costs what one of eight does): at 8 requests some guess
+    # misses nearly every step, and the step drafts first; sequential SD on every core wins there, while one
+    # request alone still drafts ahead.
+    p = _planner(
+        0.9,
+        t_verify=lambda n, c: 0.200 / (1.1 if c == 2 else 1),
+        t_draft=lambda b, c: 0.060 / (1.1 if c == 2 else 1),
+        k_max=3,
+        total_cores=2,
+    )
+    assert _best(p, 1, 0).mode is AHEAD
+    assert _best(p, 8, 0).mode is SEQ
+    one, eight = Option(AHEAD, 3, 1), 8
+    hold = 0.9**4
+    step = max(4 * 0.060, 0.200) + (1 - hold**eight) * 3 * 0.060 / 1.1
+    assert p.rate(one, eight, 0) == pytest.approx(eight * accept_length(0.9, 3) / step, rel=1e-6)
