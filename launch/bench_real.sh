@@ -17,5 +17,5 @@ export PYTHON
 # Prints the draft's folder, then the target's.
 mapfile -t pair < <(cd "$repo" && "$PYTHON" -m minedraft_sglang.lab.real_models)
 exec bash "$repo/launch/bench_cpu.sh" --target-path "${pair[1]}" --draft-path "${pair[0]}" \
-    --prompt-set humaneval -n 8 --max-new-tokens 64 -b 1 -k 3 --concurrency 4,8 --variants adaptive,ahead \
+    --prompt-set humaneval -n 8 --max-new-tokens 64 -b 1 -k 3 --concurrency 1,4,8 --variants adaptive,ahead \
     --server-args="--mem-fraction-static 0.8 --dtype bfloat16" "$@"
