@@ -313,14 +313,21 @@ class Block(importlib.abc.MetaPathFinder):
         if name.split('.')[0] in {'sglang', 'sgl_kernel'}:
             raise ImportError('blocked for this test: ' + name)
 sys.meta_path.insert(0, Block())
-from minedraft_sglang.lab import gpu_check
-sys.exit(gpu_check.main(sys.argv[1:]))
+from minedraft_sglang.lab import MODULE
+sys.exit(MODULE.main(sys.argv[1:]))
 """
 
 
-def _run(args, env=None):
+def run_without_sglang(module: str, args, env=None) -> subprocess.CompletedProcess:
+    """``python -m minedraft_sglang.lab.<module> args`` in a process where importing sglang or sgl_kernel
+    fails, as on the GPU machine (shared with test_gpu_smoke.py)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-c", BLOCKER, *args], capture_output=True, text=True, env=env, timeout=300)
+    script = BLOCKER.replace("MODULE", module)
+    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def _run(args, env=None):
+    return run_without_sglang("gpu_check", args, env)
 
 
 def test_cpu_smoke_runs_without_sglang(tmp_path):

@@ -7,34 +7,20 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from test_gpu_check import run_without_sglang
 
 from minedraft_sglang.cpu_kernels import ops
 from minedraft_sglang.lab import gpu_smoke
 
 REPO = Path(__file__).resolve().parents[2]
-BLOCKER = """
-import importlib.abc, sys
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.split('.')[0] in {'sglang', 'sgl_kernel'}:
-            raise ImportError('blocked for this test: ' + name)
-sys.meta_path.insert(0, Block())
-from minedraft_sglang.lab import gpu_smoke
-sys.exit(gpu_smoke.main(sys.argv[1:]))
-"""
 
 
 def test_cpu_part_runs_without_sglang_one_line_per_check():
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", BLOCKER, "--cpu-smoke"], capture_output=True, text=True, env=env, timeout=300
-    )
+    result = run_without_sglang("gpu_smoke", ["--cpu-smoke"])
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.strip().splitlines()
     assert all(re.match(r"^(PASS|FAIL|SKIP) \S+ \(\d+\.\d+s\): ", line) for line in lines), lines
