@@ -160,7 +160,7 @@ def test_plain_steps_use_every_core(wide_auto):
 
 def test_psd_steps_draft_and_verify_on_disjoint_cores_at_once(wide_psd):
     """PSD steps: whenever both sides have a thread running, their CPU sets are disjoint; both sides burn
-    CPU most of the window, the process more than 1.5 s per second; and a PSD step takes at most 0.8x its
+    CPU most of the window, the process more than 1.3 s per second; and a PSD step takes at most 0.8x its
     own draft + verify (the stages ran at the same time)."""
     server, trace = wide_psd
     pid = _scheduler_pid(server)
@@ -199,6 +199,8 @@ def test_psd_steps_draft_and_verify_on_disjoint_cores_at_once(wide_psd):
     print(json.dumps(figures))
     assert figures["psd_steps"] >= 0.9 * figures["steps"] > 0, figures
     assert figures["samples_both_running"] >= 20 and figures["samples_sharing_a_core"] == 0, figures
-    assert figures["process_cpu_per_wall"] >= 1.5, figures
+    # 1.60 alone on the machine, 1.36 inside the full suite (other servers idle beside it); both threads on
+    # one core (the bug this test was first written for) gives ~1.0.
+    assert figures["process_cpu_per_wall"] >= 1.3, figures
     assert min(figures["drafter_cpu_per_wall"], figures["verify_cpu_per_wall"]) >= 0.5, figures
     assert figures["step_over_draft_plus_verify"] <= 0.8, figures
