@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -306,8 +307,11 @@ def test_auto_mode_switches_between_draft_ahead_and_psd(pool):
 
 def test_adaptive_k_is_exact_and_stops_drafting_only_where_it_does_not_pay(pool):
     """--minedraft-k auto: with an unrelated draft most steps are plain
-    decode steps (k = 0), with an agreeing draft most use the full k; the
-    outputs equal plain decoding either way."""
+    decode steps (k = 0), with an agreeing draft nearly all draft; the
+    outputs equal plain decoding either way. (Which k > 0 an agreeing draft
+    gets is the planner's cost call: the tiny pair's draft forward costs a
+    fifth to a half of a verify depending on the machine's load, and k = 2
+    and 3 rate within a few percent of each other.)"""
     auto = pool.get("autok-target")
     _check_greedy_identical(pool.get("plain-target"), auto)
     with ThreadPoolExecutor(4) as ex:
@@ -320,5 +324,5 @@ def test_adaptive_k_is_exact_and_stops_drafting_only_where_it_does_not_pay(pool)
     agreeing = pool.get("autok-bigram")
     _check_greedy_identical(pool.get("plain-bigram"), agreeing)
     steps = [json.loads(l) for l in pool.trace_path("autok-bigram").read_text().splitlines()]
-    full = sum(s["k"] == K for s in steps)
-    assert full >= 0.7 * len(steps), (full, len(steps))
+    drafting = sum(s["k"] > 0 for s in steps)
+    assert drafting >= 0.8 * len(steps), Counter((s["mode"], s["k"]) for s in steps)
