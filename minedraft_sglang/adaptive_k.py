@@ -126,6 +126,12 @@ def options(k_max: int, modes: set[StepMode], draft_core_counts: list[int]) -> l
     return [*out, Option(StepMode.PLAIN, 0)]
 
 
+def stage_cores(total: int, mode: StepMode, draft_cores: int) -> tuple[int, int]:
+    """(verify cores, draft cores) of a step on ``total`` cores: the split's
+    parts while the stages overlap, every core for a stage alone."""
+    return (total - draft_cores, draft_cores) if mode in OVERLAP else (total, total)
+
+
 @dataclass
 class KPlanner:
     k_max: int
@@ -168,8 +174,7 @@ class KPlanner:
 
     def cores(self, option: Option) -> tuple[int, int]:
         """(verify cores, background draft cores) of a step run as ``option``."""
-        n, d = self.total_cores, option.draft_cores
-        return (n - d, d) if option.mode in OVERLAP else (n, n)
+        return stage_cores(self.total_cores, option.mode, option.draft_cores)
 
     def rate(self, option: Option, verify_bs: int, draft_bs: int) -> float:
         """Expected committed tokens per second of a step run as ``option``

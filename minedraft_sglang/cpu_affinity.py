@@ -36,8 +36,6 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 logger = logging.getLogger(__name__)
 
 FLAG = "--minedraft-draft-cores"
@@ -145,7 +143,7 @@ class Team:
 
     ``use(cores)``, called on the master thread, moves every member onto
     ``cores`` and sets the master's intra-op thread count to one per core.
-    Measured on this 2-core machine: a switch costs ~7 us (docs/design.md).
+    What a switch costs is measured in docs/design.md, "Cores follow the step".
     """
 
     master: int
@@ -158,6 +156,8 @@ class Team:
         ``cores`` and takes as workers the ``len(cores) - 1`` other threads
         of this process that burned the most CPU time meanwhile. The pool
         then holds every thread a team of up to ``len(cores)`` uses."""
+        import torch  # the server has it loaded; the lab's core tools run without it
+
         cores = frozenset(cores)
         master = threading.get_native_id()
         pin_current_thread(cores)
@@ -191,6 +191,8 @@ class Team:
 
     def use(self, cores: frozenset[int]) -> None:
         """On the master thread: run on ``cores``, one thread per core."""
+        import torch
+
         if cores == self.cores:
             return
         gone = set()

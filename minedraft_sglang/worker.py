@@ -452,7 +452,9 @@ class MineDraftWorker(BaseSpecWorker):
             # After the background draft: the drafter is this thread's now.
             self._observe_verified(view.reqs, result, drafts.shape[1] + 1)
         accept_lens = result.accept_lens.tolist()
-        verify_cores, draft_cores = self._stage_cores(plan)
+        verify_cores, draft_cores = adaptive_k.stage_cores(
+            len(self.cores.all) if self.cores else 0, plan.mode, plan.draft_cores
+        )
         if self.planner is not None:
             self._measure(
                 plan,
@@ -486,16 +488,6 @@ class MineDraftWorker(BaseSpecWorker):
         view = batch if len(rows) == len(batch.reqs) else sub_batch_view(batch, rows)
         result = self._verify(view, decision.drafts, num_drafts=decision.num_drafts, grammar_barrier=grammar_barrier)
         return view, result
-
-    def _stage_cores(self, plan: StepPlan) -> tuple[int, int]:
-        """(verify cores, draft cores) of a step: the split's parts while the
-        stages overlap, every core for a stage alone (0: not managed)."""
-        if not self.cores:
-            return 0, 0
-        if plan.mode in adaptive_k.OVERLAP:
-            split = self.cores.splits[plan.draft_cores]
-            return len(split.scheduler), len(split.drafter)
-        return len(self.cores.all), len(self.cores.all)
 
     def _measure(self, plan: StepPlan, *, drafts, accept_lens, times, n_missing, background, cores) -> None:
         """Feed the planner this step's stage costs (with the cores each
