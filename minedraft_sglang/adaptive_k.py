@@ -44,7 +44,7 @@ steps win. Several steps, because in PSD a k takes a step to reach the verify
 the switch. Otherwise the current option is kept unless another is
 ``HYSTERESIS`` better: every switch into drafting costs a step whose drafts
 are not ready. Moving the cores themselves costs microseconds
-(``cpu_affinity.Team``).
+(``affinity.Team``).
 """
 
 from __future__ import annotations

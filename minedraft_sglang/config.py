@@ -167,17 +167,17 @@ def _gpu_capability() -> tuple[int, int] | None:
 def validate_cores(draft_cores: str, draft_device: str) -> None:
     """Fail early for cores this process may not use (the scheduler inherits
     the launcher's CPU set)."""
-    from minedraft_sglang import cpu_affinity
+    from minedraft_sglang.cpu import affinity
 
-    if draft_cores == cpu_affinity.AUTO:
+    if draft_cores == affinity.AUTO:
         return
     if draft_device != "cpu":
         raise MineDraftConfigError(
-            f"{cpu_affinity.FLAG} applies to a CPU drafter; --minedraft-draft-device is {draft_device!r}"
+            f"{affinity.FLAG} applies to a CPU drafter; --minedraft-draft-device is {draft_device!r}"
         )
     try:
-        cpu_affinity.split_cores(os.sched_getaffinity(0), draft_cores)
-    except cpu_affinity.CoreError as e:
+        affinity.split_cores(os.sched_getaffinity(0), draft_cores)
+    except affinity.CoreError as e:
         raise MineDraftConfigError(str(e)) from None
 
 

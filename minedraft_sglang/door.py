@@ -227,3 +227,10 @@ def handle_parallel_sampling_around(original, obj, *args, **kwargs):
     if error is not None:
         raise ValueError(error)
     return original(obj, *args, **kwargs)
+
+
+# On every server, plain ones too (the module docstring says why).
+AROUND_HOOKS = {
+    "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request": validate_one_request_around,
+    "sglang.srt.managers.io_struct.GenerateReqInput._handle_parallel_sampling": handle_parallel_sampling_around,
+}

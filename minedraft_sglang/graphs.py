@@ -188,3 +188,19 @@ def cpu_verify_graph_runner_cls():
             ``execute`` stages it."""
 
     return CPUVerifyGraphRunner
+
+
+AROUND_HOOKS = {
+    "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner.get_spec_info": (
+        decode_graph_spec_info_around
+    ),
+    "sglang.srt.speculative.spec_info.create_dummy_verify_input": dummy_verify_input_around,
+    "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner.can_run_graph": (
+        decode_graph_can_run_around
+    ),
+    "sglang.srt.platforms.interface.SRTPlatform.get_graph_runner_cls": graph_runner_cls_around,
+    "sglang.srt.model_executor.forward_batch_info.ForwardMode.is_cpu_graph": is_cpu_graph_around,
+    "sglang.srt.layers.attention.intel_amx_backend.IntelAMXAttnBackend.init_forward_metadata_capture_cpu_graph": (
+        amx_capture_metadata_around
+    ),
+}

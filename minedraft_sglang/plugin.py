@@ -4,7 +4,8 @@
 so everything it does must be idempotent and cheap: it registers the
 ``MINEDRAFT`` speculative algorithm, the hooks that add ``--minedraft-*``
 flags to the stock ``sglang.launch_server`` / ``sglang serve`` command line,
-and the behaviour hooks of ``hooks.py``.
+and the behaviour hooks, from the ``AROUND_HOOKS`` table of each file that
+holds some.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import os
 import sys
 
-from minedraft_sglang import door, graphs, hooks, model_files
+from minedraft_sglang import door, graphs, hooks, model_files, verify
 from minedraft_sglang.config import (
     ALGORITHM_NAME,
     DRAFTER_FOR_ARCHITECTURE,
@@ -25,6 +26,7 @@ from minedraft_sglang.config import (
     validate_device,
     validate_verify_backend,
 )
+from minedraft_sglang.cpu import hooks as cpu_hooks
 
 logger = logging.getLogger(__name__)
 
@@ -51,94 +53,10 @@ def register() -> None:
         spec_class=_spec_class(),
     )(_worker_factory)
 
-    HookRegistry.register(
-        "sglang.srt.server_args.ServerArgs.add_cli_args",
-        _add_cli_args_around,
-        HookType.AROUND,
-    )
-    HookRegistry.register(
-        "sglang.srt.server_args.prepare_server_args",
-        _prepare_server_args_around,
-        HookType.AROUND,
-    )
-    # On every server, plain ones too (door.py says why).
-    HookRegistry.register(
-        "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request",
-        door.validate_one_request_around,
-        HookType.AROUND,
-    )
-    HookRegistry.register(
-        "sglang.srt.managers.io_struct.GenerateReqInput._handle_parallel_sampling",
-        door.handle_parallel_sampling_around,
-        HookType.AROUND,
-    )
-    HookRegistry.register(
-        "sglang.srt.managers.scheduler_components.batch_result_processor."
-        "SchedulerBatchResultProcessor.process_batch_result_prefill",
-        hooks.process_batch_result_prefill_around,
-        HookType.AROUND,
-    )
-    HookRegistry.register(
-        "sglang.srt.managers.scheduler_components.batch_result_processor."
-        "SchedulerBatchResultProcessor.process_batch_result_decode",
-        hooks.process_batch_result_decode_around,
-        HookType.AROUND,
-    )
-    HookRegistry.register(
-        "sglang.srt.speculative.eagle_worker_common.eagle_sample",
-        hooks.eagle_sample_around,
-        HookType.AROUND,
-    )
-    HookRegistry.register(
-        "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController._add_speculative",
-        hooks.add_speculative_state_around,
-        HookType.AROUND,
-    )
-    HookRegistry.register(
-        "sglang.srt.distributed.parallel_state.init_model_parallel_group",
-        hooks.init_model_parallel_group_around,
-        HookType.AROUND,
-    )
-    HookRegistry.register(
-        "sglang.srt.model_executor.cpu_graph_runner.register_cpu_compile_fake",
-        hooks.register_cpu_compile_fake_around,
-        HookType.AROUND,
-    )
-    HookRegistry.register(
-        "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner.get_spec_info",
-        graphs.decode_graph_spec_info_around,
-        HookType.AROUND,
-    )
-    HookRegistry.register(
-        "sglang.srt.speculative.eagle_worker_common.eagle_prepare_for_verify",
-        hooks.eagle_prepare_for_verify_around,
-        HookType.AROUND,
-    )
-    HookRegistry.register(
-        "sglang.srt.speculative.spec_info.create_dummy_verify_input",
-        graphs.dummy_verify_input_around,
-        HookType.AROUND,
-    )
-    HookRegistry.register(
-        "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner.can_run_graph",
-        graphs.decode_graph_can_run_around,
-        HookType.AROUND,
-    )
-    HookRegistry.register(
-        "sglang.srt.platforms.interface.SRTPlatform.get_graph_runner_cls",
-        graphs.graph_runner_cls_around,
-        HookType.AROUND,
-    )
-    HookRegistry.register(
-        "sglang.srt.model_executor.forward_batch_info.ForwardMode.is_cpu_graph",
-        graphs.is_cpu_graph_around,
-        HookType.AROUND,
-    )
-    HookRegistry.register(
-        "sglang.srt.layers.attention.intel_amx_backend.IntelAMXAttnBackend.init_forward_metadata_capture_cpu_graph",
-        graphs.amx_capture_metadata_around,
-        HookType.AROUND,
-    )
+    # One table per file, beside the hooks it names.
+    for table in HOOK_TABLES:
+        for target, hook in table.items():
+            HookRegistry.register(target, hook, HookType.AROUND)
 
 
 def _worker_factory(server_args):
@@ -298,6 +216,22 @@ def _prepare_server_args_around(original, argv):
         return server_args
     except MineDraftConfigError as e:
         sys.exit(f"error: {e}")
+
+
+# The --minedraft-* flags on the stock command line.
+AROUND_HOOKS = {
+    "sglang.srt.server_args.ServerArgs.add_cli_args": _add_cli_args_around,
+    "sglang.srt.server_args.prepare_server_args": _prepare_server_args_around,
+}
+# One table per file, beside the hooks it names.
+HOOK_TABLES = (
+    AROUND_HOOKS,
+    door.AROUND_HOOKS,
+    verify.AROUND_HOOKS,
+    hooks.AROUND_HOOKS,
+    graphs.AROUND_HOOKS,
+    cpu_hooks.AROUND_HOOKS,
+)
 
 
 class _Fields:

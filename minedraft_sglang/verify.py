@@ -1,9 +1,17 @@
-"""Target-side verification of chain drafts.
+"""The target's verify of chain drafts: the SGLang round trip, in one file.
 
-The drafts come from our drafter; the verify forward and the KV commit are
-SGLang's own (``run_eagle_verify``), so verification runs through whatever
-attention backend the target uses (FlashInfer on GPU, intel_amx on CPU), with
-grammar and logprobs.
+Down: the worker calls ``verify_chain`` with the drafts; the verify forward
+and the KV commit are SGLang's own (``run_eagle_verify``), so verification
+runs through whatever attention backend the target uses (FlashInfer on GPU,
+intel_amx on CPU), with grammar and logprobs. Inside it SGLang calls back
+two hooks (``AROUND_HOOKS``, installed by ``plugin.register``):
+``eagle_prepare_for_verify`` (a k = 0 step becomes SGLang's decode forward)
+and ``eagle_sample`` (exact penalties, our rejection sampling); they find the
+verify's ``VerifyContext``, drafts included, on their thread.
+
+Up: the worker marks which rows of the running batch its result holds
+(``mark_rows``; a PSD step verifies one sub-batch), and the third hook runs
+the scheduler's decode-result processing on a view of just those rows.
 
 Acceptance: all-greedy batches use SGLang's greedy walk. Batches with sampled
 requests use our rejection sampling (``acceptance.py``) instead of SGLang's,
@@ -11,6 +19,9 @@ which on CPU silently falls back to greedy acceptance (its sampling kernel is
 CUDA-only) and so would change the output distribution. The drafter drafts
 greedily, so its proposal distribution q is one-hot at each draft token: only
 token ids cross from the drafter's device.
+
+SGLang is imported where it is used: ``plugin.py`` imports this file for its
+hook table in every SGLang process, while SGLang itself is still importing.
 """
 
 from __future__ import annotations
@@ -19,29 +30,28 @@ import contextlib
 import copy
 import dataclasses
 import threading
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from sglang.srt.managers.schedule_batch import ScheduleBatch
-from sglang.srt.speculative.eagle_utils import default_tree_mask_mode
-from sglang.srt.speculative.eagle_worker_common import (
-    build_eagle_verify_input,
-    run_eagle_verify,
-)
-from sglang.srt.speculative.spec_info import SpecInput, SpecInputType
 
 from minedraft_sglang.sampling.acceptance import rejection_sample
 from minedraft_sglang.sampling.penalties import PenaltyFn, chain_penalties
 from minedraft_sglang.sampling.probs import target_probs
 from minedraft_sglang.tp_sync import TpLink
 
+if TYPE_CHECKING:
+    from sglang.srt.managers.schedule_batch import ScheduleBatch
+
 
 @dataclasses.dataclass(frozen=True)
 class VerifyContext:
-    """What the eagle_sample hook (hooks.py) needs from the MINEDRAFT verify
-    running on its thread: SGLang calls the hook deep inside its own verify,
-    so these cannot travel as arguments."""
+    """What the hooks below need from the MINEDRAFT verify running on their
+    thread: SGLang calls them deep inside its own verify, so these cannot
+    travel as arguments."""
 
+    # [bs, k] the drafts verified, on the target's device.
+    drafts: torch.Tensor
     # Exact per-position penalties; None when no request has one.
     penalties: PenaltyFn | None
     # [bs] drafts to verify per request (TETRIS); None: all of them.
@@ -70,21 +80,6 @@ def _verifying(context: VerifyContext):
         yield
     finally:
         _current.context = None
-
-
-class MineDraftState(SpecInput):
-    """What ``batch.spec_info`` carries between rounds: nothing. Draft state
-    lives in the drafter keyed by request id, so SGLang's filter/merge of
-    running batches needs no per-row bookkeeping here."""
-
-    def __init__(self) -> None:
-        super().__init__(SpecInputType.PP_SPEC_RELAY)
-
-    def filter_batch(self, new_indices, new_indices_cpu=None) -> None:
-        pass
-
-    def merge_batch(self, spec_info) -> None:
-        pass
 
 
 class _BonusTokens:
@@ -136,9 +131,12 @@ def verify_chain(
 ):
     """One target verify forward of ``[bonus, d_1..d_k]`` per request;
     returns SGLang's GenerationBatchResult (accept_lens include the bonus)."""
+    from sglang.srt.speculative.eagle_utils import default_tree_mask_mode
+    from sglang.srt.speculative.eagle_worker_common import build_eagle_verify_input, run_eagle_verify
+
     bs, num_steps = draft_tokens.shape
     device = batch.device
-    context = VerifyContext(chain_penalties(batch.reqs, draft_tokens), num_drafts, generator, tp)
+    context = VerifyContext(draft_tokens, chain_penalties(batch.reqs, draft_tokens), num_drafts, generator, tp)
     # SGLang's speculative penalties are "relaxed" (one vector for the whole
     # chain, counting only the last token of each step); ours replace them.
     # (In a sub-batch view these whole-batch tensors are also unsliced:
@@ -226,8 +224,8 @@ def decode_forward_batch(verify_input, req_to_token_pool, batch: ScheduleBatch, 
     """What ``eagle_prepare_for_verify`` returns for a verify, made for a
     k = 0 step: SGLang's own decode forward (``ForwardMode.DECODE``, no spec
     input) of each request's last token, so that it costs what plain
-    SGLang's step costs and runs where a decode runs (the hook in
-    ``hooks.py`` calls this). The token is written where a width-1 verify
+    SGLang's step costs and runs where a decode runs (called by the
+    ``eagle_prepare_for_verify`` hook below). The token is written where a width-1 verify
     writes it: position seq_len, the first slot of SGLang's speculative
     reserve. ``batch`` itself is left as a verify leaves it (TARGET_VERIFY,
     its window's ids and slots), since the rest of SGLang's verify
@@ -282,7 +280,7 @@ def sample_chain(verify_input, batch: ScheduleBatch, logits_output, context: Ver
     if grammar_mask is not None:
         grammar_mask.apply(logits)
     probs = target_probs(logits.view(bs, width, -1), sampling_info)
-    drafts = verify_input.draft_token.view(bs, width)[:, 1:].to(torch.int64)
+    drafts = context.drafts.to(torch.int64)
     q = F.one_hot(drafts, probs.shape[-1]).to(probs.dtype)
     num_drafts = context.num_drafts
     if num_drafts is None:
@@ -296,3 +294,58 @@ def sample_chain(verify_input, batch: ScheduleBatch, logits_output, context: Ver
     if context.tp is not None:
         return context.tp.share_acceptance(*accepted)
     return accepted
+
+
+# ------------------------------------------------------------- the rows
+
+
+def mark_rows(result, rows: list[int] | None) -> None:
+    """Say which rows of the running batch ``result`` is for (None: all)."""
+    result.minedraft_rows = rows
+
+
+def result_rows(result) -> list[int] | None:
+    """The rows ``mark_rows`` gave ``result``; None for all rows, and for a
+    result that is not MINEDRAFT's."""
+    return getattr(result, "minedraft_rows", None)
+
+
+# ------------------------------------------------------------- the hooks
+
+
+def eagle_prepare_for_verify_around(original, verify_input, req_to_token_pool, batch, target_worker):
+    """A MINEDRAFT verify of width 1 (k = 0, a plain step) runs as SGLang's
+    own decode forward (``decode_forward_batch``); every other verify is
+    SGLang's."""
+    if is_plain_step(verify_input) and not batch.forward_mode.is_idle():
+        return decode_forward_batch(verify_input, req_to_token_pool, batch, target_worker)
+    return original(verify_input, req_to_token_pool, batch, target_worker)
+
+
+def eagle_sample_around(original, verify_input, batch, logits_output, grammar_mask=None, *args, **kwargs):
+    """MINEDRAFT verifies apply exact per-position penalties, and batches with
+    sampled requests use our rejection sampling (``sample_chain``);
+    everything else is SGLang's."""
+    context = current_verify()
+    if context is not None and not batch.forward_mode.is_idle():
+        if context.penalties is not None:
+            context.penalties(logits_output.next_token_logits)
+        if not batch.sampling_info.is_all_greedy:
+            return sample_chain(verify_input, batch, logits_output, context, grammar_mask)
+    return original(verify_input, batch, logits_output, grammar_mask, *args, **kwargs)
+
+
+def process_batch_result_decode_around(original, processor, batch, result):
+    """The scheduler processes a MINEDRAFT result on the rows it is for."""
+    rows = result_rows(result)
+    if rows is None:
+        return original(processor, batch, result)
+    return original(processor, sub_batch_view(batch, rows), result)
+
+
+AROUND_HOOKS = {
+    "sglang.srt.speculative.eagle_worker_common.eagle_prepare_for_verify": eagle_prepare_for_verify_around,
+    "sglang.srt.speculative.eagle_worker_common.eagle_sample": eagle_sample_around,
+    "sglang.srt.managers.scheduler_components.batch_result_processor."
+    "SchedulerBatchResultProcessor.process_batch_result_decode": process_batch_result_decode_around,
+}

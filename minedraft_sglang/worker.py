@@ -10,7 +10,7 @@ default) a step with only one non-empty half (e.g. a single running request)
 drafts ahead instead: while the target verifies, the drafter drafts the next
 step assuming the current drafts are all accepted (PEARL).
 
-A PSD step returns results for the verified sub-batch only; ``hooks.py``
+A PSD step returns results for the verified sub-batch only; ``verify.py``
 makes the scheduler's result processing look at just those rows.
 
 Under ``--tp N`` every TP rank builds this worker; only rank 0 loads the
@@ -34,16 +34,18 @@ from sglang.srt.managers.utils import GenerationBatchResult
 from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode
 from sglang.srt.runtime_context import get_spec
 from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
+from sglang.srt.speculative.spec_info import SpecInput, SpecInputType
 
-from minedraft_sglang import adaptive_k, cpu_affinity, devices, metrics, tp_sync
+from minedraft_sglang import adaptive_k, devices, metrics, tp_sync
 from minedraft_sglang.config import MineDraftConfig
+from minedraft_sglang.cpu import affinity
 from minedraft_sglang.drafters import create_drafter
 from minedraft_sglang.drafters.base import Drafter, DraftRequest, read_on_this_stream
 from minedraft_sglang.metrics import StepMode
 from minedraft_sglang.sampling.tetris import tetris_select
 from minedraft_sglang.sub_batches import SubBatches
 from minedraft_sglang.tp_sync import VerifyDecision
-from minedraft_sglang.verify import MineDraftState, sub_batch_view, verify_chain
+from minedraft_sglang.verify import mark_rows, sub_batch_view, verify_chain
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +67,21 @@ class _Drafts:
         self.probs = probs
         self.base_len = base_len
         self.anchor = anchor
+
+
+class MineDraftState(SpecInput):
+    """What ``batch.spec_info`` carries between rounds: nothing. Draft state
+    lives in the drafter keyed by request id, so SGLang's filter/merge of
+    running batches needs no per-row bookkeeping here."""
+
+    def __init__(self) -> None:
+        super().__init__(SpecInputType.PP_SPEC_RELAY)
+
+    def filter_batch(self, new_indices, new_indices_cpu=None) -> None:
+        pass
+
+    def merge_batch(self, spec_info) -> None:
+        pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,9 +213,9 @@ class MineDraftWorker(BaseSpecWorker):
         if self.cores:
             # One after the other: each finds its OpenMP threads by the CPU
             # time they burn while nothing else computes.
-            self.verify_team = cpu_affinity.Team.discover(self.cores.all)
+            self.verify_team = affinity.Team.discover(self.cores.all)
             widest = self.cores.splits[max(self.cores.splits)].drafter
-            self.drafter_team = self.executor.submit(cpu_affinity.Team.discover, widest).result()
+            self.drafter_team = self.executor.submit(affinity.Team.discover, widest).result()
         logger.info(
             "MineDraft: mode=%s drafter=%s on %s, k=%s, drafts per request=%d, tetris=%s",
             config.mode,
@@ -209,13 +226,13 @@ class MineDraftWorker(BaseSpecWorker):
             config.tetris,
         )
 
-    def _plan_cores(self) -> cpu_affinity.CorePlan | None:
+    def _plan_cores(self) -> affinity.CorePlan | None:
         """A CPU drafter shares the scheduler process's cores with the target:
         the splits its steps may overlap on. None where they are not ours to
         move: a GPU drafter, or TP (the ranks share the machine's cores)."""
         if self.draft_device != "cpu" or self.tp is not None:
             return None
-        cores = cpu_affinity.plan_cores(os.sched_getaffinity(0), self.config.draft_cores)
+        cores = affinity.plan_cores(os.sched_getaffinity(0), self.config.draft_cores)
         if cores is None:
             logger.warning(
                 "MineDraft: one CPU core available; draft and verify share it, so PSD "
@@ -225,8 +242,8 @@ class MineDraftWorker(BaseSpecWorker):
         logger.info(
             "MineDraft: cores %s; a stage that runs alone uses all of them, overlapping stages split them "
             "(drafter on %s)",
-            cpu_affinity.format_cores(cores.all),
-            " or ".join(cpu_affinity.format_cores(s.drafter) for s in cores.splits.values()),
+            affinity.format_cores(cores.all),
+            " or ".join(affinity.format_cores(s.drafter) for s in cores.splits.values()),
         )
         return cores
 
@@ -269,8 +286,8 @@ class MineDraftWorker(BaseSpecWorker):
             "draft_device": self.draft_device,
             # Read back from the kernel, not from our split: what the threads
             # really have.
-            "scheduler_cores": sorted(cpu_affinity.thread_cores(self.scheduler_tid)),
-            "drafter_cores": sorted(cpu_affinity.thread_cores(self.drafter_tid)),
+            "scheduler_cores": sorted(affinity.thread_cores(self.scheduler_tid)),
+            "drafter_cores": sorted(affinity.thread_cores(self.drafter_tid)),
             **({"core_plan": _describe(self.cores, self.verify_team, self.drafter_team)} if self.cores else {}),
             "drafter_free_slots": self.drafter.free_slots(),
             "drafter_total_slots": self.drafter_slots,
@@ -509,7 +526,7 @@ class MineDraftWorker(BaseSpecWorker):
 
     # --------------------------------------------------------------- helpers
 
-    def _timed(self, split: cpu_affinity.CoreSplit | None, fn, *args):
+    def _timed(self, split: affinity.CoreSplit | None, fn, *args):
         """On the drafter's thread: ``fn(*args)`` (on the drafter's cores of
         ``split``) and its interval, ended when its kernels have finished
         (the scheduler thread reads the drafts next, from another stream)."""
@@ -611,8 +628,7 @@ class MineDraftWorker(BaseSpecWorker):
         """The step's result for the scheduler: ``new_seq_lens`` of the whole
         running batch, and which of its rows the (compact) results are for."""
         if view is batch:
-            # Read by hooks.process_batch_result_decode: None means all rows.
-            rows = None
+            rows = None  # all of them
         else:
             new_seq_lens = batch.seq_lens.clone()
             new_seq_lens[torch.tensor(rows, device=self.device)] = result.new_seq_lens
@@ -620,7 +636,7 @@ class MineDraftWorker(BaseSpecWorker):
         if on_publish is not None:
             on_publish(result.new_seq_lens)
         result.next_draft_input = MineDraftState()
-        result.minedraft_rows = rows
+        mark_rows(result, rows)
         return result
 
 
@@ -643,7 +659,7 @@ def _init_drafter_thread(device: str) -> None:
     queue behind the target's verify kernels on a shared GPU. (On CPU each
     step moves it onto its cores: ``_timed``.) Its OS-level name is inherited
     by the OpenMP threads it starts."""
-    cpu_affinity.name_current_thread("minedraft-draft")
+    affinity.name_current_thread("minedraft-draft")
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
         torch.cuda.set_stream(torch.cuda.Stream(device))
@@ -659,9 +675,9 @@ def _modes(setting: str, *, psd: bool) -> set[StepMode]:
     return {StepMode.PLAIN, StepMode.SEQUENTIAL, StepMode.DRAFT_AHEAD, *([StepMode.PSD] if psd else [])}
 
 
-def _describe(cores: cpu_affinity.CorePlan, *teams: cpu_affinity.Team) -> dict:
+def _describe(cores: affinity.CorePlan, *teams: affinity.Team) -> dict:
     """/server_info's view of the core plan and the two teams' threads."""
-    fmt = cpu_affinity.format_cores
+    fmt = affinity.format_cores
     return {
         "all": fmt(cores.all),
         "splits": {d: {"scheduler": fmt(s.scheduler), "drafter": fmt(s.drafter)} for d, s in cores.splits.items()},

@@ -3,7 +3,7 @@
     python -m minedraft_sglang.lab.core_switch [--layers 8] [--repeats 40]
 
 A decode-shaped forward (bfloat16 matrix-vector products over ``--layers`` 1536 x 8960 weights, as in the
-1.5B target's MLP) runs on one ``cpu_affinity.Team``: steadily on every core, steadily on one core, and right
+1.5B target's MLP) runs on one ``affinity.Team``: steadily on every core, steadily on one core, and right
 after each switch from one core to every core (``Team.use``, as a step that follows an overlapped one does).
 Prints the medians and the cost of ``Team.use`` itself. Run it alone on the machine.
 """
@@ -17,7 +17,7 @@ from statistics import median
 
 import torch
 
-from minedraft_sglang.cpu_affinity import Team, format_cores
+from minedraft_sglang.cpu.affinity import Team, format_cores
 
 
 def main(argv: list[str] | None = None) -> None:

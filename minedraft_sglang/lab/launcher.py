@@ -1,7 +1,7 @@
 """Start and stop real SGLang servers on CPU (quickstart, tests, benchmarks).
 
 Every server is the stock ``python -m sglang.launch_server`` started through
-``minedraft-sglang-cpu`` (``minedraft_sglang.cpu_server``, which
+``minedraft-sglang-cpu`` (``minedraft_sglang.cpu.server``, which
 ``launch/serve_cpu.sh`` runs too), so what is tested is what a user runs.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import requests
 
 # The CPU server command, with this interpreter.
-SERVE_CPU = (sys.executable, "-m", "minedraft_sglang.cpu_server")
+SERVE_CPU = (sys.executable, "-m", "minedraft_sglang.cpu.server")
 
 
 def free_port() -> int:
@@ -31,7 +31,7 @@ def free_port() -> int:
 class Server:
     """A CPU server process with a log file; use as a context manager or
     call ``stop()``. ``command`` starts the server (default: this
-    interpreter's ``minedraft_sglang.cpu_server``); ``env`` is added to
+    interpreter's ``minedraft_sglang.cpu.server``); ``env`` is added to
     ``base_env`` (default: this process's environment); ``cores``: the CPU
     set it runs on (default: this process's)."""
 

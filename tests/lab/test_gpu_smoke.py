@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_gpu_check import run_without_sglang
 
-from minedraft_sglang.cpu_kernels import ops
+from minedraft_sglang.cpu.kernels import ops
 from minedraft_sglang.lab import gpu_smoke
 
 REPO = Path(__file__).resolve().parents[2]

@@ -37,7 +37,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
-from minedraft_sglang.cpu_server import cpu_environ
+from minedraft_sglang.cpu.server import cpu_environ
 from minedraft_sglang.lab import tiny_models
 from minedraft_sglang.lab.launcher import minedraft_args
 
@@ -469,7 +469,7 @@ import json, sys
 import sglang as sgl
 from sglang.srt.plugins import load_plugins
 from sglang.srt.server_args import prepare_server_args
-from minedraft_sglang.cpu_server import CPU_FLAGS
+from minedraft_sglang.cpu.server import CPU_FLAGS
 
 
 def main():

@@ -26,7 +26,7 @@ from statistics import median
 import psutil
 import pytest
 
-from minedraft_sglang.cpu_affinity import parse_cores
+from minedraft_sglang.cpu.affinity import parse_cores
 from minedraft_sglang.lab import tiny_models
 from minedraft_sglang.lab.launcher import Server, minedraft_args
 

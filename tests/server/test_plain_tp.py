@@ -2,8 +2,8 @@
 and with its CPU graph runner (``--enable-torch-compile``): greedy output
 token-identical to the plain eager ``--tp 1`` server (float32 models).
 
-Neither ran before the plugin's hooks and collective ops (``hooks.py``,
-``cpu_kernels/ops.py``): TP ranks failed building a NCCL communicator, graph
+Neither ran before the plugin's hooks and collective ops (``cpu/hooks.py``,
+``cpu/kernels/ops.py``): TP ranks failed building a NCCL communicator, graph
 capture on the sgl_kernel ops our CPU set lacks (``shm_allreduce`` first).
 """
 

@@ -14,7 +14,7 @@ import pytest
 import requests
 from conftest import K
 
-from minedraft_sglang.cpu_affinity import parse_cores
+from minedraft_sglang.cpu.affinity import parse_cores
 
 pytestmark = pytest.mark.server
 

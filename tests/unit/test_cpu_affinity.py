@@ -10,8 +10,8 @@ import threading
 import pytest
 import torch
 
-from minedraft_sglang import cpu_affinity
-from minedraft_sglang.cpu_affinity import CoreError, CoreSplit, parse_cores, split_cores
+from minedraft_sglang.cpu import affinity
+from minedraft_sglang.cpu.affinity import CoreError, CoreSplit, parse_cores, split_cores
 
 
 def test_parse_cores():
@@ -47,18 +47,18 @@ def test_pinning_is_per_thread_and_independent_of_creation_order():
     seen = {}
 
     def scheduler():
-        cpu_affinity.pin_current_thread(split.scheduler)
+        affinity.pin_current_thread(split.scheduler)
         drafter = threading.Thread(target=drafter_thread)
         drafter.start()
         drafter.join()
-        seen["scheduler"] = cpu_affinity.thread_cores(threading.get_native_id())
+        seen["scheduler"] = affinity.thread_cores(threading.get_native_id())
 
     def drafter_thread():
-        inherited = cpu_affinity.thread_cores(threading.get_native_id())
-        cpu_affinity.pin_current_thread(split.drafter)
-        cpu_affinity.name_current_thread("minedraft-draft")
+        inherited = affinity.thread_cores(threading.get_native_id())
+        affinity.pin_current_thread(split.drafter)
+        affinity.name_current_thread("minedraft-draft")
         seen["inherited"] = inherited
-        seen["drafter"] = cpu_affinity.thread_cores(threading.get_native_id())
+        seen["drafter"] = affinity.thread_cores(threading.get_native_id())
         with open(f"/proc/self/task/{threading.get_native_id()}/comm") as f:
             seen["name"] = f.read().strip()
 
@@ -70,20 +70,20 @@ def test_pinning_is_per_thread_and_independent_of_creation_order():
     assert seen["drafter"] == split.drafter
     assert seen["name"] == "minedraft-draft"
     # This (the test's) thread was never pinned.
-    assert cpu_affinity.thread_cores(threading.get_native_id()) == split.scheduler | split.drafter
+    assert affinity.thread_cores(threading.get_native_id()) == split.scheduler | split.drafter
 
 
 def test_plan_cores_offers_splits_of_every_core():
-    two = cpu_affinity.plan_cores({0, 1}, "auto")
+    two = affinity.plan_cores({0, 1}, "auto")
     assert two.all == {0, 1} and two.default == 1
     assert two.splits == {1: CoreSplit(scheduler=frozenset({0}), drafter=frozenset({1}))}
-    assert sorted(cpu_affinity.plan_cores(range(4), "auto").splits) == [1, 2, 3]
-    sixteen = cpu_affinity.plan_cores(range(16), "auto")
+    assert sorted(affinity.plan_cores(range(4), "auto").splits) == [1, 2, 3]
+    sixteen = affinity.plan_cores(range(16), "auto")
     assert sorted(sixteen.splits) == [1, 4, 8, 12, 15]
     assert all(s.scheduler | s.drafter == sixteen.all and not s.scheduler & s.drafter for s in sixteen.splits.values())
-    explicit = cpu_affinity.plan_cores(range(4), "2-3")
+    explicit = affinity.plan_cores(range(4), "2-3")
     assert explicit.splits == {2: CoreSplit(frozenset({0, 1}), frozenset({2, 3}))} and explicit.default == 2
-    assert cpu_affinity.plan_cores({3}, "auto") is None
+    assert affinity.plan_cores({3}, "auto") is None
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
@@ -96,11 +96,11 @@ def test_a_team_moves_its_openmp_threads_with_it():
     seen = {}
 
     def master():
-        team = cpu_affinity.Team.discover(allowed)
+        team = affinity.Team.discover(allowed)
         seen["workers"] = team.workers
-        seen["all"] = {tid: cpu_affinity.thread_cores(tid) for tid in (team.master, *team.workers)}
+        seen["all"] = {tid: affinity.thread_cores(tid) for tid in (team.master, *team.workers)}
         team.use(frozenset({first}))
-        seen["one"] = {tid: cpu_affinity.thread_cores(tid) for tid in (team.master, *team.workers)}
+        seen["one"] = {tid: affinity.thread_cores(tid) for tid in (team.master, *team.workers)}
         seen["threads_one"] = torch.get_num_threads()
         team.use(allowed)
         seen["threads_all"] = torch.get_num_threads()

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minedraft_sglang.cpu_kernels import ops
+from minedraft_sglang.cpu.kernels import ops
 
 ops.register()
 K = torch.ops.sgl_kernel
@@ -779,7 +779,7 @@ SUM = int(torch.distributed.ReduceOp.SUM)
 # concatenations of every rank's share computed locally.
 TWO_RANKS = """
 import sys, torch, torch.distributed as dist
-from minedraft_sglang.cpu_kernels import ops
+from minedraft_sglang.cpu.kernels import ops
 ops.register()
 K = torch.ops.sgl_kernel
 rank, port = int(sys.argv[1]), sys.argv[2]

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from minedraft_sglang import cpu_server
+from minedraft_sglang.cpu import server as cpu_server
 
 
 def test_environment_puts_the_kernel_shim_first_and_keeps_the_callers_paths():
@@ -35,7 +35,7 @@ def test_cpu_flags_come_before_the_callers_so_the_caller_wins():
 
 def test_print_env_is_what_cpu_env_sh_evaluates():
     shell = (
-        f'eval "$({sys.executable} -m minedraft_sglang.cpu_server --print-env)"; '
+        f'eval "$({sys.executable} -m minedraft_sglang.cpu.server --print-env)"; '
         "echo $SGLANG_USE_CPU_ENGINE $OMP_NUM_THREADS; echo $PYTHONPATH"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "OMP_NUM_THREADS")}

@@ -146,7 +146,8 @@ def _sample_both_ways(link: TpLink) -> dict:
     batch = SimpleNamespace(sampling_info=sampling_info, seq_lens=torch.full((BS,), 10))
     out = {}
     for name, tp in (("own", None), ("shared", link)):
-        context = VerifyContext(None, None, torch.Generator().manual_seed(100 + link.rank), tp)
+        chains = drafts.view(BS, WIDTH)[:, 1:]  # each window's bonus token first
+        context = VerifyContext(chains, None, None, torch.Generator().manual_seed(100 + link.rank), tp)
         logits_output = SimpleNamespace(next_token_logits=logits.clone())
         out[name] = [t.tolist() for t in sample_chain(verify_input, batch, logits_output, context)]
     return out

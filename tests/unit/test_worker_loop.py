@@ -5,8 +5,8 @@ the tokens so far (``next_token``), it accepts a draft chain up to its first wro
 token after it, like SGLang's greedy verify. A fake drafter (``FakeDrafter``) proposes from a rule the test
 picks (the target's rule: all accepted; a wrong rule: all rejected; a mix), records every call and can be made
 to fail. A tiny fake scheduler (``run_requests``) calls ``forward_batch_generation`` once per engine step and
-appends each result's tokens to the rows in ``result.minedraft_rows``, as SGLang's result processing does
-through ``hooks.py``.
+appends each result's tokens to the rows ``verify.result_rows`` names, as SGLang's result processing does
+through ``verify.py``'s hook.
 
 Covered:
   * step planning (``_plan``): psd / draft-ahead / sequential / plain and the sub-batch swap;
@@ -15,7 +15,7 @@ Covered:
     they were drafted for;
   * which thread drafts what: in a PSD step the other sub-batch, on the drafter's thread, while the target
     verifies;
-  * row stitching of a PSD step's result (``new_seq_lens``, ``minedraft_rows``);
+  * row stitching of a PSD step's result (``new_seq_lens``, ``verify.result_rows``);
   * the draft-ahead anchor rule (drafts made ahead are used only if the guessed bonus token was right);
   * the fallback when the drafter raises, and the release of retracted requests' draft state;
   * the trace file;
@@ -46,6 +46,7 @@ from minedraft_sglang.adaptive_k import Option
 from minedraft_sglang.config import MineDraftConfig
 from minedraft_sglang.drafters.base import Drafter, DraftOutput, DraftRequest
 from minedraft_sglang.metrics import StepMode, read_trace
+from minedraft_sglang.verify import result_rows
 from minedraft_sglang.worker import MineDraftWorker, StepPlan
 
 V = 97  # the fake target's vocabulary size
@@ -165,7 +166,6 @@ class FakeResult:
     # Read only for drafters that need the target's features: ``hidden_states`` [verify_bs * (width + 1), H].
     logits_output: SimpleNamespace | None = None
     next_draft_input: object = None
-    minedraft_rows: list[int] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -438,11 +438,11 @@ def run_requests(
         for follower, follower_target in followers:
             same = follower.forward_batch_generation(batch)
             assert follower_target.calls[-1] == target.calls[-1], "a TP rank verified otherwise than rank 0"
-            assert same.minedraft_rows == result.minedraft_rows
+            assert result_rows(same) == result_rows(result)
             assert same.new_seq_lens.tolist() == result.new_seq_lens.tolist()
         calls = drafter.calls[n_calls:]
         logs.append(StepLog(**before, plan=plans[-1], draft_calls=calls, verify=target.calls[-1], result=result))
-        rows = result.minedraft_rows if result.minedraft_rows is not None else range(len(running))
+        rows = result_rows(result) if result_rows(result) is not None else range(len(running))
         for row, tokens in zip(rows, result.committed):
             running[row].output_ids.extend(tokens)
         seq_lens = result.new_seq_lens
@@ -599,7 +599,7 @@ def test_psd_drafts_the_other_half_while_the_target_verifies(make_worker):
     batch = FakeBatch(reqs, torch.tensor([len(r.tokens()) for r in reqs]))
     for _ in range(4):
         result = w.forward_batch_generation(batch)
-        for row, tokens in zip(result.minedraft_rows, result.committed):
+        for row, tokens in zip(result_rows(result), result.committed):
             reqs[row].output_ids.extend(tokens)
         batch.seq_lens = result.new_seq_lens
     assert w.tracer.mode_counts == {"psd": 4}
@@ -646,7 +646,7 @@ def test_psd_step_returns_the_verified_rows_stitched_into_the_batch(make_worker)
     result = w.forward_batch_generation(batch)
     verified, unverified = plans[-1].verify_rows, plans[-1].draft_rows
     assert plans[-1].mode is StepMode.PSD and verified and unverified
-    assert result.minedraft_rows == verified
+    assert result_rows(result) == verified
     assert target.calls[-1].rids == tuple(reqs[row].rid for row in verified)
     new = result.new_seq_lens.tolist()
     # [bs]: verified rows advanced by their accept length (right drafts: K accepted + the target's token),
@@ -655,12 +655,12 @@ def test_psd_step_returns_the_verified_rows_stitched_into_the_batch(make_worker)
     assert batch.seq_lens.tolist() == lens, "the running batch's own seq_lens stay untouched"
 
     # Next step: the other half, verified with the drafts made for it in the background (no redraft here).
-    for row, tokens in zip(result.minedraft_rows, result.committed):
+    for row, tokens in zip(result_rows(result), result.committed):
         reqs[row].output_ids.extend(tokens)
     batch.seq_lens = result.new_seq_lens
     n_calls = len(drafter.calls)
     result = w.forward_batch_generation(batch)
-    assert result.minedraft_rows == unverified
+    assert result_rows(result) == unverified
     assert result.new_seq_lens.tolist() == [new[row] + (K + 1 if row in unverified else 0) for row in range(len(reqs))]
     assert all(on_drafter_thread(w, c) for c in drafter.calls[n_calls:])
 
@@ -670,7 +670,7 @@ def test_a_full_batch_step_names_no_rows(make_worker):
     w = make_worker("sequential", FakeDrafter(rule_right), FakeTarget())
     reqs = [FakeReq("a", prompt(1, 3), [4]), FakeReq("b", prompt(2, 5), [6])]
     result = w.forward_batch_generation(FakeBatch(reqs, torch.tensor([4, 6])))
-    assert result.minedraft_rows is None
+    assert result_rows(result) is None
     assert result.new_seq_lens.tolist() == [4 + K + 1, 6 + K + 1]
 
 
@@ -1029,7 +1029,7 @@ def test_the_worker_keeps_no_view_of_the_targets_hidden_states(make_worker, mode
     batch = FakeBatch(reqs, torch.tensor([len(r.tokens()) for r in reqs]))
     for _ in range(6):
         result = w.forward_batch_generation(batch)
-        rows = result.minedraft_rows if result.minedraft_rows is not None else range(len(reqs))
+        rows = result_rows(result) if result_rows(result) is not None else range(len(reqs))
         observed = drafter.observed[-len(result.committed) :]
         for row, tokens, (rid, start, features) in zip(rows, result.committed, observed):
             # The features of the last committed token and of each accepted draft.

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from minedraft_sglang.cpu_affinity import format_cores, parse_cores
+from minedraft_sglang.cpu.affinity import format_cores, parse_cores
 from minedraft_sglang.lab.bench import report
 from minedraft_sglang.lab.bench.measure import run_all
 from minedraft_sglang.lab.bench.plan import FULL, PAIRS, QUICK, VARIANTS, build_plan, make_prompts, model_paths

@@ -11,7 +11,7 @@ from typing import TypeVar
 import psutil
 from tqdm import tqdm
 
-from minedraft_sglang.cpu_affinity import format_cores
+from minedraft_sglang.cpu.affinity import format_cores
 from minedraft_sglang.lab.bench.aggregate import Sample, request_metrics
 from minedraft_sglang.lab.bench.client import flush_cache, send_all
 from minedraft_sglang.lab.bench.plan import RunSpec

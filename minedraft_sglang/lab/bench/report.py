@@ -14,7 +14,7 @@ from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from minedraft_sglang.cpu_affinity import format_cores
+from minedraft_sglang.cpu.affinity import format_cores
 from minedraft_sglang.lab import cost_model
 from minedraft_sglang.lab.bench import plots
 from minedraft_sglang.lab.bench.aggregate import (

@@ -46,7 +46,7 @@ def threads(spec: RunSpec, cores: frozenset[int]) -> tuple[dict[str, str], str]:
     """The OpenMP environment of ``spec``'s server on ``cores`` and a line
     saying how its threads use them: one thread per core in one process, one
     rank per core under --tp, and for MINEDRAFT the worker's own per-step
-    split (cpu_affinity.py)."""
+    split (cpu/affinity.py)."""
     n = len(cores)
     if spec.engine == "plain-tp":
         return {"OMP_NUM_THREADS": "1"}, f"--tp {n}: {n} ranks x 1 thread"

@@ -1,8 +1,8 @@
 """``minedraft-sglang-cpu``: the stock SGLang server on a CPU-only machine.
 
     minedraft-sglang-cpu --model-path PATH [sglang.launch_server args...]
-    python -m minedraft_sglang.cpu_server ...                  (the same)
-    python -m minedraft_sglang.cpu_server --print-env          (shell exports, for the stock command)
+    python -m minedraft_sglang.cpu.server ...                  (the same)
+    python -m minedraft_sglang.cpu.server --print-env          (shell exports, for the stock command)
 
 It runs ``python -m sglang.launch_server`` with the CPU flags below first and
 the caller's arguments after them (SGLang's argparse keeps the last value, so
@@ -21,8 +21,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 # sgl_kernel's CUDA library cannot load without a GPU; it then falls back to
-# `import common_ops`, which this folder provides (cpu_kernels/ops.py).
-SHIM_DIR = Path(__file__).resolve().parent / "cpu_kernels" / "shim"
+# `import common_ops`, which this folder provides (cpu/kernels/ops.py).
+SHIM_DIR = Path(__file__).resolve().parent / "kernels" / "shim"
 
 CPU_ENV = {
     # SGLang's CPU branches (and its non-vllm rotary embedding) key on this.
@@ -35,7 +35,7 @@ CPU_ENV = {
 # (several 2-thread servers on 2 cores: identical batches took 5-11 s instead
 # of 0.25 s), fewer leaves cores idle (plain decoding of the real 1.5B on 2
 # cores: 1.68x faster than on 1 thread). A MINEDRAFT worker with a CPU drafter
-# sets its two sides' thread counts itself, step by step (cpu_affinity.py).
+# sets its two sides' thread counts itself, step by step (cpu/affinity.py).
 
 # - torch_native serves plain prefill/decode, but speculative decoding needs
 #   the intel_amx backend's draft/verify support; asking for intel_amx via

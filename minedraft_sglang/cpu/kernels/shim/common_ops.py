@@ -6,7 +6,7 @@ here, ``import sgl_kernel`` succeeds, and importing this module registers the
 pure-torch ops. ``sgl_kernel``'s own Python wrappers (``copy_all_layer_kv_cache_cpu``,
 ``verify_tree_greedy_cpu``, ...) then call them through ``torch.ops.sgl_kernel``.
 
-``ops.py`` is loaded by file path rather than as ``minedraft_sglang.cpu_kernels.ops``:
+``ops.py`` is loaded by file path rather than as ``minedraft_sglang.cpu.kernels.ops``:
 this runs in the middle of SGLang's imports, where importing the plugin package
 (which imports SGLang) could be circular, and it works without the package installed.
 """
