@@ -109,7 +109,7 @@ class ServerPool:
         self.specs: dict[str, tuple[list[str], dict]] = {name: (args, {}) for name, args in _specs(tmp).items()}
         self.servers: dict[str, Server] = {}  # in least-recently-used order
         self.logs: dict[str, Path] = {}
-        self.startup_s: dict[str, float] = {}
+        self.starts: dict[str, list[float]] = {}  # startup seconds, per start
         self.restarts: list[str] = []
 
     def register(self, name: str, args: list[str], env: dict | None = None) -> None:
@@ -130,7 +130,7 @@ class ServerPool:
             log = self.tmp / f"{name}.{sum(1 for _ in self.tmp.glob(name + '.*log'))}.log"
             t0 = time.monotonic()
             server = Server(args, log, env=env).wait_ready()
-            self.startup_s[name] = time.monotonic() - t0
+            self.starts.setdefault(name, []).append(time.monotonic() - t0)
             self.logs[name] = log
         self.servers[name] = server
         return server
@@ -148,11 +148,26 @@ class ServerPool:
         self.servers.clear()
 
 
+_pools: list[ServerPool] = []
+
+
 @pytest.fixture(scope="session")
 def pool(tmp_path_factory):
     p = ServerPool(tmp_path_factory.mktemp("servers"))
+    _pools.append(p)
     yield p
     p.close()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Where the server tests' time goes: each server's starts and startup
+    seconds (the suite's budget is mostly these)."""
+    for p in _pools:
+        starts = sorted(p.starts.items(), key=lambda kv: -sum(kv[1]))
+        total = sum(sum(t) for _, t in starts)
+        terminalreporter.section(f"server pool: {sum(len(t) for _, t in starts)} starts, {total:.0f} s")
+        for name, times in starts:
+            terminalreporter.write_line(f"{name:24s} {len(times)} x, {sum(times):6.0f} s")
 
 
 @pytest.fixture(scope="session")

@@ -111,7 +111,7 @@ def servers(pool):
     yield pool
     pool.close()
     pool.max_alive = previous
-    STATS["startup_s"] = {k: round(pool.startup_s[k], 1) for k in _specs() if k in pool.startup_s}
+    STATS["startup_s"] = {k: round(pool.starts[k][-1], 1) for k in _specs() if k in pool.starts}
     STATS["restarts"] = [name for name in pool.restarts if name in _specs()]
     (pool.tmp / "reliability-stats.json").write_text(json.dumps(STATS, indent=1))
     print(f"\nreliability stats ({pool.tmp / 'reliability-stats.json'}):\n{json.dumps(STATS, indent=1)}")
