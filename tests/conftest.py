@@ -3,8 +3,8 @@
 Servers start on first use, one at a time (SGLang sizes its KV pool from the
 free memory it measures around model loading, which concurrent startups
 disturb). Each server is three processes of ~1 GiB or more, so at most
-MAX_ALIVE stay up; the least recently used one is stopped to make room. Tests
-are ordered by the servers they use, so few restarts happen.
+MAX_ALIVE stay up; the least recently used one is stopped to make room. The
+run ends with each server's starts and startup seconds.
 """
 
 from __future__ import annotations
