@@ -12,9 +12,7 @@ import dataclasses
 import enum
 import json
 import logging
-import os
 import threading
-from collections.abc import Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -165,37 +163,11 @@ class StepTracer:
             "mean_overlap_ratio": self.overlap_sum / psd if psd else None,
         }
 
-    def step(
-        self,
-        *,
-        mode: StepMode,
-        draft: Interval,
-        verify: Interval,
-        verify_bs: int,
-        draft_bs: int,
-        draft_thread: str,
-        accept_lens: Sequence[int],
-        verified_drafts: int,
-        k: int,
-        verify_cores: int = 0,
-        draft_cores: int = 0,
-    ) -> StepRecord:
-        record = StepRecord(
-            step=self.count,
-            pid=os.getpid(),
-            mode=mode,
-            draft=tuple(draft),
-            verify=tuple(verify),
-            verify_bs=verify_bs,
-            draft_bs=draft_bs,
-            verified_drafts=verified_drafts,
-            k=k,
-            draft_thread=draft_thread,
-            accept_lens=tuple(accept_lens),
-            verify_cores=verify_cores,
-            draft_cores=draft_cores,
-        )
+    def add(self, record: StepRecord) -> None:
+        """One step, numbered ``self.count`` by its maker: to the trace file,
+        Prometheus, the periodic log line and the summary."""
         self.count += 1
+        mode = record.mode
         self.mode_counts[mode.value] = self.mode_counts.get(mode.value, 0) + 1
         if mode is StepMode.PSD:
             self.overlap_sum += record.overlap
@@ -207,7 +179,6 @@ class StepTracer:
         self._window.append(record)
         if len(self._window) >= LOG_INTERVAL:
             self._log_window()
-        return record
 
     def _log_window(self) -> None:
         records = self._window

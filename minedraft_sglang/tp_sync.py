@@ -55,11 +55,9 @@ class TpLink:
         self.src = src  # TP rank 0's global rank: the source of every broadcast
 
     @classmethod
-    def from_sglang(cls) -> TpLink | None:
-        """The link of this scheduler process; None without tensor parallelism."""
-        from sglang.srt.runtime_context import get_parallel
-
-        group = get_parallel().tp_group
+    def from_group(cls, group) -> TpLink | None:
+        """The link of a process in ``group`` (SGLang's TP GroupCoordinator);
+        None without tensor parallelism."""
         if group.world_size == 1:
             return None
         return cls(

@@ -40,8 +40,8 @@ pytestmark = pytest.mark.server
 K = 3  # --speculative-num-steps
 KV_TOKENS = 512  # --max-total-tokens of the "tinykv" server
 FAULT_SPEC = "draft_raise:0.2,prefill_raise:0.5"
-# What the worker logs when a draft call fails (worker._safe_draft), and when
-# the drafter's prefill does (worker._safe_prefill).
+# What the worker logs when a draft call fails (PSDLoop._safe_draft), and when
+# the drafter's prefill does (PSDLoop._safe_prefill).
 FAULT_WARNING = "MineDraft drafter failed"
 PREFILL_WARNING = "MineDraft drafter prefill failed"
 

@@ -6,7 +6,8 @@ inside functions):
 - ``sampling/`` imports torch and the standard library only, so the math runs
   and is tested where SGLang is absent (a GPU machine, for one);
 - ``drafters/`` needs no SGLang either (torch, transformers, safetensors), so
-  the real drafters run in ``gpu_check`` and the GPU-marked tests there.
+  the real drafters run in ``gpu_check`` and the GPU-marked tests there;
+- nor does ``psd_loop.py``: the PSD loop reads without SGLang's types.
 """
 
 from __future__ import annotations
@@ -95,3 +96,9 @@ def _sglang_free(path: Path, seen: set[Path]) -> list[str]:
 def test_drafters_need_no_sglang(path):
     bad = _sglang_free(path, set())
     assert not bad, f"drafters/{path.name} reaches SGLang: {bad}"
+
+
+def test_the_psd_loop_needs_no_sglang():
+    """The loop reaches the target only through the calls it is given (``worker.py`` adapts SGLang's)."""
+    bad = _sglang_free(PACKAGE / "psd_loop.py", set())
+    assert not bad, f"psd_loop.py reaches SGLang: {bad}"

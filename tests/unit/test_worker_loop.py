@@ -1,12 +1,12 @@
-"""The PSD loop of ``MineDraftWorker`` driven step by step, without SGLang's model runner.
+"""The PSD loop (``psd_loop.PSDLoop``) driven step by step, through the calls ``worker.py`` makes, on fakes.
 
 A fake target (``FakeTarget``) stands in for the verify forward: its greedy next token is a fixed function of
 the tokens so far (``next_token``), it accepts a draft chain up to its first wrong token and adds its own
 token after it, like SGLang's greedy verify. A fake drafter (``FakeDrafter``) proposes from a rule the test
 picks (the target's rule: all accepted; a wrong rule: all rejected; a mix), records every call and can be made
-to fail. A tiny fake scheduler (``run_requests``) calls ``forward_batch_generation`` once per engine step and
-appends each result's tokens to the rows ``verify.result_rows`` names, as SGLang's result processing does
-through ``verify.py``'s hook.
+to fail. A tiny fake scheduler (``run_requests``) runs one ``step`` per engine step, as ``worker.py`` does (the loop's
+step with the fake target as its verify, then the lengths stitched over the whole batch), and appends each
+result's tokens to the rows the step verified, as SGLang's result processing does through ``verify.py``'s hook.
 
 Covered:
   * step planning (``_plan``): psd / draft-ahead / sequential / plain and the sub-batch swap;
@@ -15,7 +15,7 @@ Covered:
     they were drafted for;
   * which thread drafts what: in a PSD step the other sub-batch, on the drafter's thread, while the target
     verifies;
-  * row stitching of a PSD step's result (``new_seq_lens``, ``verify.result_rows``);
+  * row stitching of a PSD step's result (``new_seq_lens``, the verified rows);
   * the draft-ahead anchor rule (drafts made ahead are used only if the guessed bonus token was right);
   * the fallback when the drafter raises, and the release of retracted requests' draft state;
   * the trace file;
@@ -41,13 +41,13 @@ import pytest
 import torch
 
 import minedraft_sglang.worker as worker_mod
-from minedraft_sglang import tp_sync
+from minedraft_sglang import psd_loop, tp_sync
 from minedraft_sglang.adaptive_k import Option
 from minedraft_sglang.config import MineDraftConfig
 from minedraft_sglang.drafters.base import Drafter, DraftOutput, DraftRequest
 from minedraft_sglang.metrics import StepMode, read_trace
-from minedraft_sglang.verify import result_rows
-from minedraft_sglang.worker import MineDraftWorker, StepPlan
+from minedraft_sglang.psd_loop import PSDLoop, StepPlan, stitch_seq_lens
+from minedraft_sglang.worker import MineDraftWorker
 
 V = 97  # the fake target's vocabulary size
 K = 3  # --speculative-num-steps: drafts per request
@@ -166,6 +166,8 @@ class FakeResult:
     # Read only for drafters that need the target's features: ``hidden_states`` [verify_bs * (width + 1), H].
     logits_output: SimpleNamespace | None = None
     next_draft_input: object = None
+    # The rows of the running batch this result is for; None: all of them.
+    rows: list[int] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,7 +296,7 @@ class StubPlanner:
     """Stands in for adaptive_k.KPlanner: k from a fixed cycle, in the mode a fixed-k server takes (plain for
     k = 0) and on the worker's default core split; measurements ignored."""
 
-    def __init__(self, ks: Sequence[int], w: MineDraftWorker):
+    def __init__(self, ks: Sequence[int], w: PSDLoop):
         self.ks = list(ks)
         self.decisions = 0
         self.total_cores = len(w.cores.all) if w.cores else 0
@@ -322,15 +324,14 @@ class StubPlanner:
 
 
 @pytest.fixture
-def built(monkeypatch):
-    """The workers a test builds (it appends them): their drafter threads are shut down afterwards and the
+def built():
+    """The loops a test builds (it appends them): their drafter threads are shut down afterwards and the
     pytest process gets its cores and thread count back (a CPU drafter moves the scheduler thread's team, here
     the test's thread)."""
     saved, threads = os.sched_getaffinity(0), torch.get_num_threads()
-    monkeypatch.setattr(worker_mod, "sub_batch_view", fake_sub_batch_view)
-    workers: list[MineDraftWorker] = []
-    yield workers
-    for w in workers:
+    loops: list[PSDLoop] = []
+    yield loops
+    for w in loops:
         if w.drafter is not None:
             w.executor.shutdown()
     os.sched_setaffinity(0, saved)
@@ -338,44 +339,55 @@ def built(monkeypatch):
 
 
 @pytest.fixture
-def make_worker(built):
-    """Builds workers through ``_init_loop``."""
-
+def make_loop(built):
     def make(
         mode: str,
         drafter: FakeDrafter,
-        target: FakeTarget,
         trace_file: str | None = None,
         *,
         device: str = "cpu",
         draft_device: str = "cpu",
-    ):
-        w = MineDraftWorker.__new__(MineDraftWorker)
-        w._init_loop(
+    ) -> PSDLoop:
+        w = PSDLoop(
             config=MineDraftConfig(mode=mode, k="fixed", draft_device=draft_device, trace_file=trace_file),
             drafter=drafter,
             draft_device=draft_device,
             device=device,
             num_steps=K,
-            num_draft_tokens=K + 1,
         )
         built.append(w)
-        w._verify = target.verify
         return w
 
     return make
 
 
-def spy_plans(w: MineDraftWorker) -> list[StepPlan]:
+def run_step(w: PSDLoop, batch: FakeBatch, target: FakeTarget) -> FakeResult:
+    """One decode step as ``worker.py`` runs it: the loop's step (``follow`` on a TP rank without a drafter),
+    verifying through ``target`` on a view of the verified rows; the result's ``new_seq_lens`` stitched over the
+    whole batch and ``rows`` set where it is for some rows only."""
+
+    def verify(decision):
+        rows = decision.rows
+        view = batch if len(rows) == len(batch.reqs) else fake_sub_batch_view(batch, rows)
+        return target.verify(view, decision.drafts, num_drafts=decision.num_drafts, grammar_barrier=None)
+
+    rows, result = w.step(batch.reqs, verify) if w.drafter is not None else w.follow(len(batch.reqs), verify)
+    if len(rows) != len(batch.reqs):
+        result.rows = rows
+        result.new_seq_lens = stitch_seq_lens(batch.seq_lens, rows, result.new_seq_lens)
+    return result
+
+
+def spy_plans(w: PSDLoop) -> list[StepPlan]:
     """Records the plan of every step the worker makes from now on."""
     plans: list[StepPlan] = []
-    plan = w._plan
+    plan = w.plan
 
     def spy(rids):
         plans.append(plan(rids))
         return plans[-1]
 
-    w._plan = spy
+    w.plan = spy
     return plans
 
 
@@ -399,11 +411,11 @@ class StepLog:
 
 
 def run_requests(
-    w: MineDraftWorker,
+    w: PSDLoop,
     target: FakeTarget,
     arrivals: Sequence[Arrival],
     max_steps: int = 400,
-    followers: Sequence[tuple[MineDraftWorker, FakeTarget]] = (),
+    followers: Sequence[tuple[PSDLoop, FakeTarget]] = (),
 ):
     """The fake scheduler: admits arrivals (with the token their prefill committed), runs decode steps, applies
     each result to the rows it names, retires requests at max_new tokens. Returns (outputs by rid, step logs).
@@ -433,16 +445,16 @@ def run_requests(
             lens=[len(r.tokens()) for r in running],
             last=[r.output_ids[-1] for r in running],
         )
-        result = w.forward_batch_generation(batch)
+        result = run_step(w, batch, target)
         assert len(target.calls) == n_verifies + 1, "one verify per decode step"
         for follower, follower_target in followers:
-            same = follower.forward_batch_generation(batch)
+            same = run_step(follower, batch, follower_target)
             assert follower_target.calls[-1] == target.calls[-1], "a TP rank verified otherwise than rank 0"
-            assert result_rows(same) == result_rows(result)
+            assert same.rows == result.rows
             assert same.new_seq_lens.tolist() == result.new_seq_lens.tolist()
         calls = drafter.calls[n_calls:]
         logs.append(StepLog(**before, plan=plans[-1], draft_calls=calls, verify=target.calls[-1], result=result))
-        rows = result_rows(result) if result_rows(result) is not None else range(len(running))
+        rows = result.rows if result.rows is not None else range(len(running))
         for row, tokens in zip(rows, result.committed):
             running[row].output_ids.extend(tokens)
         seq_lens = result.new_seq_lens
@@ -452,7 +464,7 @@ def run_requests(
             if len(req.output_ids) >= max_new[req.rid]:
                 # Speculation may overshoot; SGLang stops at max_new_tokens.
                 outputs[req.rid] = req.output_ids[: max_new[req.rid]]
-                w.note_request_finished(rid=req.rid, natural_stop=False)
+                w.release(req.rid)
             else:
                 keep.append(i)
         running = [running[i] for i in keep]
@@ -487,10 +499,10 @@ def on_drafter_thread(w, call: DraftCall) -> bool:
 # ------------------------------------------------------------------ 1. step planning
 
 
-def test_psd_mode_splits_rows_into_halves_that_swap(make_worker):
-    w = make_worker("psd", FakeDrafter(rule_right), FakeTarget())
+def test_psd_mode_splits_rows_into_halves_that_swap(make_loop):
+    w = make_loop("psd", FakeDrafter(rule_right))
     rids = ["a", "b", "c", "d", "e"]
-    first, second = w._plan(rids), w._plan(rids)
+    first, second = w.plan(rids), w.plan(rids)
     for plan in (first, second):
         assert plan.mode is StepMode.PSD and plan.k == K
         assert not set(plan.verify_rows) & set(plan.draft_rows)
@@ -501,26 +513,26 @@ def test_psd_mode_splits_rows_into_halves_that_swap(make_worker):
 
 
 @pytest.mark.parametrize("mode, expected", [("auto", StepMode.DRAFT_AHEAD), ("psd", StepMode.SEQUENTIAL)])
-def test_one_request_drafts_ahead_in_auto_and_sequentially_in_psd(make_worker, mode, expected):
-    w = make_worker(mode, FakeDrafter(rule_right), FakeTarget())
+def test_one_request_drafts_ahead_in_auto_and_sequentially_in_psd(make_loop, mode, expected):
+    w = make_loop(mode, FakeDrafter(rule_right))
     # Draft-ahead overlaps the stages, on the default split where cores are managed.
     draft_cores = w.cores.default if w.cores and expected is StepMode.DRAFT_AHEAD else 0
     for _ in range(3):  # whichever half the lone request sits in
-        assert w._plan(["a"]) == StepPlan(expected, [0], [], K, draft_cores)
+        assert w.plan(["a"]) == StepPlan(expected, [0], [], K, draft_cores)
 
 
-def test_sequential_mode_verifies_every_row(make_worker):
-    w = make_worker("sequential", FakeDrafter(rule_right), FakeTarget())
+def test_sequential_mode_verifies_every_row(make_loop):
+    w = make_loop("sequential", FakeDrafter(rule_right))
     for _ in range(2):
-        assert w._plan(["a", "b", "c"]) == StepPlan(StepMode.SEQUENTIAL, [0, 1, 2], [], K)
+        assert w.plan(["a", "b", "c"]) == StepPlan(StepMode.SEQUENTIAL, [0, 1, 2], [], K)
 
 
 @pytest.mark.parametrize("mode", ["auto", "psd", "sequential"])
 @pytest.mark.parametrize("rids", [["a"], ["a", "b", "c"]])
-def test_k_zero_is_a_plain_step_of_every_row(make_worker, mode, rids):
-    w = make_worker(mode, FakeDrafter(rule_right), FakeTarget())
+def test_k_zero_is_a_plain_step_of_every_row(make_loop, mode, rids):
+    w = make_loop(mode, FakeDrafter(rule_right))
     w.planner = StubPlanner([0], w)
-    assert w._plan(rids) == StepPlan(StepMode.PLAIN, list(range(len(rids))), [], 0)
+    assert w.plan(rids) == StepPlan(StepMode.PLAIN, list(range(len(rids))), [], 0)
 
 
 # ------------------------------------------------------------------ 2. exactness of the loop
@@ -555,9 +567,9 @@ def check_step_drafting(w, log: StepLog):
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("k_cycle", [None, [3, 1, 0, 2, 3, 3]], ids=["k-fixed", "k-varying"])
 @pytest.mark.parametrize("mode", ["psd", "auto", "sequential"])
-def test_outputs_equal_greedy_decoding(make_worker, mode, rule, k_cycle):
+def test_outputs_equal_greedy_decoding(make_loop, mode, rule, k_cycle):
     drafter, target = FakeDrafter(RULES[rule]), FakeTarget()
-    w = make_worker(mode, drafter, target)
+    w = make_loop(mode, drafter)
     if k_cycle:
         # The planner moving k between steps: drafts made at one k get verified in a step planned at another.
         w.planner = StubPlanner(k_cycle, w)
@@ -585,21 +597,21 @@ def test_outputs_equal_greedy_decoding(make_worker, mode, rule, k_cycle):
     if rule == "mixed":
         assert len({n for log in logs for n in log.result.accept_lens.tolist()}) > 2, "acceptance should vary"
     # Finished requests leave no draft state behind.
-    assert w.pending == {} and drafter.active == set()
+    assert len(w.pending) == 0 and drafter.active == set()
     assert w.drafter_failures == 0
 
 
-def test_psd_drafts_the_other_half_while_the_target_verifies(make_worker):
+def test_psd_drafts_the_other_half_while_the_target_verifies(make_loop):
     """The verify and the background draft meet at a barrier: if the worker ran them one after the other the
     first to arrive would wait in vain and the barrier would break."""
     barrier = threading.Barrier(2, timeout=5)
     drafter, target = FakeDrafter(rule_right, barrier=barrier), FakeTarget(barrier=barrier)
-    w = make_worker("psd", drafter, target)
+    w = make_loop("psd", drafter)
     reqs = [FakeReq("a", prompt(1, 4), [5]), FakeReq("b", prompt(2, 6), [9])]
     batch = FakeBatch(reqs, torch.tensor([len(r.tokens()) for r in reqs]))
     for _ in range(4):
-        result = w.forward_batch_generation(batch)
-        for row, tokens in zip(result_rows(result), result.committed):
+        result = run_step(w, batch, target)
+        for row, tokens in zip(result.rows, result.committed):
             reqs[row].output_ids.extend(tokens)
         batch.seq_lens = result.new_seq_lens
     assert w.tracer.mode_counts == {"psd": 4}
@@ -608,13 +620,13 @@ def test_psd_drafts_the_other_half_while_the_target_verifies(make_worker):
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
 @pytest.mark.parametrize("mode", ["auto", "psd", "sequential"])
-def test_a_stage_alone_runs_on_every_core_and_overlapping_stages_on_the_split(make_worker, mode):
+def test_a_stage_alone_runs_on_every_core_and_overlapping_stages_on_the_split(make_loop, mode):
     """The split follows the step: a plain step's verify, a sequential step's draft and verify, and the drafts
     made before an overlap run on every core with one thread per core; while the stages overlap, the verify
     runs on the split's scheduler part and the background draft on its drafter part. Fails if the cores are
     split once for good (as before), or if thread counts do not follow the cores."""
     target = FakeTarget()
-    w = make_worker(mode, FakeDrafter(rule_mixed), target)
+    w = make_loop(mode, FakeDrafter(rule_mixed))
     w.planner = StubPlanner([3, 0, 2, 3], w)  # plain steps between the drafting ones
     _, logs = run_requests(w, target, ARRIVALS)
     every = (w.cores.all, len(w.cores.all))
@@ -635,18 +647,18 @@ def test_a_stage_alone_runs_on_every_core_and_overlapping_stages_on_the_split(ma
 # ------------------------------------------------------------------ 3. row stitching
 
 
-def test_psd_step_returns_the_verified_rows_stitched_into_the_batch(make_worker):
+def test_psd_step_returns_the_verified_rows_stitched_into_the_batch(make_loop):
     drafter, target = FakeDrafter(rule_right), FakeTarget()
-    w = make_worker("psd", drafter, target)
+    w = make_loop("psd", drafter)
     plans = spy_plans(w)
     reqs = [FakeReq(rid, prompt(i, 2 + i), [i]) for i, rid in enumerate("abcde")]
     lens = [len(r.tokens()) for r in reqs]  # 3, 4, 5, 6, 7: distinct, so a row moved shows
     batch = FakeBatch(reqs, torch.tensor(lens))
 
-    result = w.forward_batch_generation(batch)
+    result = run_step(w, batch, target)
     verified, unverified = plans[-1].verify_rows, plans[-1].draft_rows
     assert plans[-1].mode is StepMode.PSD and verified and unverified
-    assert result_rows(result) == verified
+    assert result.rows == verified
     assert target.calls[-1].rids == tuple(reqs[row].rid for row in verified)
     new = result.new_seq_lens.tolist()
     # [bs]: verified rows advanced by their accept length (right drafts: K accepted + the target's token),
@@ -655,22 +667,22 @@ def test_psd_step_returns_the_verified_rows_stitched_into_the_batch(make_worker)
     assert batch.seq_lens.tolist() == lens, "the running batch's own seq_lens stay untouched"
 
     # Next step: the other half, verified with the drafts made for it in the background (no redraft here).
-    for row, tokens in zip(result_rows(result), result.committed):
+    for row, tokens in zip(result.rows, result.committed):
         reqs[row].output_ids.extend(tokens)
     batch.seq_lens = result.new_seq_lens
     n_calls = len(drafter.calls)
-    result = w.forward_batch_generation(batch)
-    assert result_rows(result) == unverified
+    result = run_step(w, batch, target)
+    assert result.rows == unverified
     assert result.new_seq_lens.tolist() == [new[row] + (K + 1 if row in unverified else 0) for row in range(len(reqs))]
     assert all(on_drafter_thread(w, c) for c in drafter.calls[n_calls:])
 
 
-def test_a_full_batch_step_names_no_rows(make_worker):
+def test_a_full_batch_step_names_no_rows(make_loop):
     # Sequential (and plain, draft-ahead) steps verify the whole batch: None tells the scheduler "all rows".
-    w = make_worker("sequential", FakeDrafter(rule_right), FakeTarget())
+    w = make_loop("sequential", FakeDrafter(rule_right))
     reqs = [FakeReq("a", prompt(1, 3), [4]), FakeReq("b", prompt(2, 5), [6])]
-    result = w.forward_batch_generation(FakeBatch(reqs, torch.tensor([4, 6])))
-    assert result_rows(result) is None
+    result = run_step(w, FakeBatch(reqs, torch.tensor([4, 6])), FakeTarget())
+    assert result.rows is None
     assert result.new_seq_lens.tolist() == [4 + K + 1, 6 + K + 1]
 
 
@@ -678,12 +690,12 @@ def test_a_full_batch_step_names_no_rows(make_worker):
 
 
 @pytest.mark.parametrize("rule", ["right", "bad_anchor", "lucky_guess", "mixed", "wrong"])
-def test_draft_ahead_drafts_are_used_only_when_the_bonus_guess_was_right(make_worker, rule):
+def test_draft_ahead_drafts_are_used_only_when_the_bonus_guess_was_right(make_loop, rule):
     """Drafts made ahead are used iff every draft of the step was accepted (the request has the length they were
     drafted at) and the guessed bonus token (the anchor) is the request's real last token."""
     rules = {**RULES, "bad_anchor": rule_bad_anchor_every_other, "lucky_guess": rule_lucky_guess}
     drafter, target = FakeDrafter(rules[rule]), FakeTarget()
-    w = make_worker("auto", drafter, target)
+    w = make_loop("auto", drafter)
     arrivals = [Arrival(0, "a", prompt(5, 4), 60)]
     outputs, logs = run_requests(w, target, arrivals)
     check_exact(outputs, arrivals)
@@ -727,9 +739,9 @@ def fails_for(rid: str):
 
 
 @pytest.mark.parametrize("mode", ["psd", "auto", "sequential"])
-def test_a_failing_drafter_falls_back_to_placeholder_drafts(make_worker, mode):
+def test_a_failing_drafter_falls_back_to_placeholder_drafts(make_loop, mode):
     drafter, target = FakeDrafter(rule_right, fail=fails_for("b")), FakeTarget()
-    w = make_worker(mode, drafter, target)
+    w = make_loop(mode, drafter)
     # "a" alone, then with "b", then "b" alone.
     arrivals = [Arrival(0, "a", prompt(1, 4), 20), Arrival(2, "b", prompt(2, 3), 30)]
     outputs, logs = run_requests(w, target, arrivals)
@@ -740,7 +752,7 @@ def test_a_failing_drafter_falls_back_to_placeholder_drafts(make_worker, mode):
     # Each failure releases the state (half written, in a real drafter) of every request in the call.
     for rid in ("a", "b"):
         assert drafter.released.count(rid) >= sum(rid in c.rids for c in failed) + 1  # + its finish
-    assert drafter.active == set() and w.pending == {}
+    assert drafter.active == set() and len(w.pending) == 0
     verified_b = 0
     for log in logs:
         for j, row in enumerate(log.plan.verify_rows):
@@ -755,41 +767,41 @@ def test_a_failing_drafter_falls_back_to_placeholder_drafts(make_worker, mode):
     assert verified_b > 5
 
 
-def test_retracted_requests_lose_their_draft_state(make_worker):
+def test_retracted_requests_lose_their_draft_state(make_loop):
     drafter = FakeDrafter(rule_right)
-    w = make_worker("psd", drafter, FakeTarget())
+    w = make_loop("psd", drafter)
     plans = spy_plans(w)
     reqs = [FakeReq(rid, prompt(i, 3), [i]) for i, rid in enumerate("abc")]
-    w.forward_batch_generation(FakeBatch(reqs, torch.tensor([4, 4, 4])))
+    run_step(w, FakeBatch(reqs, torch.tensor([4, 4, 4])), FakeTarget())
     # A request of the drafted half now holds drafts; the scheduler retracts it before its turn.
     retracted = reqs[plans[-1].draft_rows[0]]
-    assert retracted.rid in w.pending and retracted.rid in drafter.active
+    assert retracted.rid in w.pending.rids() and retracted.rid in drafter.active
     rest = [r for r in reqs if r is not retracted]
-    w.forward_batch_generation(FakeBatch(rest, torch.tensor([len(r.tokens()) for r in rest])))
+    run_step(w, FakeBatch(rest, torch.tensor([len(r.tokens()) for r in rest])), FakeTarget())
     assert retracted.rid in drafter.released
-    assert retracted.rid not in w.pending and retracted.rid not in drafter.active
+    assert retracted.rid not in w.pending.rids() and retracted.rid not in drafter.active
 
 
-def test_retracted_request_with_failed_drafts_loses_its_placeholder(make_worker):
+def test_retracted_request_with_failed_drafts_loses_its_placeholder(make_loop):
     drafter = FakeDrafter(rule_right, fail=fails_for("b"))
-    w = make_worker("psd", drafter, FakeTarget())
+    w = make_loop("psd", drafter)
     plans = spy_plans(w)
     # The first request joins the drafted half: "b"'s background draft fails and leaves a placeholder.
     reqs = [FakeReq("b", prompt(2, 3), [2]), FakeReq("a", prompt(1, 3), [1])]
-    w.forward_batch_generation(FakeBatch(reqs, torch.tensor([4, 4])))
+    run_step(w, FakeBatch(reqs, torch.tensor([4, 4])), FakeTarget())
     assert plans[-1].draft_rows == [0] and w.drafter_failures == 1
-    assert "b" in w.pending and "b" not in drafter.active
-    w.forward_batch_generation(FakeBatch(reqs[1:], torch.tensor([len(reqs[1].tokens())])))  # "b" retracted
-    assert "b" not in w.pending
+    assert "b" in w.pending.rids() and "b" not in drafter.active
+    run_step(w, FakeBatch(reqs[1:], torch.tensor([len(reqs[1].tokens())])), FakeTarget())  # "b" retracted
+    assert "b" not in w.pending.rids()
 
 
 # ------------------------------------------------------------------ 6. trace
 
 
-def test_trace_file_has_one_record_per_step(make_worker, tmp_path):
+def test_trace_file_has_one_record_per_step(make_loop, tmp_path):
     path = tmp_path / "trace.jsonl"
     target = FakeTarget()
-    w = make_worker("auto", FakeDrafter(rule_mixed), target, trace_file=str(path))
+    w = make_loop("auto", FakeDrafter(rule_mixed), trace_file=str(path))
     w.planner = StubPlanner([3, 2, 0, 3], w)  # plain steps too
     outputs, logs = run_requests(w, target, ARRIVALS)
     check_exact(outputs, ARRIVALS)
@@ -833,8 +845,8 @@ class PairedLink(tp_sync.TpLink):
 @pytest.fixture
 def make_tp_ranks(built, monkeypatch):
     """Builds TP ranks 0 and 1 through ``MineDraftWorker.__init__`` (SGLang's objects faked: the spec, the
-    target worker, the TP group as a ``PairedLink``); ``drafter`` is what ``create_drafter`` returns, and
-    ``created`` records the ranks that asked for one."""
+    target worker, the TP group as a ``PairedLink``) and returns their loops; ``drafter`` is what
+    ``create_drafter`` returns, and ``created`` records the ranks that asked for one."""
     created: list[int] = []
 
     def make(config: MineDraftConfig, drafter: FakeDrafter, targets: Sequence[FakeTarget], num_steps: int = K):
@@ -848,8 +860,8 @@ def make_tp_ranks(built, monkeypatch):
         server_args = SimpleNamespace(tp_size=2, gpu_id_step=1, nnodes=1, model_path="target", enable_metrics=False)
         mailbox: list[torch.Tensor] = []
         ranks = []
-        for rank, target in enumerate(targets):
-            monkeypatch.setattr(tp_sync.TpLink, "from_sglang", classmethod(lambda cls, r=rank: PairedLink(r, mailbox)))
+        for rank in range(len(targets)):
+            monkeypatch.setattr(worker_mod, "_tp_link", lambda r=rank: PairedLink(r, mailbox))
             monkeypatch.setattr(worker_mod, "create_drafter", lambda r=rank, **kwargs: created.append(r) or drafter)
             runner = SimpleNamespace(
                 device="cpu",
@@ -861,9 +873,8 @@ def make_tp_ranks(built, monkeypatch):
             target_worker = SimpleNamespace(model_runner=runner, get_memory_pool=lambda: (None, None))
             w = MineDraftWorker(server_args, gpu_id=rank, nccl_port=0, target_worker=target_worker)
             w.alloc_memory_pool()
-            w._verify = target.verify
-            built.append(w)
-            ranks.append(w)
+            built.append(w.loop)
+            ranks.append(w.loop)
         return ranks
 
     make.created = created
@@ -931,13 +942,13 @@ def fake_cuda(monkeypatch):
 @pytest.mark.parametrize(
     "device, draft_device", [("cpu", "cpu"), ("cuda:0", "cpu"), ("cpu", "cuda:1"), ("cuda:0", "cuda:1")]
 )
-def test_draft_and_verify_end_when_their_devices_have_finished(make_worker, fake_cuda, tmp_path, device, draft_device):
+def test_draft_and_verify_end_when_their_devices_have_finished(make_loop, fake_cuda, tmp_path, device, draft_device):
     """Kernels run after the call that queued them returns: a stage's interval (the trace's, the planner's) ends
     once its device's stream is done. On the CPU nothing is waited for."""
     trace = tmp_path / "trace.jsonl"
     target = FakeTarget()
     # Sequential: the drafts are made on this thread before the verify, each step.
-    w = make_worker("sequential", FakeDrafter(rule_right), target, str(trace), device=device, draft_device=draft_device)
+    w = make_loop("sequential", FakeDrafter(rule_right), str(trace), device=device, draft_device=draft_device)
     arrivals = [Arrival(0, "a", prompt(1, 4), 3 * (K + 1))]
     outputs, logs = run_requests(w, target, arrivals)
     check_exact(outputs, arrivals)
@@ -953,10 +964,10 @@ def test_draft_and_verify_end_when_their_devices_have_finished(make_worker, fake
             assert r.verify[1] - r.verify[0] >= QUEUED_S
 
 
-def test_background_drafts_end_when_the_drafters_stream_has_finished(make_worker, fake_cuda, tmp_path):
+def test_background_drafts_end_when_the_drafters_stream_has_finished(make_loop, fake_cuda, tmp_path):
     trace = tmp_path / "trace.jsonl"
     target = FakeTarget()
-    w = make_worker("psd", FakeDrafter(rule_right), target, str(trace), draft_device="cuda:1")
+    w = make_loop("psd", FakeDrafter(rule_right), str(trace), draft_device="cuda:1")
     arrivals = [Arrival(0, "a", prompt(1, 4), 3 * (K + 1)), Arrival(0, "b", prompt(2, 5), 3 * (K + 1))]
     run_requests(w, target, arrivals)
     psd = [r for r in read_trace(trace) if r.mode is StepMode.PSD]
@@ -965,7 +976,7 @@ def test_background_drafts_end_when_the_drafters_stream_has_finished(make_worker
 
 
 @pytest.mark.parametrize("mode", ["psd", "sequential"])
-def test_drafts_are_recorded_on_the_stream_that_takes_them(make_worker, monkeypatch, mode):
+def test_drafts_are_recorded_on_the_stream_that_takes_them(make_loop, monkeypatch, mode):
     """Drafts are made on the drafter's stream and read, then freed, on the scheduler's: the drafts the
     scheduler takes go through ``read_on_this_stream`` on its thread (else the caching allocator may give
     their memory back to the drafter's stream while the verify still reads it)."""
@@ -981,12 +992,12 @@ def test_drafts_are_recorded_on_the_stream_that_takes_them(make_worker, monkeypa
     drafter.draft = recording_draft
     scheduler = threading.current_thread().name
     monkeypatch.setattr(
-        worker_mod,
+        psd_loop,
         "read_on_this_stream",
         lambda tensors: recorded.extend((t, threading.current_thread().name) for t in tensors),
     )
     target = FakeTarget()
-    w = make_worker(mode, drafter, target)
+    w = make_loop(mode, drafter)
     arrivals = [Arrival(0, "a", prompt(1, 4), 3 * (K + 1)), Arrival(0, "b", prompt(2, 5), 3 * (K + 1))]
     outputs, _ = run_requests(w, target, arrivals)
     check_exact(outputs, arrivals)
@@ -996,10 +1007,10 @@ def test_drafts_are_recorded_on_the_stream_that_takes_them(make_worker, monkeypa
 
 
 @pytest.mark.parametrize("draft_device", ["cpu", "meta"])
-def test_placeholder_drafts_are_made_on_the_drafters_device(make_worker, draft_device):
+def test_placeholder_drafts_are_made_on_the_drafters_device(make_loop, draft_device):
     """They are stacked with the drafter's real drafts, which fails across devices ("meta" stands in for a GPU
     here)."""
-    w = make_worker("psd", FakeDrafter(rule_right, fail=lambda reqs: True), FakeTarget(), draft_device=draft_device)
+    w = make_loop("psd", FakeDrafter(rule_right, fail=lambda reqs: True), draft_device=draft_device)
     tokens, probs = w._safe_draft([DraftRequest("a", [1, 2], [3]), DraftRequest("b", [4], [5, 6])], K)
     assert tokens.device == probs.device == torch.device(draft_device)
     assert tokens.shape == probs.shape == (2, K)
@@ -1019,17 +1030,17 @@ class FeatureDrafter(FakeDrafter):
 
 
 @pytest.mark.parametrize("mode", ["psd", "auto", "sequential"])
-def test_the_worker_keeps_no_view_of_the_targets_hidden_states(make_worker, mode):
+def test_the_worker_keeps_no_view_of_the_targets_hidden_states(make_loop, mode):
     """SGLang reuses its hidden-state buffer (static under graphs): once a step's result is handed back, nothing
     the worker holds may still reference it. Each verify's hidden states are watched through a weak reference,
     which dies only when no tensor (a view keeps its base) refers to them."""
     drafter, target = FeatureDrafter(rule_mixed), FakeTarget(hidden=8)
-    w = make_worker(mode, drafter, target)
+    w = make_loop(mode, drafter)
     reqs = [FakeReq("a", prompt(1, 4), [5]), FakeReq("b", prompt(2, 6), [9]), FakeReq("c", prompt(3, 5), [2])]
     batch = FakeBatch(reqs, torch.tensor([len(r.tokens()) for r in reqs]))
     for _ in range(6):
-        result = w.forward_batch_generation(batch)
-        rows = result_rows(result) if result_rows(result) is not None else range(len(reqs))
+        result = run_step(w, batch, target)
+        rows = result.rows if result.rows is not None else range(len(reqs))
         observed = drafter.observed[-len(result.committed) :]
         for row, tokens, (rid, start, features) in zip(rows, result.committed, observed):
             # The features of the last committed token and of each accepted draft.
