@@ -11,4 +11,4 @@ source launch/cpu_env.sh
 export OMP_NUM_THREADS=1
 .venv/bin/ruff format --check --quiet .
 .venv/bin/ruff check --quiet .
-exec .venv/bin/python -m pytest -ra "$@"
+exec .venv/bin/python -m pytest -ra --durations=25 "$@"

@@ -95,7 +95,7 @@ def _specs(tmp: Path) -> dict[str, list[str]]:
     }
 
 
-MAX_ALIVE = 3
+MAX_ALIVE = 4
 
 
 class ServerPool:

@@ -1,6 +1,12 @@
 """Bad MINEDRAFT input fails at startup with one clear line, not a traceback:
 every case is refused while the launcher parses its arguments, before any
-model is loaded."""
+model is loaded.
+
+A few cases run the user's launch script (``launch/serve_cpu.sh``) end to
+end, and so does every case that needs its own environment; the rest run in
+one process the way the launcher starts (``startup_driver.py``: plugins,
+then ``prepare_server_args``), since each launch spends ~20 s of CPU
+importing SGLang before it can refuse anything."""
 
 from __future__ import annotations
 
@@ -14,10 +20,14 @@ from pathlib import Path
 
 import pytest
 
+from minedraft_sglang.cpu.server import cpu_environ
 from minedraft_sglang.lab import tiny_models
 
 # The user's launch script, not the library call: what users run is what fails clearly.
 SERVE_CPU_SH = Path(__file__).resolve().parents[2] / "launch" / "serve_cpu.sh"
+DRIVER = Path(__file__).resolve().parent / "startup_driver.py"
+# Run through the script even without an environment of their own.
+THROUGH_SCRIPT = {"unknown mode", "vocab mismatch", "draft cores take all"}
 
 # name: (extra args, extra env, text the one "error:" line must hold).
 # "@name" in the args stands for a draft folder made by _draft_folders.
@@ -117,12 +127,11 @@ def _draft_folders(tmp: Path) -> dict[str, str]:
     }
 
 
-def _launch(extra: list[str], env: dict, folders: dict[str, str]) -> subprocess.CompletedProcess:
+def _argv(extra: list[str], folders: dict[str, str]) -> list[str]:
     draft = str(tiny_models.model_path("draft"))
     if extra and extra[0] in folders:
         extra = ["--speculative-draft-model-path", folders[extra[0]]]
-    env = {k: folders.get(v, v) for k, v in env.items()}
-    args = [
+    return [
         "--model-path",
         str(tiny_models.model_path("target")),
         "--speculative-algorithm",
@@ -133,8 +142,11 @@ def _launch(extra: list[str], env: dict, folders: dict[str, str]) -> subprocess.
         "--port",
         "1",
     ]
+
+
+def _launch(argv: list[str], env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["bash", str(SERVE_CPU_SH), *args],
+        ["bash", str(SERVE_CPU_SH), *argv],
         capture_output=True,
         text=True,
         timeout=300,
@@ -142,13 +154,44 @@ def _launch(extra: list[str], env: dict, folders: dict[str, str]) -> subprocess.
     )
 
 
+def _in_one_process(argvs: list[list[str]]) -> list[subprocess.CompletedProcess]:
+    """Each argv's outcome in the launcher's terms: its exit status and what it printed to stderr (a
+    SystemExit's message is printed by the interpreter; an exception's type stands for its traceback)."""
+    proc = subprocess.run(
+        [sys.executable, str(DRIVER)],
+        input=json.dumps(argvs),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=cpu_environ(os.environ),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outs = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(outs) == len(argvs), proc.stdout[-3000:]
+    results = []
+    for argv, out in zip(argvs, outs):
+        code, stderr = out["exit"], out["stderr"]
+        if isinstance(code, str):
+            stderr, code = stderr + code + "\n", 1
+        if out["raised"]:
+            stderr, code = stderr + f"Traceback (in-process): {out['raised']}\n", 1
+        results.append(subprocess.CompletedProcess(argv, code or 0, "", stderr))
+    return results
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     folders = _draft_folders(tmp_path_factory.mktemp("drafts"))
+    scripted = {name for name, (_, env, _) in CASES.items() if env or name in THROUGH_SCRIPT}
+    rest = [name for name in CASES if name not in scripted]
     # Argument parsing imports SGLang (~10 s of CPU each): two at a time.
     with ThreadPoolExecutor(2) as ex:
-        futures = {name: ex.submit(_launch, extra, env, folders) for name, (extra, env, _) in CASES.items()}
-        return {name: f.result() for name, f in futures.items()}
+        futures = {}
+        for name in scripted:
+            extra, env, _ = CASES[name]
+            futures[name] = ex.submit(_launch, _argv(extra, folders), {k: folders.get(v, v) for k, v in env.items()})
+        together = ex.submit(_in_one_process, [_argv(CASES[name][0], folders) for name in rest])
+        return {**{name: f.result() for name, f in futures.items()}, **dict(zip(rest, together.result()))}
 
 
 @pytest.mark.parametrize("name", list(CASES))
