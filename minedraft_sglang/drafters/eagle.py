@@ -378,6 +378,18 @@ class EagleDrafter(CachedDrafter):
 
         self.catch_up.run([len(toks) for _, toks, _ in feeds], forward)
 
+    def _padding(self, rows: int, width: int) -> list[tuple[torch.Tensor, ...]]:
+        # A call's first step reads the target's features; the one-token
+        # steps after it the head's own (EAGLE-3: another width).
+        feature_widths = {self._feature_width(), *([self.head.fc.out_features] if width == 1 else [])}
+        zeros = torch.zeros(rows, width, dtype=torch.long, device=self.device)
+        slot_index = torch.full((rows,), self.cache.scratch, device=self.device)
+        return [
+            (zeros, torch.zeros(rows, width, f, dtype=self.dtype, device=self.device), zeros, zeros.bool())
+            + (slot_index, zeros[:, 0], zeros[:, 0])
+            for f in sorted(feature_widths)
+        ]
+
     def _step(self, tokens, features, positions, valid, slot_index, start, last, *, kv):
         """One step: the head's feature after column ``last`` of each row,
         its greedy proposal there (in target ids) and that proposal's

@@ -24,6 +24,7 @@ import bisect
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -330,9 +331,23 @@ class CachedDrafter(Drafter):
     """A drafter whose per-request state lives in the slots of ``self.cache``."""
 
     cache: SlotKVCache
+    steps: StepRunner
 
     def allocate(self, max_requests: int, max_len: int) -> int:
-        return self.cache.allocate(max_requests, max_len)
+        """Allocate the cache; under graphs, whole (captured graphs hold its
+        addresses) and with every step's graph captured now."""
+        graphs = self.steps.mode == "graph"
+        nbytes = self.cache.allocate(max_requests, max_len, grow=False if graphs else None)
+        if graphs:
+            began = time.perf_counter()
+            count = self.steps.capture_all(self._padding)
+            logger.info("MineDraft drafter: %d step graphs captured in %.1f s", count, time.perf_counter() - began)
+        return nbytes
+
+    def _padding(self, rows: int, width: int) -> list[tuple[torch.Tensor, ...]]:
+        """Every form of a step's inputs of ``rows`` x ``width`` tokens,
+        every row padding."""
+        raise NotImplementedError
 
     def release(self, rid: str) -> None:
         self.cache.release(rid)
@@ -363,9 +378,10 @@ class StepRunner:
     * ``eager``: as called; ``kv`` is each request's key count, so requests
       read in length groups (``SlotKVCache.rows``);
     * ``graph`` (CUDA): the drafter pads its inputs to ``shape()`` and every
-      request reads the bucketed longest; one CUDA graph per shape, captured
-      at its first use, then replayed. A step is then a few input copies and
-      one launch instead of ~45 kernel launches per layer;
+      request reads the bucketed longest; one CUDA graph per shape, all
+      captured at startup (``capture_all``), then replayed. A step is then
+      a few input copies and one launch instead of ~45 kernel launches per
+      layer;
     * ``compile`` (CPU): the same fixed shapes through ``torch.compile``
       (one compilation per shape).
 
@@ -402,6 +418,26 @@ class StepRunner:
         if self.mode == "compile":
             return self.compiled(*inputs, kv=kv_len)
         return self._replay(inputs, kv_len)
+
+    def capture_all(self, padding: Callable[[int, int], list[tuple[torch.Tensor, ...]]]) -> int:
+        """Capture, now, the graph of every shape a step can take within the
+        cache's limits, so that the hot path never captures (each capture
+        synchronises the drafter's device; issue 21). ``padding(rows,
+        width)``: every form of the inputs of that shape, with all rows
+        padding (they write to the scratch slot). Returns the graphs
+        captured; none unless the mode is ``graph``."""
+        if self.mode != "graph":
+            return 0
+        largest = _bucket(BATCH_BUCKETS, min(self.cache.max_requests, BATCH_BUCKETS[-1]))
+        kv_lens = sorted({min(n, self.cache.max_len) for n in _powers(MIN_KV_BUCKET, self.cache.max_len)})
+        for bs in (b for b in BATCH_BUCKETS if b <= largest):
+            for width in STEP_WIDTHS:
+                for inputs in padding(bs, width):
+                    for kv_len in kv_lens:
+                        self._replay(inputs, kv_len)
+                        if self.mode != "graph":  # a capture failed: eager from now on
+                            return 0
+        return len(self.graphs)
 
     def _replay(self, inputs, kv_len: int):
         if self.graphs_version != self.cache.version:
@@ -461,6 +497,14 @@ def cuda_graph(fn: Callable[[], object], device: torch.device, pool) -> tuple[Ca
 
 def _bucket(buckets: Sequence[int], n: int) -> int:
     return buckets[bisect.bisect_left(buckets, n)]
+
+
+def _powers(lo: int, hi: int) -> list[int]:
+    """lo, 2 lo, 4 lo, ... up to the first at or past ``hi``."""
+    out = [lo]
+    while out[-1] < hi:
+        out.append(2 * out[-1])
+    return out
 
 
 class CatchUp:

@@ -170,6 +170,11 @@ class StandaloneDrafter(CachedDrafter):
                 s.cached.extend(d)
         return DraftOutput(tokens=out_tokens, probs=out_probs)
 
+    def _padding(self, rows: int, width: int) -> list[tuple[torch.Tensor, ...]]:
+        zeros = torch.zeros(rows, width, dtype=torch.long, device=self.device)
+        slot_index = torch.full((rows,), self.cache.scratch, device=self.device)
+        return [(zeros, zeros, zeros.bool(), slot_index, zeros[:, 0])]
+
     def _step(self, tokens, positions, valid, slot_index, last, *, kv) -> tuple[torch.Tensor, torch.Tensor]:
         """One step: the greedy token after column ``last`` of each row, and
         its probability."""

@@ -10,7 +10,7 @@ them up. Exit status: 0 when nothing failed, 1 otherwise, 2 no GPU (without
 --cpu-smoke). The checks:
 
 * ``drafter-graphs-on-<dev>``: the real drafter on the last visible GPU,
-  steps replayed from CUDA graphs captured on a stream of that device while
+  steps replayed from CUDA graphs captured at allocate on a stream of that device while
   the thread's current device is cuda:0 (the scheduler's), gives the drafts
   its eager twin gives, and never fell back to eager (item 4).
 * ``drafter-cache-preallocated``: the drafter's cache is whole after
@@ -19,6 +19,9 @@ them up. Exit status: 0 when nothing failed, 1 otherwise, 2 no GPU (without
 * ``drafter-handoff-two-streams``: draft calls alternating between two
   threads with a stream each (PSD's drafter thread, the scheduler's
   newcomer drafts) give the drafts of a single-stream run (item 6).
+* ``drafter-stream-priority``: a draft call's time while another thread
+  keeps the GPU busy, with the drafter's stream at the default priority and
+  at the highest, which the drafter's thread gets (issue 21's "also").
 * ``flashinfer-chain-mask-w<k>``: FlashInfer's paged prefill with the custom
   mask SGLang builds for a chain verify (FULL_MASK layout: each query row
   sees the prefix and the chain up to itself) against the fp32 reference,
@@ -106,13 +109,21 @@ def check_drafter_graphs(device: torch.device, shape: gc.Shape) -> str:
     with torch.no_grad():
         want = _rounds(_drafter(device, "eager", shape), reqs)
         torch.cuda.set_device(0)  # the scheduler's device is current, as in serving
+        began = time.perf_counter()
         drafter = _drafter(device, "graph", shape)
+        capture_s = time.perf_counter() - began
+        captured = set(drafter.steps.graphs)
         got = _rounds(drafter, reqs)
     if drafter.steps.mode != "graph":
         raise AssertionError("graph capture failed: the drafter fell back to eager")
     if got != want:
         raise AssertionError("graph-replayed drafts differ from eager ones")
-    return f"{sum(len(d) * K for d in got)} drafts equal to eager, {len(drafter.steps.graphs)} graphs on {device}"
+    if set(drafter.steps.graphs) != captured:
+        raise AssertionError(f"{len(set(drafter.steps.graphs) - captured)} graphs captured on the hot path")
+    return (
+        f"{sum(len(d) * K for d in got)} drafts equal to eager; {len(captured)} graphs on {device}, "
+        f"all captured at allocate ({capture_s:.1f} s)"
+    )
 
 
 def check_cache_preallocated(device: torch.device, shape: gc.Shape) -> str:
@@ -167,6 +178,57 @@ def check_handoff(device: torch.device, shape: gc.Shape) -> str:
     if result != want:
         raise AssertionError("drafts alternating between two streams differ from a single-stream run")
     return f"6 calls alternating between 2 threads/streams ({mode}) equal to one stream"
+
+
+def check_stream_priority(device: torch.device, shape: gc.Shape, calls: int = 12) -> str:
+    """A draft call's time while another thread keeps the same GPU busy with
+    large matmuls (the target's verify, standing in), with the drafter's
+    stream at the default priority and at the highest (what the drafter's
+    thread gets: ``psd_loop._init_drafter_thread``). A measurement, not a
+    bound: it passes unless something fails."""
+    if device.type != "cuda":
+        raise Skip("needs a GPU (stream priorities)")
+    gen = torch.Generator().manual_seed(4)
+    reqs = _requests(shape.vocab, gen)
+    drafter = _drafter(device, "graph", shape)
+    stop = threading.Event()
+
+    def target():
+        torch.cuda.set_device(device)
+        with torch.cuda.stream(torch.cuda.Stream(device)):
+            w = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+            x = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+            while not stop.is_set():
+                for _ in range(4):
+                    x = (w @ x).clamp_(-1, 1)
+                torch.cuda.current_stream().synchronize()
+
+    def median_ms(priority: int) -> float:
+        times = []
+        with (
+            torch.no_grad(),
+            torch.cuda.device(device),
+            torch.cuda.stream(torch.cuda.Stream(device, priority=priority)),
+        ):
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                drafter.draft(reqs, K).tokens.tolist()  # reads them: the call's whole time
+                times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2] * 1e3
+
+    alone = median_ms(0)
+    load = threading.Thread(target=target)
+    load.start()
+    try:
+        _, highest = torch.cuda.Stream.priority_range()
+        default, high = median_ms(0), median_ms(highest)
+    finally:
+        stop.set()
+        load.join()
+    return (
+        f"draft of {len(reqs)} requests, k={K}, median of {calls}: alone {alone:.2f} ms; beside matmuls "
+        f"at priority 0 {default:.2f} ms, at {highest} {high:.2f} ms ({default / high:.2f}x)"
+    )
 
 
 # ---------------------------------------------------------------- FlashInfer with SGLang's chain mask
@@ -287,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         (f"drafter-graphs-on-{device}", lambda: check_drafter_graphs(device, shape)),
         ("drafter-cache-preallocated", lambda: check_cache_preallocated(device, shape)),
         ("drafter-handoff-two-streams", lambda: check_handoff(device, shape)),
+        ("drafter-stream-priority", lambda: check_stream_priority(device, shape)),
         *[(f"flashinfer-chain-mask-w{w}", lambda w=w: check_flashinfer_chain_mask(device, w)) for w in range(1, K + 2)],
         *gpu_check_units(device),
     ]

@@ -62,13 +62,13 @@ def _greedy(model, tokens: list[int], n: int) -> list[int]:
 
 
 def test_graphs_captured_on_the_drafter_thread_while_another_thread_works():
-    """As in serving: the drafter's thread has its own stream and captures its
-    graphs while the scheduler's thread keeps launching, allocating and
-    synchronising (which a process-wide capture would forbid it)."""
+    """The drafter's thread, on its own stream, captures every step graph
+    (``allocate``) and drafts while another thread keeps launching,
+    allocating and synchronising (which a process-wide capture would forbid
+    it); drafting captures nothing more."""
     path = str(tiny_models.model_path("target"))
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
     drafter = StandaloneDrafter(path, "cuda", torch.float32, step_mode="graph")
-    drafter.allocate(max_requests=8, max_len=128)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 1000, (n,), generator=g).tolist() for n in (3, 17, 40, 60, 5)]
     results, done = {}, threading.Event()
@@ -76,7 +76,9 @@ def test_graphs_captured_on_the_drafter_thread_while_another_thread_works():
     def drafter_thread():
         try:
             torch.cuda.set_stream(torch.cuda.Stream())
-            for bs in (1, 2, 5):  # three batch buckets: three captures
+            drafter.allocate(max_requests=8, max_len=128)
+            results["captured"] = set(drafter.steps.graphs)
+            for bs in (1, 2, 5):
                 reqs = [DraftRequest(f"{bs}-{i}", p, []) for i, p in enumerate(prompts[:bs])]
                 results[bs] = drafter.draft(reqs, K).tokens.tolist()
         except Exception as e:  # noqa: BLE001 - reported by the main thread
@@ -92,10 +94,28 @@ def test_graphs_captured_on_the_drafter_thread_while_another_thread_works():
         torch.cuda.synchronize()
     thread.join()
     assert "error" not in results, results.get("error")
-    assert drafter.steps.mode == "graph" and drafter.steps.graphs
+    assert drafter.steps.mode == "graph" and set(drafter.steps.graphs) == results["captured"]
     for bs in (1, 2, 5):
         for p, drafted in zip(prompts, results[bs]):
             assert drafted == _greedy(hf, p, K), (bs, p)
+
+
+def test_the_drafter_thread_drafts_on_a_stream_of_the_highest_priority():
+    """On a GPU shared with the target, the drafter's kernels go first."""
+    from minedraft_sglang.psd_loop import _init_drafter_thread
+
+    seen = {}
+
+    def drafter_thread():
+        _init_drafter_thread("cuda:0")
+        seen["stream"] = torch.cuda.current_stream()
+
+    thread = threading.Thread(target=drafter_thread)
+    thread.start()
+    thread.join()
+    _, highest = torch.cuda.Stream.priority_range()
+    assert seen["stream"] != torch.cuda.default_stream(0)
+    assert seen["stream"].priority == highest < torch.cuda.default_stream(0).priority
 
 
 def test_features_observed_on_one_stream_are_recorded_on_the_stream_that_reads_them(monkeypatch):

@@ -73,6 +73,7 @@ def hf_greedy(hf, tokens, n):
 def test_drafts_equal_transformers_greedy_through_accept_and_reject(path, hf, device, mode, monkeypatch):
     drafter = make_drafter(path, device, mode, monkeypatch)
     drafter.allocate(max_requests=4, max_len=256)
+    captured = set(drafter.steps.graphs)
     g = torch.Generator().manual_seed(0)
     # Lengths across key buckets (64, 128): eager reads them in groups.
     seqs = {f"r{i}": torch.randint(3, 1000, (n,), generator=g).tolist() for i, n in enumerate((1, 5, 17, 90))}
@@ -89,6 +90,20 @@ def test_drafts_equal_transformers_greedy_through_accept_and_reject(path, hf, de
     for rid in seqs:
         drafter.release(rid)
     assert drafter.free_slots() == 4 and not drafter.active_rids()
+    assert set(drafter.steps.graphs) == captured, "a step's graph was captured on the hot path"
+
+
+def test_every_step_graph_is_captured_at_allocate(path, monkeypatch):
+    """Under graphs, allocate captures every (requests, width, keys) bucket
+    within its limits: 4 request buckets (1, 2, 3, 4) x 4 widths x 3 key
+    lengths (64, 128, 256) here. Eagerly, none."""
+    drafter = make_drafter(path, "cpu", "graph-semantics", monkeypatch)
+    drafter.allocate(max_requests=4, max_len=256)
+    assert len(drafter.steps.graphs) == 4 * 4 * 3
+    assert {key[-1] for key in drafter.steps.graphs} == {64, 128, 256}
+    eager = make_drafter(path, "cpu", "eager", monkeypatch)
+    eager.allocate(max_requests=4, max_len=256)
+    assert not eager.steps.graphs
 
 
 def test_requests_beyond_the_cache_get_a_proposal_of_the_right_shape(path):
@@ -121,13 +136,16 @@ def test_cpu_drafter_state_stays_on_cpu(path):
 
 @pytest.mark.parametrize("device, mode", STEP_MODES)
 def test_cache_grows_with_concurrent_requests_and_keeps_state(path, hf, device, mode, monkeypatch):
-    """Growing moves the cache: steps captured before read the new one."""
+    """Eagerly on the CPU the cache grows as requests arrive and keeps their
+    state; under graphs (which hold its addresses) it is whole from the
+    start."""
     drafter = make_drafter(path, device, mode, monkeypatch)
     drafter.allocate(max_requests=20, max_len=64)
     reqs = [DraftRequest(f"r{i}", [5 + i, 6, 7], []) for i in range(12)]
     out = drafter.draft(reqs[:3], K)  # fits the initial slots
-    out_all = drafter.draft(reqs, K)  # needs a resize mid-way through assignment
-    assert drafter.cache.k.shape[1] - 1 == 16 and drafter.free_slots() == 8
+    out_all = drafter.draft(reqs, K)  # eagerly: a resize mid-way through assignment
+    slots = 20 if drafter.steps.mode == "graph" or device == "cuda" else 16
+    assert drafter.cache.k.shape[1] - 1 == slots and drafter.free_slots() == 8
     assert out_all.tokens[:3].tolist() == out.tokens.tolist()
     for req, drafted in zip(reqs, out_all.tokens.tolist()):
         assert drafted == hf_greedy(hf, list(req.prompt), K)

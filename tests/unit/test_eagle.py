@@ -84,6 +84,7 @@ def test_drafts_equal_full_sequence_reference_through_accept_and_reject(random_h
     version, path, head = random_head
     drafter = make_drafter(path, device, mode, monkeypatch)
     drafter.allocate(max_requests=4, max_len=128)
+    captured = set(drafter.steps.graphs)
     seqs, features = tiny_eagle.target_text_and_features(target, version, seed=7, num_seqs=3, length=90)
     real = {f"r{i}": (seqs[i].tolist(), features[i]) for i in range(3)}
     # Feeds past the widest step catch up first; lengths across key buckets.
@@ -105,6 +106,7 @@ def test_drafts_equal_full_sequence_reference_through_accept_and_reject(random_h
     for rid in lengths:
         drafter.release(rid)
     assert not drafter.active_rids() and drafter.free_slots() == 4
+    assert set(drafter.steps.graphs) == captured, "a step's graph was captured on the hot path"
 
 
 @pytest.mark.parametrize("device, mode", STEP_MODES)

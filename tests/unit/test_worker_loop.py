@@ -925,8 +925,12 @@ def fake_cuda(monkeypatch):
     log: list[tuple[str, str]] = []
 
     class Stream:
-        def __init__(self, device=None):
+        def __init__(self, device=None, priority=0):
             self.device = str(device)
+
+        @staticmethod
+        def priority_range() -> tuple[int, int]:
+            return 0, -5
 
         def synchronize(self) -> None:
             log.append((self.device, threading.current_thread().name))
