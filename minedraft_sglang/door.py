@@ -100,10 +100,19 @@ def top_logprobs_error(return_logprob, top_logprobs_num, vocab: int) -> str | No
     """One line when a request asks for more top logprobs per position than
     the model has tokens (the sampler's ``topk`` raises in the scheduler,
     which dies: found by the fuzzer), else None. Only asked-for logprobs
-    count: without ``return_logprob`` SGLang ignores the number."""
-    if return_logprob is True and isinstance(top_logprobs_num, int) and top_logprobs_num > vocab:
-        return f"top_logprobs_num = {_shown(top_logprobs_num)} is more than the model's {vocab} tokens"
+    count: without ``return_logprob`` SGLang ignores the number. Either may
+    be a one-element list on a single request (SGLang's schema allows a list
+    and keeps it: the fuzzer's ``[1029]`` killed the scheduler)."""
+    if not any(asked is True for asked in _as_list(return_logprob)):
+        return None
+    for n in _as_list(top_logprobs_num):
+        if isinstance(n, int) and n > vocab:
+            return f"top_logprobs_num = {_shown(n)} is more than the model's {vocab} tokens"
     return None
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
 
 
 def request_error(obj, input_ids, limit: VocabLimit, vocab: int | None = None) -> str | None:

@@ -156,6 +156,10 @@ def test_top_logprobs_beyond_the_vocabulary_refused_when_asked_for():
     assert door.top_logprobs_error(False, 10**6, 1024) is None
     assert door.top_logprobs_error(None, 10**6, 1024) is None
     assert door.top_logprobs_error(True, 1025, 1024) == "top_logprobs_num = 1025 is more than the model's 1024 tokens"
+    # A single request may carry them as one-element lists (killed the scheduler, 2026-12-03).
+    assert door.top_logprobs_error(True, [1029], 1024) == "top_logprobs_num = 1029 is more than the model's 1024 tokens"
+    assert door.top_logprobs_error([True], 1029, 1024) is not None
+    assert door.top_logprobs_error([False], [1029], 1024) is None
     obj = SimpleNamespace(
         session_params=None,
         input_embeds=None,
