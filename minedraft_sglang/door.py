@@ -157,7 +157,7 @@ def parallel_sample_error(sampling_params) -> str | None:
     list of dicts or None) is not an integer >= 1, else None. SGLang 0.5.23
     multiplies the batch by ``n`` before checking it: ``n`` <= 0 on a batched
     request answers 500 (an IndexError), ``n: null`` a TypeError."""
-    rows = sampling_params if isinstance(sampling_params, list) else [sampling_params]
+    rows = _as_list(sampling_params)
     for row in rows:
         if isinstance(row, dict) and "n" in row:
             n = row["n"]

@@ -384,11 +384,8 @@ class EagleDrafter(CachedDrafter):
         feature_widths = {self._feature_width(), *([self.head.fc.out_features] if width == 1 else [])}
         zeros = torch.zeros(rows, width, dtype=torch.long, device=self.device)
         slot_index = torch.full((rows,), self.cache.scratch, device=self.device)
-        return [
-            (zeros, torch.zeros(rows, width, f, dtype=self.dtype, device=self.device), zeros, zeros.bool())
-            + (slot_index, zeros[:, 0], zeros[:, 0])
-            for f in sorted(feature_widths)
-        ]
+        features = [torch.zeros(rows, width, f, dtype=self.dtype, device=self.device) for f in sorted(feature_widths)]
+        return [(zeros, f, zeros, zeros.bool(), slot_index, zeros[:, 0], zeros[:, 0]) for f in features]
 
     def _step(self, tokens, features, positions, valid, slot_index, start, last, *, kv):
         """One step: the head's feature after column ``last`` of each row,

@@ -414,7 +414,7 @@ class StepRunner:
         requests reads."""
         if not self._fixed(inputs[0].shape[0]):
             return self.fn(*inputs, kv=tuple(kv))
-        kv_len = min(kv_bucket(max(kv)), self.cache.max_len)
+        kv_len = self._kv_len(max(kv))
         if self.mode == "compile":
             return self.compiled(*inputs, kv=kv_len)
         return self._replay(inputs, kv_len)
@@ -429,7 +429,7 @@ class StepRunner:
         if self.mode != "graph":
             return 0
         largest = _bucket(BATCH_BUCKETS, min(self.cache.max_requests, BATCH_BUCKETS[-1]))
-        kv_lens = sorted({min(n, self.cache.max_len) for n in _powers(MIN_KV_BUCKET, self.cache.max_len)})
+        kv_lens = sorted({self._kv_len(n) for n in range(1, self.cache.max_len + 1)})
         for bs in (b for b in BATCH_BUCKETS if b <= largest):
             for width in STEP_WIDTHS:
                 for inputs in padding(bs, width):
@@ -438,6 +438,10 @@ class StepRunner:
                         if self.mode != "graph":  # a capture failed: eager from now on
                             return 0
         return len(self.graphs)
+
+    def _kv_len(self, n: int) -> int:
+        """Keys a fixed-shape step reads when its longest request reads ``n``."""
+        return min(kv_bucket(n), self.cache.max_len)
 
     def _replay(self, inputs, kv_len: int):
         if self.graphs_version != self.cache.version:
@@ -497,14 +501,6 @@ def cuda_graph(fn: Callable[[], object], device: torch.device, pool) -> tuple[Ca
 
 def _bucket(buckets: Sequence[int], n: int) -> int:
     return buckets[bisect.bisect_left(buckets, n)]
-
-
-def _powers(lo: int, hi: int) -> list[int]:
-    """lo, 2 lo, 4 lo, ... up to the first at or past ``hi``."""
-    out = [lo]
-    while out[-1] < hi:
-        out.append(2 * out[-1])
-    return out
 
 
 class CatchUp:
