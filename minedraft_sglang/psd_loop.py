@@ -227,14 +227,13 @@ class PSDLoop:
         if self.drafter is None:
             return forward()
         if self.cores:
-            # A CPU drafter prefills after the target, each on every core:
-            # prefill is compute-bound, so a stage should take about 1/n of
-            # its one-core time on n cores, and the sum of the two beat the
-            # longer one on a split (docs/design.md).
+            # A CPU drafter shares the target's cores, so its prefill cannot
+            # hide behind the target's: it waits for the request's first
+            # draft (``_prefill_new``). The first token comes at plain
+            # decoding's time, and a request the planner never drafts (plain
+            # steps) never costs the drafter anything.
             self._use_all_cores()
-            result = forward()
-            self._safe_prefill(_draft_requests(reqs))
-            return result
+            return forward()
         # The drafter's own device is idle during a prefill step: it fills
         # the drafter's cache with the same prompts meanwhile, which
         # otherwise lands in the requests' first draft, on the critical path.
@@ -266,7 +265,7 @@ class PSDLoop:
         split = self.cores.splits[plan.draft_cores] if self.cores and plan.mode in adaptive_k.OVERLAP else None
 
         t0 = time.monotonic()
-        drafts, probs, missing = self._take(verify_reqs, plan)
+        drafts, probs, missing, prefilled = self._take(verify_reqs, plan)
         num_drafts = (
             tetris_select(probs.clamp_min(1e-30).log(), self.k * len(verify_reqs)) if self.config.tetris else None
         )
@@ -286,7 +285,9 @@ class PSDLoop:
         _sync_stream(self.device)
         t2 = time.monotonic()
 
-        draft, draft_thread = background.result() if background else ((t0, t1), threading.current_thread().name)
+        draft, draft_thread, behind_prefilled = (
+            background.result() if background else ((t0, t1), threading.current_thread().name, 0.0)
+        )
         if self.drafter.needs_target_features:
             # After the background draft: the drafter is this thread's now.
             self._observe_verified(verify_reqs, result, drafts.shape[1] + 1)
@@ -309,7 +310,8 @@ class PSDLoop:
             draft_cores=draft_cores,
         )
         if self.planner is not None:
-            self._measure(plan, record, drafted_here=(len(missing), t1 - t0), background=background is not None)
+            drafted_behind = draft[1] - draft[0] - behind_prefilled if background else None
+            self._measure(plan, record, drafted_here=(len(missing), t1 - t0 - prefilled), drafted_behind=drafted_behind)
         self.tracer.add(record)
         return plan.verify_rows, result
 
@@ -336,21 +338,24 @@ class PSDLoop:
 
     def _take(self, verify_reqs, plan: StepPlan):
         """The verified rows' drafts, tokens and probs [bs, width], drafting
-        on this thread those that have none that hold (also returned)."""
+        on this thread those that have none that hold (also returned, with
+        the seconds their drafter prefill took)."""
         if plan.mode is StepMode.PLAIN:
             for r in verify_reqs:
                 self.pending.drop(r.rid)
             empty = torch.zeros(len(verify_reqs), 0)
-            return empty.long(), empty, []
+            return empty.long(), empty, [], 0.0
         missing = [r for r in verify_reqs if not self.pending.holds(r)]
+        prefilled = 0.0
         if missing:
             # Newcomers of the verified half, requests moved by re-balancing,
             # failed draft-ahead guesses, requests after a plain step, or
             # every request in sequential mode: drafted alone, on every core.
             self._use_all_cores()
             reqs = _draft_requests(missing)
+            prefilled = self._prefill_new(reqs)
             self.pending.put(reqs, *self._safe_draft(reqs, plan.k))
-        return *self.pending.take(verify_reqs), missing
+        return *self.pending.take(verify_reqs), missing, prefilled
 
     def _launch(self, reqs, plan: StepPlan, drafts: torch.Tensor, split: affinity.CoreSplit | None):
         """Start the step's background draft, if its mode has one; returns
@@ -370,19 +375,23 @@ class PSDLoop:
             return self.executor.submit(self._timed, split, self.pending.put_ahead, ahead, plan.k + 1)
         return None
 
-    def _measure(self, plan: StepPlan, record: StepRecord, *, drafted_here: tuple[int, float], background: bool):
+    def _measure(
+        self, plan: StepPlan, record: StepRecord, *, drafted_here: tuple[int, float], drafted_behind: float | None
+    ):
         """Feed the planner this step's stage costs (with the cores each
-        stage ran on) and acceptance."""
+        stage ran on; drafter prefills left out: they are paid once per
+        request, not per step) and acceptance. ``drafted_behind``: the
+        seconds of the background draft, None if the step had none."""
         bs, width = record.verify_bs, record.k
         self.planner.observe_verify(record.verify_cores, bs * (width + 1), record.verify[1] - record.verify[0])
         n_missing, seconds = drafted_here
         if n_missing:
             # Drafted before the verify, on this thread, on every core.
             self.planner.observe_draft(self.planner.total_cores, n_missing, plan.k, seconds)
-        if background:
+        if drafted_behind is not None:
             # psd: the other half, k tokens; draft_ahead: the verified rows, k + 1.
             forwards = plan.k + 1 if plan.mode is StepMode.DRAFT_AHEAD else plan.k
-            self.planner.observe_draft(record.draft_cores, record.draft_bs, forwards, record.draft[1] - record.draft[0])
+            self.planner.observe_draft(record.draft_cores, record.draft_bs, forwards, drafted_behind)
         if width:
             self.planner.observe_acceptance([n - 1 for n in record.accept_lens], [width] * bs)
 
@@ -398,13 +407,28 @@ class PSDLoop:
         """On the drafter's thread: draft ``num_tokens`` per request (on the
         drafter's cores of ``split``), ``keep`` them, and return the
         interval, ended when the kernels have finished (the scheduler thread
-        reads the drafts next, from another stream), and the thread's name."""
+        reads the drafts next, from another stream), the thread's name, and
+        the seconds of that interval spent prefilling newcomers."""
         if split is not None:
             self.drafter_team.use(split.drafter)
         t0 = time.monotonic()
+        prefilled = self._prefill_new(draft_reqs)
         keep(draft_reqs, *self._safe_draft(draft_reqs, num_tokens))
         _sync_stream(self.draft_device)
-        return (t0, time.monotonic()), threading.current_thread().name
+        return (t0, time.monotonic()), threading.current_thread().name, prefilled
+
+    def _prefill_new(self, draft_reqs: Sequence[DraftRequest]) -> float:
+        """Prefill the requests the drafter holds nothing for yet (a CPU
+        drafter's requests at their first draft; any request whose prefill
+        failed); returns the seconds it took."""
+        active = self.drafter.active_rids()
+        new = [r for r in draft_reqs if r.rid not in active]
+        if not new:
+            return 0.0
+        t0 = time.monotonic()
+        self._safe_prefill(new)
+        _sync_stream(self.draft_device)
+        return time.monotonic() - t0
 
     def _safe_prefill(self, draft_reqs: Sequence[DraftRequest]) -> None:
         try:

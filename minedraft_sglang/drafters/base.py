@@ -57,10 +57,11 @@ class Drafter(abc.ABC):
 
     def prefill(self, reqs: Sequence[DraftRequest]) -> None:
         """Optionally compute the cache rows of the requests' tokens so far
-        (their prompts) ahead of their first draft; the worker calls it on
-        the drafter's thread while the target prefills the same prompts, so
-        the first draft only feeds the new tokens. Drafters that need the
-        target's features of those tokens (EAGLE) cannot, and do nothing."""
+        (their prompts) ahead of their first draft: the loop calls it on the
+        drafter's thread while the target prefills the same prompts (a
+        drafter on its own device), or just before a request's first draft
+        (a CPU drafter, which shares the target's cores). Drafters that need
+        the target's features of those tokens (EAGLE) cannot, and do nothing."""
 
     @abc.abstractmethod
     def allocate(self, max_requests: int, max_len: int) -> int:

@@ -243,8 +243,17 @@ class DraftCall:
     threads: int = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class PrefillCall:
+    rids: tuple[str, ...]
+    thread: str
+    cores: frozenset[int]
+    drafts_before: int  # draft calls made before it
+
+
 class FakeDrafter(Drafter):
-    """Proposes ``rule``'s tokens; raises instead when ``fail(reqs)``; records every call and its thread."""
+    """Proposes ``rule``'s tokens; raises instead when ``fail(reqs)``; records every call and its thread. Its
+    prefill takes ``prefill_seconds``."""
 
     device = torch.device("cpu")
 
@@ -253,11 +262,14 @@ class FakeDrafter(Drafter):
         rule: Rule,
         fail: Callable[[Sequence[DraftRequest]], bool] = lambda reqs: False,
         barrier: threading.Barrier | None = None,
+        prefill_seconds: float = 0.0,
     ):
         self.rule = rule
         self.fail = fail
         self.barrier = barrier  # met by calls on the drafter's thread (the background drafts)
+        self.prefill_seconds = prefill_seconds
         self.calls: list[DraftCall] = []
+        self.prefills: list[PrefillCall] = []
         self.active: set[str] = set()
         self.released: list[str] = []
 
@@ -280,6 +292,12 @@ class FakeDrafter(Drafter):
         tokens = torch.tensor(rows, dtype=torch.int64).view(len(reqs), num_tokens)
         # Varied, so TETRIS gives requests different counts.
         return DraftOutput(tokens=tokens, probs=(tokens % 5 + 1) / 6)
+
+    def prefill(self, reqs: Sequence[DraftRequest]) -> None:
+        time.sleep(self.prefill_seconds)
+        self.active.update(r.rid for r in reqs)
+        where = dict(thread=threading.current_thread().name, cores=frozenset(os.sched_getaffinity(0)))
+        self.prefills.append(PrefillCall(tuple(r.rid for r in reqs), **where, drafts_before=len(self.calls)))
 
     def release(self, rid: str) -> None:
         self.released.append(rid)
@@ -432,6 +450,7 @@ def run_requests(
         for a in arrivals:
             if a.step == step:
                 req = FakeReq(a.rid, list(a.prompt), [next_token(a.prompt)])
+                w.prefill([req], lambda: None)
                 running.append(req)
                 seq_lens = torch.cat([seq_lens, torch.tensor([len(req.tokens())])])
         if not running:
@@ -642,6 +661,52 @@ def test_a_stage_alone_runs_on_every_core_and_overlapping_stages_on_the_split(ma
             assert (call.cores, call.threads) == ((split.drafter, len(split.drafter)) if background else every)
     # Both kinds of step ran (sequential mode never overlaps).
     assert seen == ({False} if mode == "sequential" else {False, True})
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+@pytest.mark.parametrize("mode", ["auto", "psd", "sequential"])
+def test_a_cpu_drafter_prefills_at_a_requests_first_draft_not_in_its_prefill_step(make_loop, mode):
+    """On cores it shares with the target, the drafter's prefill cannot hide behind the target's: the prefill
+    step runs the target alone (the first token comes at plain decoding's time), and each request's prompt is
+    prefilled once, by the call that makes its first draft, on that call's thread and cores. Fails if the
+    prefill step prefills the drafter too (as before)."""
+    drafter = FakeDrafter(rule_mixed)
+    w = make_loop(mode, drafter)
+    w.planner = StubPlanner([3, 0, 2, 3], w)
+    outputs, _ = run_requests(w, FakeTarget(), ARRIVALS)
+    check_exact(outputs, ARRIVALS)
+    assert sorted(r for p in drafter.prefills for r in p.rids) == sorted(a.rid for a in ARRIVALS)
+    for p in drafter.prefills:
+        first = drafter.calls[p.drafts_before]
+        assert set(p.rids) <= set(first.rids)
+        assert not any(set(p.rids) & set(c.rids) for c in drafter.calls[: p.drafts_before])
+        assert (p.thread, p.cores) == (first.thread, first.cores)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_requests_served_by_plain_steps_alone_never_cost_the_drafter_a_prefill(make_loop):
+    drafter = FakeDrafter(rule_right)
+    w = make_loop("auto", drafter)
+    w.planner = StubPlanner([0], w)
+    outputs, _ = run_requests(w, FakeTarget(), ARRIVALS)
+    check_exact(outputs, ARRIVALS)
+    assert drafter.prefills == [] and drafter.calls == []
+
+
+@pytest.mark.parametrize("mode", ["auto", "psd", "sequential"])
+def test_the_planner_leaves_the_drafters_prefill_out_of_its_draft_costs(make_loop, mode):
+    """A prefill is paid once per request, a draft every step: the planner's draft costs are the drafts'. The
+    fake prefill takes 0.3 s and a fake draft about nothing, so any observed draft of 0.15 s or more held a
+    prefill."""
+    w = make_loop(mode, FakeDrafter(rule_mixed, prefill_seconds=0.3))
+    w.planner = StubPlanner([3, 0, 2, 3], w)
+    observed = []
+    w.planner.observe_draft = lambda cores, requests, forwards, seconds: observed.append(seconds)
+    arrivals = ARRIVALS[:3]
+    outputs, _ = run_requests(w, FakeTarget(), arrivals)
+    check_exact(outputs, arrivals)
+    assert len(w.drafter.prefills) >= len(arrivals) - 1 and observed
+    assert max(observed) < 0.15
 
 
 # ------------------------------------------------------------------ 3. row stitching
