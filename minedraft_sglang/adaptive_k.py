@@ -11,18 +11,27 @@ runs alone gets all N, overlapping stages get d (drafter) and N - d (verify).
 Measured online (pure Python, no SGLang, no torch), per core count c (c = 0:
 stages on their own devices, cores not managed):
 
-    t_v[c](n)   one target verify of n tokens (n = requests x (k + 1)): a + b*n
-    t_d[c](r)   one drafter forward over r requests (one token each): a + b*r
+    t_v[c](n, r) one target verify of n tokens of r requests
+                 (n = r x (k + 1)): a + b*n + e*r
+    t_d[c](r)    one drafter forward over r requests (one token each): a + b*r
     alpha       per-token acceptance, from accepted / offered drafts
+
+A verify's cost has a part per request apart from its tokens. Measured
+2026-12-03 (real pair, bf16, 2 cores, docs/benchmarks.md): a k = 3 verify
+took 308 ms at 2 requests and 650 ms at 8 (about 57 ms per request of 4
+tokens), and a plain step of 8 requests, a quarter of those tokens, 606 ms.
+A fit in n alone reads the requests' cost as the tokens' and, after steps at
+fewer requests, makes longer chains look dear: the defaults ran k = 1 at 8
+requests, at 0.87x the throughput of the fixed k = 3.
 
 Rates compared, for B running requests whose PSD halves are b_v (verified)
 and b_d (drafted), L(k) = (1 - alpha^(k+1)) / (1 - alpha) the expected tokens
 per verify:
 
-    plain          B / t_v[N](B)                                    (k = 0)
-    sequential(k)  B * L(k) / (k*t_d[N](B) + t_v[N](B*(k+1)))
-    psd(k, d)      b_v * L(k) / max(k*t_d[d](b_d), t_v[N-d](b_v*(k+1)))
-    ahead(k, d)    B * L(k) / (max((k+1)*t_d[d](B), t_v[N-d](B*(k+1)))
+    plain          B / t_v[N](B, B)                                    (k = 0)
+    sequential(k)  B * L(k) / (k*t_d[N](B) + t_v[N](B*(k+1), B))
+    psd(k, d)      b_v * L(k) / max(k*t_d[d](b_d), t_v[N-d](b_v*(k+1), b_v))
+    ahead(k, d)    B * L(k) / (max((k+1)*t_d[d](B), t_v[N-d](B*(k+1), B))
                                + (1 - h^B)*k*t_d[N](max(1, B*(1 - h))))
 
 ``ahead`` is draft-ahead (PEARL): a request's next drafts are made during the
@@ -79,31 +88,62 @@ def accept_length(alpha: float, k: int) -> float:
 
 @dataclass
 class LinearFit:
-    """y = a + c*x by exponentially weighted least squares (c >= 0)."""
+    """y = a + b1*x1 + b2*x2 by exponentially weighted least squares
+    (b1, b2 >= 0; x2 optional). A feature the observations do not vary apart
+    from the other gets no slope of its own: one value seen, or x2 moving
+    only with x1 (plain steps, whose tokens are their requests); the fit is
+    then the better line in the other alone, or a constant."""
 
     w: float = 0.0
-    sx: float = 0.0
+    s1: float = 0.0
+    s2: float = 0.0
     sy: float = 0.0
-    sxx: float = 0.0
-    sxy: float = 0.0
+    s11: float = 0.0
+    s12: float = 0.0
+    s22: float = 0.0
+    s1y: float = 0.0
+    s2y: float = 0.0
 
-    def add(self, x: float, y: float) -> None:
+    def add(self, x1: float, y: float, x2: float = 0.0) -> None:
         self.w = DECAY * self.w + 1
-        self.sx = DECAY * self.sx + x
+        self.s1 = DECAY * self.s1 + x1
+        self.s2 = DECAY * self.s2 + x2
         self.sy = DECAY * self.sy + y
-        self.sxx = DECAY * self.sxx + x * x
-        self.sxy = DECAY * self.sxy + x * y
+        self.s11 = DECAY * self.s11 + x1 * x1
+        self.s12 = DECAY * self.s12 + x1 * x2
+        self.s22 = DECAY * self.s22 + x2 * x2
+        self.s1y = DECAY * self.s1y + x1 * y
+        self.s2y = DECAY * self.s2y + x2 * y
 
     @property
     def empty(self) -> bool:
         return self.w == 0
 
-    def __call__(self, x: float) -> float:
-        mx, my = self.sx / self.w, self.sy / self.w
-        var = self.sxx / self.w - mx * mx
-        # One x seen so far (or a negative slope from noise): a constant.
-        c = max(0.0, (self.sxy / self.w - mx * my) / var) if var > 1e-9 * max(1.0, mx * mx) else 0.0
-        return max(0.0, my + c * (x - mx))
+    def __call__(self, x1: float, x2: float = 0.0) -> float:
+        w = self.w
+        m1, m2, my = self.s1 / w, self.s2 / w, self.sy / w
+        # Weighted (co)variances of the features and with y.
+        v11, v22, v12 = self.s11 / w - m1 * m1, self.s22 / w - m2 * m2, self.s12 / w - m1 * m2
+        c1, c2 = self.s1y / w - m1 * my, self.s2y / w - m2 * my
+        b1, b2 = _slopes(
+            v11 if v11 > 1e-9 * max(1.0, m1 * m1) else 0.0, v22 if v22 > 1e-9 * max(1.0, m2 * m2) else 0.0, v12, c1, c2
+        )
+        return max(0.0, my + b1 * (x1 - m1) + b2 * (x2 - m2))
+
+
+def _slopes(v11: float, v22: float, v12: float, c1: float, c2: float) -> tuple[float, float]:
+    """Least-squares slopes from the features' variances ``v11``, ``v22``
+    (0: not varied), covariance ``v12`` and covariances with y ``c1``,
+    ``c2``; both >= 0, else the better one-feature line."""
+    det = v11 * v22 - v12 * v12
+    if v11 and v22 and det > 1e-6 * v11 * v22:
+        b1, b2 = (c1 * v22 - c2 * v12) / det, (c2 * v11 - c1 * v12) / det
+        if b1 >= 0 and b2 >= 0:
+            return b1, b2
+    # One feature: the line that explains more of y's variance (c^2 / v).
+    lines = [(max(c1, 0.0) ** 2 / v11, (max(c1, 0.0) / v11, 0.0))] if v11 else []
+    lines += [(max(c2, 0.0) ** 2 / v22, (0.0, max(c2, 0.0) / v22))] if v22 else []
+    return max(lines)[1] if lines else (0.0, 0.0)
 
 
 OVERLAP = (StepMode.PSD, StepMode.DRAFT_AHEAD)
@@ -156,8 +196,8 @@ class KPlanner:
 
     # ------------------------------------------------------------ measure
 
-    def observe_verify(self, cores: int, tokens: int, seconds: float) -> None:
-        self.verify.setdefault(cores, LinearFit()).add(tokens, seconds)
+    def observe_verify(self, cores: int, tokens: int, seconds: float, requests: int) -> None:
+        self.verify.setdefault(cores, LinearFit()).add(tokens, seconds, requests)
 
     def observe_draft(self, cores: int, requests: int, forwards: int, seconds: float) -> None:
         if forwards > 0:
@@ -197,13 +237,13 @@ class KPlanner:
             return float("inf")
         t_v, t_d = self.verify[v_cores], self.draft[d_cores]
         if option.mode is StepMode.PLAIN:
-            return batch / max(t_v(batch), 1e-9)
+            return batch / max(t_v(batch, batch), 1e-9)
         k = option.k
         alpha = min(self.alpha, 1.0)
         if option.mode is StepMode.PSD:
-            step = max(k * t_d(draft_bs), t_v(verify_bs * (k + 1)))
+            step = max(k * t_d(draft_bs), t_v(verify_bs * (k + 1), verify_bs))
             return verify_bs * accept_length(alpha, k) / max(step, 1e-9)
-        verify = t_v(batch * (k + 1))
+        verify = t_v(batch * (k + 1), batch)
         if option.mode is StepMode.DRAFT_AHEAD:
             hold = alpha ** (k + 1)
             miss = (1 - hold**batch) * k * self.draft[n](max(1.0, batch * (1 - hold)))
@@ -240,7 +280,7 @@ class KPlanner:
         return {
             "alpha": self.alpha,
             "choice": None if self.current is None else dataclasses.asdict(self.current),
-            # Per core count (0: not managed): one verified token, one request's draft forward.
-            "t_verify_1_token_s": {c: fit(1) for c, fit in self.verify.items()},
+            # Per core count (0: not managed): one request's verify of one token, one request's draft forward.
+            "t_verify_1_token_s": {c: fit(1, 1) for c, fit in self.verify.items()},
             "t_draft_1_request_s": {c: fit(1) for c, fit in self.draft.items()},
         }

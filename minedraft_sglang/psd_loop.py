@@ -383,7 +383,7 @@ class PSDLoop:
         request, not per step) and acceptance. ``drafted_behind``: the
         seconds of the background draft, None if the step had none."""
         bs, width = record.verify_bs, record.k
-        self.planner.observe_verify(record.verify_cores, bs * (width + 1), record.verify[1] - record.verify[0])
+        self.planner.observe_verify(record.verify_cores, bs * (width + 1), record.verify[1] - record.verify[0], bs)
         n_missing, seconds = drafted_here
         if n_missing:
             # Drafted before the verify, on this thread, on every core.

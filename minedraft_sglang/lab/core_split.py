@@ -24,7 +24,7 @@ def planner(t_verify: tuple[float, float], t_draft: tuple[float, float], speedup
     p = KPlanner(k, total_cores=2, draft_core_counts=[1])
     for cores, scale in ((1, 1.0), (2, 1.0 / speedup)):
         for n in (1, 64):
-            p.observe_verify(cores, n, scale * (t_verify[0] + t_verify[1] * n))
+            p.observe_verify(cores, n, scale * (t_verify[0] + t_verify[1] * n), 1)
         for b in (1, 16):
             p.observe_draft(cores, b, 1, scale * (t_draft[0] + t_draft[1] * b))
     p.accepted, p.offered = alpha, 1.0

@@ -31,6 +31,23 @@ def test_linear_fit_recovers_intercept_and_slope_and_degrades_to_a_constant():
     assert one_x(1) == one_x(100) == pytest.approx(one_x.sy / one_x.w)
 
 
+def test_linear_fit_in_two_features_separates_them_and_falls_back_to_one():
+    plane = LinearFit()
+    for n, r in ((4, 1), (16, 4), (8, 8), (16, 8), (32, 8), (12, 3)):
+        plane.add(n, 0.2 + 0.002 * n + 0.05 * r, r)
+    assert plane(32, 8) == pytest.approx(0.664) and plane(2, 2) == pytest.approx(0.304)
+    # Requests that move only with tokens (plain steps: n = r): a line in one of them.
+    line = LinearFit()
+    for r in (1, 2, 4, 8):
+        line.add(r, 0.3 + 0.05 * r, r)
+    assert line(6, 6) == pytest.approx(0.6)
+    # A slope that comes out negative is not believed: the other feature alone.
+    noisy = LinearFit()
+    for n, r, y in ((4, 1, 0.30), (8, 2, 0.31), (8, 1, 0.25), (16, 2, 0.36)):
+        noisy.add(n, y, r)
+    assert noisy(16, 4) >= noisy(16, 2) >= noisy(8, 2)
+
+
 def _planner(alpha: float, t_verify, t_draft, k_max: int = 4, total_cores: int = 0) -> KPlanner:
     """A planner that has seen verifies of every width and drafts of every batch size, on every core count
     1..total_cores (or on devices: 0), with the given cost functions of (size, cores), and acceptance ``alpha``."""
@@ -38,7 +55,7 @@ def _planner(alpha: float, t_verify, t_draft, k_max: int = 4, total_cores: int =
     p = KPlanner(k_max, total_cores=total_cores, draft_core_counts=counts)
     for c in range(1, total_cores + 1) if total_cores else [0]:
         for n in range(1, 65):
-            p.observe_verify(c, n, t_verify(n, c))
+            p.observe_verify(c, n, t_verify(n, c), 1)
         for b in range(1, 9):
             p.observe_draft(c, b, 3, 3 * t_draft(b, c))
     offered = 10_000
@@ -129,11 +146,31 @@ def test_the_split_ratio_follows_the_stages_costs():
     assert p.rate(Option(PSD, best.k, 1), 2, 2) > p.rate(Option(PSD, best.k, 3), 2, 2)
 
 
+def test_verify_costs_per_request_do_not_make_long_chains_look_dear_after_smaller_batches():
+    """As measured on 2026-12-03 (real pair, 2 cores): a verify costs about 50 ms per request and little per
+    token; the server ran one request, then four, at k = 3, then tried k = 1 and a plain step at eight. A fit
+    in tokens alone reads the requests' cost as the tokens' (a 16-token verify took 0.43 s at four requests
+    and 0.63 s at eight) and ranks k = 1 first at eight requests; the true best is k = 3."""
+
+    def t_verify(n, r):
+        return 0.20 + 0.002 * n + 0.05 * r
+
+    p = KPlanner(3, total_cores=2, draft_core_counts=[1])
+    for r, k, steps in ((1, 3, 40), (4, 3, 30), (8, 1, 10), (8, 0, 1)):
+        for _ in range(steps):
+            p.observe_verify(2, r * (k + 1), t_verify(r * (k + 1), r), r)
+            if k:
+                p.observe_draft(2, r, k, k * (0.05 + 0.012 * r))
+    p.accepted, p.offered = 0.93, 1.0
+    assert p.verify[2](32, 8) == pytest.approx(t_verify(32, 8))
+    assert _best(p, 8, 0, {PLAIN, SEQ}) == Option(SEQ, 3)
+
+
 def test_unmeasured_options_are_tried_before_rates_decide():
     p = KPlanner(2, total_cores=2, draft_core_counts=[1])
     first = p.choose(1, 1, {PLAIN, SEQ, PSD})
     assert first == Option(PSD, 2, 1)  # nothing measured: the first in tie order
-    p.observe_verify(1, 3, 0.2)
+    p.observe_verify(1, 3, 0.2, 1)
     p.observe_draft(1, 1, 2, 0.1)
     # PSD's costs are known now; sequential's (every core) are not: tried next.
     assert p.choose(1, 1, {PLAIN, SEQ, PSD}) == Option(SEQ, 2)
