@@ -50,14 +50,14 @@ they are asked about (a fit from one width cannot tell the fixed cost of a
 forward from the cost per token) and acceptance stays measured while plain
 steps win. Several steps, because in PSD a k takes a step to reach the verify
 (the half verified next was drafted now), and a lone step would measure only
-the switch. Otherwise the best rated option is taken, except that the
-current one is kept unless an overlapping option (PSD, draft-ahead) is
-``HYSTERESIS`` better: a switch into overlapping costs a step whose
-background drafts are not ready, while plain and sequential steps need
-nothing from the step before, so a switch to them costs nothing and waiting
-for a margin would only keep a slower option (measured 2026-12-03: draft-ahead
-held at one request while its own sequential steps rated 3% better,
-docs/benchmarks.md). Moving the cores themselves costs microseconds
+the switch. Otherwise the current option is kept unless another is
+``HYSTERESIS`` better, except a sequential one, taken as soon as it rates
+higher: a switch into overlapping costs a step whose background drafts are
+not ready, one into plain throws away drafts made ahead, while a sequential
+step drafts what it lacks and uses what still holds, so a switch to it costs
+nothing and a margin would only keep a slower option (measured 2026-12-03:
+draft-ahead held at one request while its own sequential steps rated 3%
+better, docs/benchmarks.md). Moving the cores themselves costs microseconds
 (``affinity.Team``).
 """
 
@@ -269,7 +269,7 @@ class KPlanner:
         else:
             rates = {o: self.rate(o, verify_bs, draft_bs) for o in allowed}
             best = max(rates, key=rates.get)
-            margin = 1 + HYSTERESIS if best.mode in OVERLAP else 1
+            margin = 1 if best.mode is StepMode.SEQUENTIAL else 1 + HYSTERESIS
             if self.current not in rates or rates[best] > margin * rates[self.current]:
                 self.current = best
             choice = self.current

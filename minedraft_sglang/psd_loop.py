@@ -418,11 +418,12 @@ class PSDLoop:
         return (t0, time.monotonic()), threading.current_thread().name, prefilled
 
     def _prefill_new(self, draft_reqs: Sequence[DraftRequest]) -> float:
-        """Prefill the requests the drafter holds nothing for yet (a CPU
-        drafter's requests at their first draft; any request whose prefill
-        failed); returns the seconds it took."""
+        """On cores shared with the target (``prefill``), prefill the
+        requests the drafter holds nothing for yet: newcomers at their first
+        draft, and requests whose prefill failed. Returns the seconds it took.
+        (A drafter on its own device prefilled them beside the target.)"""
         active = self.drafter.active_rids()
-        new = [r for r in draft_reqs if r.rid not in active]
+        new = [r for r in draft_reqs if r.rid not in active] if self.cores else []
         if not new:
             return 0.0
         t0 = time.monotonic()
