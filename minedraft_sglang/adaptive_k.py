@@ -125,10 +125,13 @@ class LinearFit:
         # Weighted (co)variances of the features and with y.
         v11, v22, v12 = self.s11 / w - m1 * m1, self.s22 / w - m2 * m2, self.s12 / w - m1 * m2
         c1, c2 = self.s1y / w - m1 * my, self.s2y / w - m2 * my
-        b1, b2 = _slopes(
-            v11 if v11 > 1e-9 * max(1.0, m1 * m1) else 0.0, v22 if v22 > 1e-9 * max(1.0, m2 * m2) else 0.0, v12, c1, c2
-        )
+        b1, b2 = _slopes(_varied(v11, m1), _varied(v22, m2), v12, c1, c2)
         return max(0.0, my + b1 * (x1 - m1) + b2 * (x2 - m2))
+
+
+def _varied(variance: float, mean: float) -> float:
+    """A feature's variance, or 0 where it is rounding noise around one value."""
+    return variance if variance > 1e-9 * max(1.0, mean * mean) else 0.0
 
 
 def _slopes(v11: float, v22: float, v12: float, c1: float, c2: float) -> tuple[float, float]:
