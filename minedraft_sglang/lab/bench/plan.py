@@ -106,6 +106,10 @@ VARIANTS: dict[str, Callable[[int], list[RunSpec]]] = {
     "adaptive": lambda B: [
         RunSpec("adaptive@2B", "adaptive", "psd", 2 * B, ("--minedraft-mode", "auto", "--minedraft-k", "auto"))
     ],
+    # The planner where it can only choose k (sequential mode: plain or SD on
+    # every core, no split): beside seq and adaptive, it tells what the
+    # planner costs from what the split's exploration costs.
+    "seq-auto": lambda B: [RunSpec("seq-auto@B", "seq-auto", "sequential", B, ("--minedraft-k", "auto"))],
     # Draft-ahead (auto mode, one sub-batch empty) at the fixed -k and B: with
     # seq (every core for each stage) and psd (split cores), the fixed
     # configurations the adaptive choice is measured against.
