@@ -28,6 +28,7 @@ DRAFTER_FOR_ARCHITECTURE = {
 }
 DRAFTERS = ("auto", *dict.fromkeys(DRAFTER_FOR_ARCHITECTURE.values()))
 DRAFT_COMPILE = ("auto", "on", "off")
+DRAFT_VOCAB_AUTO = "auto"
 
 
 class MineDraftConfigError(ValueError):
@@ -52,6 +53,9 @@ class MineDraftConfig:
     # torch.compile on CPU; "off": eager; "auto": graphs on a GPU, eager on
     # CPU (drafters.step_mode says why).
     draft_compile: str = "auto"
+    # The token ids a standalone drafter chooses among: "auto", or the first
+    # N ("0": all of them). drafters/draft_vocab.py says why and how.
+    draft_vocab: str = DRAFT_VOCAB_AUTO
     # TETRIS: draft k + tetris_extra tokens per request, verify the k x (batch
     # size) most promising (request, position) pairs.
     tetris: bool = False
@@ -80,6 +84,10 @@ class MineDraftConfig:
         validate_cores(self.draft_cores, self.draft_device)
         if self.tetris_extra < 0:
             raise MineDraftConfigError(f"--minedraft-tetris-extra must be >= 0, got {self.tetris_extra}")
+        if self.draft_vocab != DRAFT_VOCAB_AUTO and not self.draft_vocab.isdigit():
+            raise MineDraftConfigError(
+                f"--minedraft-draft-vocab {self.draft_vocab!r} is not 'auto' or a number of token ids (0: all)"
+            )
         if self.draft_max_len < 0:
             raise MineDraftConfigError(f"--minedraft-draft-max-len must be >= 0, got {self.draft_max_len}")
         return self
@@ -236,6 +244,16 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "length, at most 4096). Longer requests are verified without drafts.",
     )
     group.add_argument(
+        "--minedraft-draft-vocab",
+        default=MineDraftConfig.draft_vocab,
+        help="Standalone drafter: N proposes only token ids below N, so each draft step reads N rows "
+        "of the draft model's LM head instead of all (with Qwen2.5's 151,936-token vocabulary the "
+        "head is over a quarter of a 0.5B model); a target token at or above N is never drafted. "
+        "0: the whole vocabulary. auto: the first 32,768 ids while under 5%% of the tokens the "
+        "drafter sees lie beyond them, the whole vocabulary while more do (eager draft steps only; "
+        "graphs and compiled steps draft among all). Output is exact either way.",
+    )
+    group.add_argument(
         "--minedraft-draft-compile",
         choices=DRAFT_COMPILE,
         default=MineDraftConfig.draft_compile,
@@ -281,6 +299,7 @@ def config_from_argv(argv: list[str]) -> MineDraftConfig:
         drafter=args.minedraft_drafter,
         draft_max_len=args.minedraft_draft_max_len,
         draft_compile=args.minedraft_draft_compile,
+        draft_vocab=args.minedraft_draft_vocab,
         tetris=args.minedraft_tetris,
         tetris_extra=args.minedraft_tetris_extra,
         trace_file=args.minedraft_trace_file,

@@ -17,6 +17,7 @@ import sys
 from minedraft_sglang import door, graphs, hooks, model_files, verify
 from minedraft_sglang.config import (
     ALGORITHM_NAME,
+    DRAFT_VOCAB_AUTO,
     DRAFTER_FOR_ARCHITECTURE,
     ENV_VAR,
     MineDraftConfig,
@@ -147,6 +148,12 @@ def validate_server_args(sa) -> None:
     )
     draft_config = model_files.read_config(draft_dir, draft, "--speculative-draft-model-path")
     _check_drafter_kind(draft, draft_config, config.drafter)
+    limited = config.draft_vocab not in (DRAFT_VOCAB_AUTO, "0")
+    if limited and DRAFTER_FOR_ARCHITECTURE[draft_config["architectures"][0]] != "standalone":
+        raise MineDraftConfigError(
+            "--minedraft-draft-vocab applies to a standalone draft model; an EAGLE head drafts with "
+            "its own LM head (an EAGLE-3 head with its own draft vocabulary)"
+        )
     target = sa.model_path
     if os.path.isfile(target) or "://" in target:
         return  # a GGUF file or an object-store URL: SGLang resolves those itself

@@ -81,6 +81,7 @@ class MineDraftWorker(BaseSpecWorker):
                 target_path=server_args.model_path,
                 target_dtype=self.model_runner.dtype,
                 draft_compile=config.draft_compile,
+                draft_vocab=config.draft_vocab,
                 draft_revision=getattr(server_args, "speculative_draft_model_revision", None),
                 target_revision=getattr(server_args, "revision", None),
             )

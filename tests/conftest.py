@@ -19,6 +19,7 @@ from minedraft_sglang.lab import tiny_eagle, tiny_models
 from minedraft_sglang.lab.launcher import Server, minedraft_args
 
 K = 3  # --speculative-num-steps used by the test servers
+DRAFT_VOCAB = 512  # of the tiny models' 1024 token ids
 
 
 def _specs(tmp: Path) -> dict[str, list[str]]:
@@ -41,6 +42,10 @@ def _specs(tmp: Path) -> dict[str, list[str]]:
         # The target drafting for itself: its greedy drafts are often, not
         # always, what a sampled target picks, so both acceptance branches run.
         "psd-self": minedraft_args(m["target"], m["target"], "psd", K),
+        # The same, proposing only token ids below DRAFT_VOCAB.
+        "seq-self-vocab": minedraft_args(
+            m["target"], m["target"], "sequential", K, ["--minedraft-draft-vocab", str(DRAFT_VOCAB)]
+        ),
         # SGLang's own speculative decoding on CPU, for comparison.
         "standalone-self": [
             "--model-path",

@@ -8,7 +8,7 @@ import random
 import torch
 
 from minedraft_sglang import model_files
-from minedraft_sglang.config import DRAFTER_FOR_ARCHITECTURE
+from minedraft_sglang.config import DRAFT_VOCAB_AUTO, DRAFTER_FOR_ARCHITECTURE
 from minedraft_sglang.drafters.base import Drafter
 
 
@@ -19,12 +19,14 @@ def create_drafter(
     target_path: str,
     target_dtype: torch.dtype,
     draft_compile: str = "auto",
+    draft_vocab: str = DRAFT_VOCAB_AUTO,
     draft_revision: str | None = None,
     target_revision: str | None = None,
 ) -> Drafter:
     """The drafter for the draft checkpoint's architecture (validated at
     startup by plugin.validate_server_args), on ``device``;
-    ``draft_compile`` is ``--minedraft-draft-compile``. Either path may be a
+    ``draft_compile`` is ``--minedraft-draft-compile``, ``draft_vocab``
+    ``--minedraft-draft-vocab`` (standalone drafters only). Either path may be a
     hub id (``model_files.local_dir``: the local Hugging Face cache's
     snapshot, as SGLang's loader resolves it)."""
     from transformers import AutoConfig
@@ -38,7 +40,7 @@ def create_drafter(
     if DRAFTER_FOR_ARCHITECTURE[arch] == "standalone":
         from minedraft_sglang.drafters.standalone import StandaloneDrafter
 
-        drafter = StandaloneDrafter(model_path, device, dtype, step_mode=mode)
+        drafter = StandaloneDrafter(model_path, device, dtype, step_mode=mode, vocab=draft_vocab)
     else:
         from minedraft_sglang.drafters.eagle import EagleDrafter
 

@@ -21,8 +21,10 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from minedraft_sglang.drafters.base import DraftOutput, DraftRequest
+from minedraft_sglang.drafters.draft_vocab import DraftVocab
 from minedraft_sglang.drafters.kv_cache import (
     STEP_WIDTHS,
     CachedDrafter,
@@ -49,9 +51,13 @@ class _Slot:
 
 
 class StandaloneDrafter(CachedDrafter):
-    def __init__(self, model: str | nn.Module, device: str, dtype: torch.dtype, *, step_mode: str = "eager"):
+    def __init__(
+        self, model: str | nn.Module, device: str, dtype: torch.dtype, *, step_mode: str = "eager", vocab: str = "0"
+    ):
         """``model``: a checkpoint folder or a transformers causal LM;
-        ``step_mode``: how steps run (``kv_cache.StepRunner``)."""
+        ``step_mode``: how steps run (``kv_cache.StepRunner``); ``vocab``:
+        the token ids drafted among, as ``--minedraft-draft-vocab`` says
+        ("0": all; ``draft_vocab.py``)."""
         self.device = torch.device(device)
         if isinstance(model, str):
             from transformers import AutoModelForCausalLM
@@ -70,6 +76,7 @@ class StandaloneDrafter(CachedDrafter):
             _Slot,
         )
         self.steps = StepRunner(self._step, step_mode, self.cache)
+        self.vocab = DraftVocab.from_flag(self.model.lm_head.weight.shape[0], vocab, self.steps.mode)
         self.catch_up = CatchUp()
         self.handoff = StreamHandoff(self.device)
 
@@ -83,6 +90,7 @@ class StandaloneDrafter(CachedDrafter):
             keep += 1
         keep = min(keep, limit)
         del slot.cached[keep:]
+        self.vocab.observe(req.tokens(slot.committed))
         slot.committed = n
         return req.tokens(keep)
 
@@ -183,9 +191,14 @@ class StandaloneDrafter(CachedDrafter):
         # Only the positions that propose a token: with a 150k-token
         # vocabulary the LM head over a whole prompt would cost more than the
         # layers.
-        logits = self.model.lm_head(self.model.model.norm(hidden))
+        logits = F.linear(self.model.model.norm(hidden), *self._head())
         probs, ids = torch.softmax(logits.float(), dim=-1).max(dim=-1)
         return ids, probs
+
+    def _head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The LM head's first ``vocab.rows`` rows: views, no copy."""
+        head, rows = self.model.lm_head, self.vocab.rows
+        return head.weight[:rows], None if head.bias is None else head.bias[:rows]
 
     def _forward(
         self,

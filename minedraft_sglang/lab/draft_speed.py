@@ -83,22 +83,28 @@ def main(argv=None) -> None:
     p.add_argument("--batches", default="1,4,8")
     p.add_argument("-k", type=int, default=3)
     p.add_argument("--calls", type=int, default=12, help=f"measured calls per setting (after {WARMUP_CALLS} warm-up)")
-    p.add_argument("--core", type=int, default=1, help="the core to pin to (CPU)")
+    p.add_argument("--cores", default="1", help="the cores to pin to, one thread each (CPU), e.g. 1 or 0,1")
+    p.add_argument(
+        "--vocabs",
+        default="0",
+        help="--minedraft-draft-vocab values, comma-separated (0: the whole vocabulary, or auto)",
+    )
     args = p.parse_args(argv)
     if torch.device(args.device).type == "cpu":
-        torch.set_num_threads(1)
-        os.sched_setaffinity(0, {args.core})
+        cores = {int(c) for c in args.cores.split(",")}
+        torch.set_num_threads(len(cores))
+        os.sched_setaffinity(0, cores)
     report = {"loadavg_start": os.getloadavg(), "settings": vars(args), "median_ms": {}, "warmup_s": {}}
     batches = [int(b) for b in args.batches.split(",")]
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         weights = args.draft or random_model(args.shape, dtype, args.device)
-        for mode in args.modes.split(","):
-            drafter = StandaloneDrafter(weights, args.device, dtype, step_mode=mode)
+        for mode, vocab in [(m, v) for m in args.modes.split(",") for v in args.vocabs.split(",")]:
+            drafter = StandaloneDrafter(weights, args.device, dtype, step_mode=mode, vocab=vocab)
             drafter.allocate(max(batches), PROMPT_LEN + 4 * (args.k + 2) * (args.calls + WARMUP_CALLS))
             for batch in batches:
                 times = time_calls(drafter, batch=batch, k=args.k, calls=args.calls + WARMUP_CALLS)
-                name = f"{mode} {dtype_name} b={batch}"
+                name = f"{mode} {dtype_name} b={batch}" + (f" vocab={vocab}" if vocab != "0" else "")
                 report["median_ms"][name] = round(1000 * statistics.median(times[WARMUP_CALLS:]), 2)
                 report["warmup_s"][name] = round(sum(times[:WARMUP_CALLS]), 2)
                 print(

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 import requests
-from conftest import K
+from conftest import DRAFT_VOCAB, K
 
 from minedraft_sglang.cpu.affinity import parse_cores
 
@@ -269,6 +269,33 @@ def test_tetris_spends_the_verify_budget_where_drafts_get_accepted(pool):
         assert _batched(pool.get(name), PROMPTS, 48) == want, name
         ratios[name] = _accepted_per_verified_draft(pool.trace_path(name))
     assert ratios["tetris-mixed"] > ratios["psd-mixed"], ratios
+
+
+def test_a_draft_vocabulary_limit_is_exact_and_stops_each_chain_at_the_first_token_beyond_it(pool):
+    """The target drafting for itself with --minedraft-draft-vocab: unlimited,
+    every greedy draft would be accepted (k + 1 tokens per verify); limited,
+    a verify commits the drafts up to the first target token at or beyond the
+    limit, then that token. The verify count follows from the output alone."""
+    plain, limited = pool.get("plain-target"), pool.get("seq-self-vocab")
+    _check_greedy_identical(plain, limited)
+    n, verifies, predicted, beyond = 48, 0, 0, 0
+    for prompt in PROMPTS[:6]:
+        out = limited.generate(prompt, n)
+        ids = out["output_ids"]
+        assert ids == _ids(plain, prompt, n)
+        verifies += out["meta_info"]["spec_verify_ct"]
+        beyond += sum(t >= DRAFT_VOCAB for t in ids)
+        i = 1  # the first token comes from the prefill
+        while i < len(ids):
+            j = 0
+            while j < K and i + j < len(ids) and ids[i + j] < DRAFT_VOCAB:
+                j += 1
+            i += j + 1
+            predicted += 1
+    assert beyond >= 6 * n // 10, "the check needs target tokens beyond the limit"
+    # Unlimited: about 6 * n / (k + 1) = 72 verifies. A near-tie between the
+    # drafter's and SGLang's float32 logits may cost a verify here or there.
+    assert abs(verifies - predicted) <= 3 and predicted >= 6 * n // (K + 1) + 20, (verifies, predicted)
 
 
 @pytest.mark.parametrize("mode", ["seq", "auto"])

@@ -71,6 +71,12 @@ CASES = {
         "--minedraft-k auto with attention backend fa3: its verify does not read the width of each step",
     ),
     "negative draft max len": (["--minedraft-draft-max-len", "-1"], {}, "--minedraft-draft-max-len must be >= 0"),
+    "draft vocab not a number": (["--minedraft-draft-vocab", "-1"], {}, "--minedraft-draft-vocab '-1' is not 'auto'"),
+    "draft vocab with an EAGLE head": (
+        ["@eagle3", "--minedraft-draft-vocab", "100"],
+        {},
+        "--minedraft-draft-vocab applies to a standalone draft model",
+    ),
     "draft tokens != steps + 1": (
         ["--speculative-num-steps", "3", "--speculative-num-draft-tokens", "7"],
         {},
@@ -100,15 +106,17 @@ CASES = {
 
 def _draft_folders(tmp: Path) -> dict[str, str]:
     (tmp / "empty").mkdir()
-    # The tiny draft relabelled as an architecture no drafter runs (same
-    # vocabulary, so only the architecture check can fail).
-    src, gpt2 = tiny_models.model_path("draft"), tmp / "gpt2"
-    gpt2.mkdir()
-    for f in src.iterdir():
-        if f.name != "config.json":
-            (gpt2 / f.name).symlink_to(f)
+    # The tiny draft relabelled: as an architecture no drafter runs (same
+    # vocabulary, so only the architecture check can fail), and as an EAGLE-3
+    # head (for the checks that read only the architecture).
+    src = tiny_models.model_path("draft")
     config = json.loads((src / "config.json").read_text())
-    (gpt2 / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
+    for name, arch in (("gpt2", "GPT2LMHeadModel"), ("eagle3", "LlamaForCausalLMEagle3")):
+        (tmp / name).mkdir()
+        for f in src.iterdir():
+            if f.name != "config.json":
+                (tmp / name / f.name).symlink_to(f)
+        (tmp / name / "config.json").write_text(json.dumps({**config, "architectures": [arch]}))
     # The tiny draft with two tokens' ids swapped in its tokenizer.
     other = tmp / "other-tokenizer"
     shutil.copytree(src, other)
@@ -121,7 +129,8 @@ def _draft_folders(tmp: Path) -> dict[str, str]:
     return {
         "@mismatch-vocab": str(tiny_models.model_path("mismatch-vocab")),
         "@empty": str(tmp / "empty"),
-        "@gpt2": str(gpt2),
+        "@gpt2": str(tmp / "gpt2"),
+        "@eagle3": str(tmp / "eagle3"),
         "@other-tokenizer": str(other),
         "@hub-cache": str(tmp / "hub-cache"),
     }
@@ -130,7 +139,7 @@ def _draft_folders(tmp: Path) -> dict[str, str]:
 def _argv(extra: list[str], folders: dict[str, str]) -> list[str]:
     draft = str(tiny_models.model_path("draft"))
     if extra and extra[0] in folders:
-        extra = ["--speculative-draft-model-path", folders[extra[0]]]
+        extra = ["--speculative-draft-model-path", folders[extra[0]], *extra[1:]]
     return [
         "--model-path",
         str(tiny_models.model_path("target")),

@@ -22,6 +22,8 @@ def test_config_round_trips_through_env(monkeypatch):
         ({"draft_device": "cuda:7"}, "--minedraft-draft-device"),
         ({"drafter": "magic"}, "--minedraft-drafter"),
         ({"draft_max_len": -1}, "--minedraft-draft-max-len"),
+        ({"draft_vocab": "-1"}, "--minedraft-draft-vocab"),
+        ({"draft_vocab": "some"}, "--minedraft-draft-vocab"),
         ({"draft_compile": "always"}, "--minedraft-draft-compile"),
         ({"draft_cores": "1-"}, "--minedraft-draft-cores"),
         ({"draft_cores": "999"}, "--minedraft-draft-cores"),
@@ -35,6 +37,11 @@ def test_bad_config_names_the_flag(kwargs, flag):
 def test_draft_compile_flag_reaches_the_config():
     assert config_from_argv(["--model-path", "x"]).draft_compile == "auto"
     assert config_from_argv(["--model-path", "x", "--minedraft-draft-compile", "off"]).draft_compile == "off"
+
+
+def test_draft_vocab_flag_reaches_the_config():
+    assert config_from_argv(["--model-path", "x"]).draft_vocab == "auto"
+    assert config_from_argv(["--model-path", "x", "--minedraft-draft-vocab", "32768"]).draft_vocab == "32768"
 
 
 def test_k_is_auto_unless_the_user_chose_one():

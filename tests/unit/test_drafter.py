@@ -172,6 +172,55 @@ def test_prefilled_prompts_are_not_fed_again_and_drafts_stay_exact(path, hf):
         assert drafted == hf_greedy(hf, [*req.prompt, *req.output], K)
 
 
+@torch.no_grad()
+def hf_greedy_below(hf, tokens, n, vocab):
+    tokens = list(tokens)
+    for _ in range(n):
+        tokens.append(int(hf(torch.tensor([tokens])).logits[0, -1, :vocab].argmax()))
+    return tokens[-n:]
+
+
+def test_a_draft_vocabulary_limit_proposes_the_greedy_token_among_the_first_ids_only(path, hf):
+    """--minedraft-draft-vocab N: each draft is the argmax over the first N
+    logits, computed from a view of the LM head's first N rows (no copy, and
+    a forward that reads no other row)."""
+    vocab = 400
+    g = torch.Generator().manual_seed(1)
+    seqs = {f"r{i}": torch.randint(3, 1000, (n,), generator=g).tolist() for i, n in enumerate((3, 9, 30))}
+    full = [hf_greedy(hf, s, K) for s in seqs.values()]
+    # Not vacuous: unlimited, the tiny target's greedy tokens go beyond N.
+    assert max(max(d) for d in full) >= vocab
+    drafter = StandaloneDrafter(path, "cpu", torch.float32, vocab=str(vocab))
+    weight = drafter.model.lm_head.weight
+    assert drafter._head()[0].shape[0] == vocab and drafter._head()[0].data_ptr() == weight.data_ptr()
+    drafter.allocate(max_requests=4, max_len=128)
+    out = drafter.draft([DraftRequest(rid, s, []) for rid, s in seqs.items()], K)
+    assert out.tokens.tolist() == [hf_greedy_below(hf, s, K, vocab) for s in seqs.values()]
+    # 0, or a limit at or beyond the vocabulary: the whole head.
+    for limit in (0, weight.shape[0], weight.shape[0] + 5):
+        assert StandaloneDrafter(path, "cpu", torch.float32, vocab=str(limit))._head()[0].shape == weight.shape
+
+
+def test_auto_draft_vocabulary_follows_the_tokens_the_drafter_is_fed(path, hf, monkeypatch):
+    """--minedraft-draft-vocab auto (the limit lowered to fit the tiny
+    vocabulary): a prompt mostly beyond the limit turns the whole vocabulary
+    on before its first draft; a long run of tokens within turns the limit
+    back on. Drafts are the greedy tokens among the rows in use."""
+    from minedraft_sglang.drafters import draft_vocab
+
+    monkeypatch.setattr(draft_vocab, "AUTO_LIMIT", 400)
+    drafter = StandaloneDrafter(path, "cpu", torch.float32, vocab="auto")
+    drafter.allocate(max_requests=2, max_len=1024)
+    beyond = [900 + i % 50 for i in range(40)]
+    assert drafter.vocab.rows == 400
+    assert drafter.draft([DraftRequest("a", beyond, [])], K).tokens.tolist() == [hf_greedy(hf, beyond, K)]
+    assert drafter.vocab.rows == hf.config.vocab_size
+    within = [3 + i % 300 for i in range(900)]
+    out = drafter.draft([DraftRequest("b", within, [])], K)
+    assert drafter.vocab.rows == 400
+    assert out.tokens.tolist() == [hf_greedy_below(hf, within, K, 400)]
+
+
 def test_drafter_dtype_follows_the_target_except_float16_on_cpu():
     from minedraft_sglang.drafters import drafter_dtype
 
