@@ -106,6 +106,17 @@ VARIANTS: dict[str, Callable[[int], list[RunSpec]]] = {
     "adaptive": lambda B: [
         RunSpec("adaptive@2B", "adaptive", "psd", 2 * B, ("--minedraft-mode", "auto", "--minedraft-k", "auto"))
     ],
+    # The defaults drafting among the whole vocabulary (--minedraft-draft-vocab
+    # 0): beside adaptive, what the draft vocabulary's limit gives.
+    "fullvocab": lambda B: [
+        RunSpec(
+            "adaptive-fullvocab@2B",
+            "adaptive-fullvocab",
+            "psd",
+            2 * B,
+            ("--minedraft-mode", "auto", "--minedraft-k", "auto", "--minedraft-draft-vocab", "0"),
+        )
+    ],
     # The planner where it can only choose k (sequential mode: plain or SD on
     # every core, no split): beside seq and adaptive, it tells what the
     # planner costs from what the split's exploration costs.
