@@ -249,7 +249,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         help="Standalone drafter: N proposes only token ids below N, so each draft step reads N rows "
         "of the draft model's LM head instead of all (with Qwen2.5's 151,936-token vocabulary the "
         "head is over a quarter of a 0.5B model); a target token at or above N is never drafted. "
-        "0: the whole vocabulary. auto: the first 32,768 ids while under 5%% of the tokens the "
+        "0: the whole vocabulary. auto: the first 65,536 ids while under 5%% of the tokens the "
         "drafter sees lie beyond them, the whole vocabulary while more do (eager draft steps only; "
         "graphs and compiled steps draft among all). Output is exact either way.",
     )
