@@ -8,7 +8,7 @@ import random
 import torch
 
 from minedraft_sglang import model_files
-from minedraft_sglang.config import DRAFT_VOCAB_AUTO, DRAFTER_FOR_ARCHITECTURE
+from minedraft_sglang.config import DRAFTER_FOR_ARCHITECTURE
 from minedraft_sglang.drafters.base import Drafter
 
 
@@ -19,7 +19,7 @@ def create_drafter(
     target_path: str,
     target_dtype: torch.dtype,
     draft_compile: str = "auto",
-    draft_vocab: str = DRAFT_VOCAB_AUTO,
+    draft_vocab: str = "0",
     draft_revision: str | None = None,
     target_revision: str | None = None,
 ) -> Drafter:

@@ -11,7 +11,7 @@ only reads the head's first rows (a view, no copy); a target token beyond
 them is never drafted, so that chain stops there. Output is exact either way:
 the target verifies every draft.
 
-``auto`` (the default) limits the rows while the tokens the drafter sees,
+``auto`` limits the rows while the tokens the drafter sees,
 prompts and outputs, rarely go beyond them, and drafts among the whole
 vocabulary while they often do (a server whose traffic turns to Chinese stops
 losing its chains). It applies to eager steps only: a CUDA graph or a compiled

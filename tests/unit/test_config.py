@@ -40,7 +40,8 @@ def test_draft_compile_flag_reaches_the_config():
 
 
 def test_draft_vocab_flag_reaches_the_config():
-    assert config_from_argv(["--model-path", "x"]).draft_vocab == "auto"
+    assert config_from_argv(["--model-path", "x"]).draft_vocab == "0"
+    assert config_from_argv(["--model-path", "x", "--minedraft-draft-vocab", "auto"]).draft_vocab == "auto"
     assert config_from_argv(["--model-path", "x", "--minedraft-draft-vocab", "32768"]).draft_vocab == "32768"
 
 

@@ -106,15 +106,15 @@ VARIANTS: dict[str, Callable[[int], list[RunSpec]]] = {
     "adaptive": lambda B: [
         RunSpec("adaptive@2B", "adaptive", "psd", 2 * B, ("--minedraft-mode", "auto", "--minedraft-k", "auto"))
     ],
-    # The defaults drafting among the whole vocabulary (--minedraft-draft-vocab
-    # 0): beside adaptive, what the draft vocabulary's limit gives.
-    "fullvocab": lambda B: [
+    # The defaults with --minedraft-draft-vocab auto: beside adaptive, what
+    # limiting the draft vocabulary gives.
+    "vocab": lambda B: [
         RunSpec(
-            "adaptive-fullvocab@2B",
-            "adaptive-fullvocab",
+            "adaptive-vocab@2B",
+            "adaptive-vocab",
             "psd",
             2 * B,
-            ("--minedraft-mode", "auto", "--minedraft-k", "auto", "--minedraft-draft-vocab", "0"),
+            ("--minedraft-mode", "auto", "--minedraft-k", "auto", "--minedraft-draft-vocab", "auto"),
         )
     ],
     # The planner where it can only choose k (sequential mode: plain or SD on
