@@ -90,7 +90,9 @@ class StandaloneDrafter(CachedDrafter):
             keep += 1
         keep = min(keep, limit)
         del slot.cached[keep:]
-        self.vocab.observe(req.tokens(slot.committed))
+        if self.vocab.adaptive:
+            # Only auto reads the new tokens: no copy of each prompt otherwise.
+            self.vocab.observe(req.tokens(slot.committed))
         slot.committed = n
         return req.tokens(keep)
 
