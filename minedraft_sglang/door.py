@@ -16,8 +16,9 @@ them there. Its ``ValueError`` becomes an HTTP 400 with that one line (or the
 Engine's exception); nothing reaches the scheduler.
 
 A second hook, on ``GenerateReqInput._handle_parallel_sampling``, refuses
-what SGLang answers with an unhandled 500 before a batch is split: ``n`` < 1
-and ``text`` with ``input_ids`` where they cannot be paired.
+what SGLang answers with an unhandled 500 before a batch is split: ``n`` < 1,
+``text`` with ``input_ids`` where they cannot be paired, and per-request
+logprob fields listed with another length than the batch.
 
 The checks run on every server in a process where the plugin is installed,
 plain ones included: they refuse only requests that a plain SGLang 0.5.23
@@ -96,18 +97,30 @@ def prompt_error(input_ids, limit: VocabLimit, *, may_be_empty: bool = False) ->
     return error
 
 
-def top_logprobs_error(return_logprob, top_logprobs_num, vocab: int) -> str | None:
-    """One line when a request asks for more top logprobs per position than
-    the model has tokens (the sampler's ``topk`` raises in the scheduler,
-    which dies: found by the fuzzer), else None. Only asked-for logprobs
-    count: without ``return_logprob`` SGLang ignores the number. Either may
-    be a one-element list on a single request (SGLang's schema allows a list
-    and keeps it: the fuzzer's ``[1029]`` killed the scheduler)."""
-    if not any(asked is True for asked in _as_list(return_logprob)):
-        return None
-    for n in _as_list(top_logprobs_num):
-        if isinstance(n, int) and n > vocab:
-            return f"top_logprobs_num = {_shown(n)} is more than the model's {vocab} tokens"
+def logprobs_error(return_logprob, top_logprobs_num, logprob_start_len, vocab: int) -> str | None:
+    """One line when a request's logprob fields kill SGLang 0.5.23's
+    scheduler, else None (every case found by the fuzzer or its sweep, and
+    checked on a plain server without the plugin, docs/reliability.md):
+
+    - ``top_logprobs_num`` above the model's tokens (the sampler's ``topk``
+      raises) or a list (SGLang's schema lets a single request carry one and
+      keeps it; ``list > int`` raises). Whether or not the request itself asks
+      for logprobs: once one request of a batch asks, the batch's ``topk``
+      covers every request's number.
+    - ``logprob_start_len`` below -1 (an assert on the prefill's input
+      logprobs fails) or a list, when the request asks for logprobs; without
+      them SGLang resets it to -1 and serves the request.
+
+    A request asks when ``return_logprob`` is truthy, as the scheduler reads
+    it: a single request's ``[False]`` asks. Split batches carry numbers."""
+    if isinstance(top_logprobs_num, list):
+        return f"top_logprobs_num must be one integer for one request, got {_shown(top_logprobs_num)}"
+    if isinstance(top_logprobs_num, int) and top_logprobs_num > vocab:
+        return f"top_logprobs_num = {_shown(top_logprobs_num)} is more than the model's {vocab} tokens"
+    start = logprob_start_len
+    if return_logprob and (isinstance(start, list) or (isinstance(start, int) and start < -1)):
+        positions = "give one integer, -1 (output logprobs only) or a prompt position >= 0"
+        return f"logprob_start_len = {_shown(start)}: {positions}"
     return None
 
 
@@ -123,8 +136,11 @@ def request_error(obj, input_ids, limit: VocabLimit, vocab: int | None = None) -
 
     Multimodal requests are left to SGLang: their ids come from the model's
     processor, whose placeholder tokens this module cannot judge."""
-    error = top_logprobs_error(
-        getattr(obj, "return_logprob", None), getattr(obj, "top_logprobs_num", None), vocab or limit.size
+    error = logprobs_error(
+        getattr(obj, "return_logprob", None),
+        getattr(obj, "top_logprobs_num", None),
+        getattr(obj, "logprob_start_len", None),
+        vocab or limit.size,
     )
     if error is not None:
         return error
@@ -187,6 +203,24 @@ def text_and_ids_error(text, input_ids, n: int) -> str | None:
     return None
 
 
+# Per-request fields SGLang 0.5.23 takes as one value for the whole batch or
+# as a list with one value per request (``_normalize_logprob_params``).
+PER_REQUEST_FIELDS = ("return_logprob", "logprob_start_len", "top_logprobs_num")
+
+
+def batch_fields_error(obj) -> str | None:
+    """One line when a batched request gives a per-request field as a list
+    of another length than its prompts, else None. SGLang keeps such a list
+    and answers an unhandled 500 (an IndexError when the batch is split)."""
+    if getattr(obj, "is_single", True):
+        return None
+    for field in PER_REQUEST_FIELDS:
+        value = getattr(obj, field, None)
+        if isinstance(value, list) and len(value) != obj.batch_size:
+            return f"{field} has {len(value)} values for {obj.batch_size} prompts: give one value or one per prompt"
+    return None
+
+
 def config_vocab(model: str | None) -> int | None:
     """``vocab_size`` from the config.json (or its ``text_config``) of a
     local checkpoint or cached hub model; None when there is none to read."""
@@ -232,7 +266,7 @@ def handle_parallel_sampling_around(original, obj, *args, **kwargs):
     if error is None:
         first = (params[0] if params else None) if isinstance(params, list) else params
         n = first.get("n", 1) if isinstance(first, dict) else 1
-        error = text_and_ids_error(obj.text, obj.input_ids, n)
+        error = text_and_ids_error(obj.text, obj.input_ids, n) or batch_fields_error(obj)
     if error is not None:
         raise ValueError(error)
     return original(obj, *args, **kwargs)

@@ -65,8 +65,18 @@ CRASHERS = [
     ("/generate", {"input_ids": [[5, 6], [7, VOCAB]], "sampling_params": {"max_new_tokens": 4}}),
     ("/generate", {"text": "", "sampling_params": {"max_new_tokens": 4}}),
     ("/generate", {"text": "hi", "return_logprob": True, "top_logprobs_num": VOCAB + 1}),
+    ("/generate", {"input_ids": [5, 6, 7, 8], "return_logprob": True, "logprob_start_len": -2}),
+    ("/generate", {"text": "hi", "return_logprob": [False], "logprob_start_len": [1]}),
+    ("/generate", {"text": "hi", "return_logprob": True, "top_logprobs_num": [1]}),
+    # The first prompt asks for no logprobs, but shares the batch's topk.
+    ("/generate", {"input_ids": [[5, 6], [7, 8]], "return_logprob": [False, True], "top_logprobs_num": [VOCAB + 1, 1]}),
     ("/v1/completions", {"model": "default", "prompt": [3, VOCAB + 7], "max_tokens": 4}),
     ("/v1/completions", {"model": "default", "prompt": [[3, 4], [-1]], "max_tokens": 4}),
+]
+# What SGLang 0.5.23 answers with an unhandled 500 (the server lives).
+UNHANDLED = [
+    ("/generate", {"input_ids": [[5, 6], [7, 8]], "return_logprob": [True]}),
+    ("/generate", {"input_ids": [[5, 6], [7, 8]], "return_logprob": True, "top_logprobs_num": [1]}),
 ]
 
 
@@ -131,17 +141,20 @@ def _healthy(server) -> bool:
 @pytest.mark.parametrize("name", ["psd-target", "plain-target"])
 def test_door_refuses_what_crashes_sglang_on_every_route(pool, name):
     """Out-of-range ids (single, in a batch, through the OpenAI completions
-    route) and an empty prompt: each a 400 with one line naming the problem;
+    route), an empty prompt, bad logprob fields, and what SGLang answers with
+    an unhandled 500: each a 400 with one line naming the problem;
     the server stays up and serves the next request unchanged. On the plain
-    server too: the plugin is installed there, and without it each of these
-    kills plain SGLang 0.5.23 (docs/reliability.md)."""
+    server too: the plugin is installed there, and without it each of
+    CRASHERS kills plain SGLang 0.5.23 and each of UNHANDLED gets a bare 500
+    (docs/reliability.md)."""
     server = pool.get(name)
     before = _greedy_ids(server, GOOD)
-    for route, body in CRASHERS:
+    for route, body in CRASHERS + UNHANDLED:
         status, reply = _send(server, route, body)
         message = _message(reply)
         assert status == 400, (route, body, status, reply)
-        assert any(w in message for w in ("not a token id", "prompt is empty", "top_logprobs_num")), message
+        words = ("not a token id", "prompt is empty", "top_logprobs_num", "logprob_start_len", "values for 2 prompts")
+        assert any(w in message for w in words), message
         assert "\n" not in message, message
         assert _alive(server), f"{route} {body} killed the server:\n{server.log_tail(30)}"
     assert _greedy_ids(server, GOOD) == before
@@ -247,8 +260,10 @@ GOOD_TOP = {
     "stream": st.booleans(),
 }
 BAD_TOP = {
-    "logprob_start_len": st.sampled_from([-3, 10**6]),
-    "top_logprobs_num": st.sampled_from([-1, VOCAB + 5, 10**6]),
+    # A list on a single request is kept by SGLang's schema; [False] reads as true.
+    "return_logprob": st.sampled_from([[False], [True]]),
+    "logprob_start_len": st.sampled_from([-3, -2, 10**6, [1]]),
+    "top_logprobs_num": st.sampled_from([-1, VOCAB + 5, 10**6, [1], [VOCAB + 5]]),
     "token_ids_logprob": _token_ids(max_size=3).flatmap(_with_bad_id),
 }
 

@@ -151,20 +151,69 @@ def test_text_with_ids_refused_where_sglang_answers_500(text, ids, n):
     assert "give only one of them" in door.text_and_ids_error(text, ids, n)
 
 
-def test_top_logprobs_beyond_the_vocabulary_refused_when_asked_for():
-    assert door.top_logprobs_error(True, 1024, 1024) is None
-    assert door.top_logprobs_error(False, 10**6, 1024) is None
-    assert door.top_logprobs_error(None, 10**6, 1024) is None
-    assert door.top_logprobs_error(True, 1025, 1024) == "top_logprobs_num = 1025 is more than the model's 1024 tokens"
-    # A single request may carry them as one-element lists (killed the scheduler, 2026-12-03).
-    assert door.top_logprobs_error(True, [1029], 1024) == "top_logprobs_num = 1029 is more than the model's 1024 tokens"
-    assert door.top_logprobs_error([True], 1029, 1024) is not None
-    assert door.top_logprobs_error([False], [1029], 1024) is None
+def _batch(size: int, **fields):
+    base = {"is_single": size == 1, "batch_size": size, **dict.fromkeys(door.PER_REQUEST_FIELDS)}
+    return SimpleNamespace(**{**base, **fields})
+
+
+@pytest.mark.parametrize("field", door.PER_REQUEST_FIELDS)
+def test_a_per_request_list_of_another_length_than_the_batch_refused(field):
+    # SGLang 0.5.23 answers an unhandled 500 (checked 2026-12-05: return_logprob [true] and
+    # top_logprobs_num [1] with two prompts).
+    assert door.batch_fields_error(_batch(2, **{field: [1]})) == (
+        f"{field} has 1 values for 2 prompts: give one value or one per prompt"
+    )
+    assert door.batch_fields_error(_batch(2, **{field: [1, 0, 0]})) is not None
+    assert door.batch_fields_error(_batch(2, **{field: [1, 0]})) is None
+    assert door.batch_fields_error(_batch(2, **{field: 1})) is None
+    # A single request's list is the logprob check's business (request_error).
+    assert door.batch_fields_error(_batch(1, **{field: [1, 0]})) is None
+
+
+def test_top_logprobs_beyond_the_vocabulary_or_a_list_refused_asked_for_or_not():
+    assert door.logprobs_error(True, 1024, -1, 1024) is None
+    assert door.logprobs_error(True, -3, -1, 1024) is None  # SGLang serves it (no top logprobs)
+    assert door.logprobs_error(True, 1025, -1, 1024) == "top_logprobs_num = 1025 is more than the model's 1024 tokens"
+    # Without return_logprob too: batched with a request that asks, it killed
+    # a plain server (2026-12-05).
+    assert door.logprobs_error(False, 10**6, -1, 1024) is not None
+    assert door.logprobs_error(None, 10**6, None, 1024) is not None
+    # A single request may carry a list, which SGLang keeps: [1029] killed the
+    # scheduler (2026-12-03), and so does [1] (2026-12-05).
+    message = "top_logprobs_num must be one integer for one request, got [1]"
+    assert door.logprobs_error(True, [1], -1, 1024) == message
+    assert door.logprobs_error(False, [1], -1, 1024) == message
     obj = SimpleNamespace(
         session_params=None,
         input_embeds=None,
         contains_mm_input=lambda: False,
         return_logprob=True,
         top_logprobs_num=5000,
+        logprob_start_len=-1,
     )
     assert "top_logprobs_num = 5000" in door.request_error(obj, [1, 2], LIMIT)
+
+
+def test_a_logprob_start_below_minus_one_or_a_list_refused_when_logprobs_are_asked_for():
+    # -2 or less with return_logprob failed an assert in the prefill's input
+    # logprobs and the scheduler died (fuzz seed 2924814198, 2026-12-05); a
+    # list on a single request fails a comparison.
+    message = "logprob_start_len = -3: give one integer, -1 (output logprobs only) or a prompt position >= 0"
+    assert door.logprobs_error(True, 1, -3, 1024) == message
+    assert door.logprobs_error(True, None, [1], 1024) is not None
+    # A single request's [False] asks: the scheduler reads it as truthy.
+    assert door.logprobs_error([False], 1, -3, 1024) == message
+    for start in (-1, 0, 7, None):
+        assert door.logprobs_error(True, 1, start, 1024) is None
+    # Not asked for: SGLang resets it to -1 and serves the request.
+    assert door.logprobs_error(False, 1, -3, 1024) is None
+    assert door.logprobs_error(None, 1, [1], 1024) is None
+    obj = SimpleNamespace(
+        session_params=None,
+        input_embeds=None,
+        contains_mm_input=lambda: False,
+        return_logprob=True,
+        top_logprobs_num=0,
+        logprob_start_len=-3,
+    )
+    assert door.request_error(obj, [1, 2], LIMIT) == message
