@@ -22,9 +22,14 @@ logprob fields listed with another length than the batch.
 
 The checks run on every server in a process where the plugin is installed,
 plain ones included: they refuse only requests that a plain SGLang 0.5.23
-server cannot serve (a dead scheduler, an unhandled 500), so a plain user
-loses nothing and gains the same protection. The drafter's vocabulary is an
-extra limit on MINEDRAFT servers only.
+server cannot serve, alone or beside others (a dead scheduler, an unhandled
+500), so a plain user loses nothing and gains the same protection. Two
+values a plain server serves in some cases are refused in all, as their
+cases cannot be told apart at the door or the value has no meaning: a
+``top_logprobs_num`` above the vocabulary on a request without logprobs
+(fatal only when batched with one that asks) and a ``logprob_start_len``
+below -1 on a one-token prompt. The drafter's vocabulary is an extra limit
+on MINEDRAFT servers only.
 """
 
 from __future__ import annotations
@@ -211,7 +216,7 @@ PER_REQUEST_FIELDS = ("return_logprob", "logprob_start_len", "top_logprobs_num")
 def batch_fields_error(obj) -> str | None:
     """One line when a batched request gives a per-request field as a list
     of another length than its prompts, else None. SGLang keeps such a list
-    and answers an unhandled 500 (an IndexError when the batch is split)."""
+    and answers an unhandled 500 (checked 2026-12-05)."""
     if getattr(obj, "is_single", True):
         return None
     for field in PER_REQUEST_FIELDS:
