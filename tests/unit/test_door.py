@@ -170,6 +170,18 @@ def test_a_per_request_list_of_another_length_than_the_batch_refused(field):
     assert door.batch_fields_error(_batch(1, **{field: [1, 0]})) is None
 
 
+def _logprob_request(top_logprobs_num, logprob_start_len):
+    """A text request (no session, no images) that asks for logprobs."""
+    return SimpleNamespace(
+        session_params=None,
+        input_embeds=None,
+        contains_mm_input=lambda: False,
+        return_logprob=True,
+        top_logprobs_num=top_logprobs_num,
+        logprob_start_len=logprob_start_len,
+    )
+
+
 def test_top_logprobs_beyond_the_vocabulary_or_a_list_refused_asked_for_or_not():
     assert door.logprobs_error(True, 1024, -1, 1024) is None
     assert door.logprobs_error(True, -3, -1, 1024) is None  # SGLang serves it (no top logprobs)
@@ -183,15 +195,7 @@ def test_top_logprobs_beyond_the_vocabulary_or_a_list_refused_asked_for_or_not()
     message = "top_logprobs_num must be one integer for one request, got [1]"
     assert door.logprobs_error(True, [1], -1, 1024) == message
     assert door.logprobs_error(False, [1], -1, 1024) == message
-    obj = SimpleNamespace(
-        session_params=None,
-        input_embeds=None,
-        contains_mm_input=lambda: False,
-        return_logprob=True,
-        top_logprobs_num=5000,
-        logprob_start_len=-1,
-    )
-    assert "top_logprobs_num = 5000" in door.request_error(obj, [1, 2], LIMIT)
+    assert "top_logprobs_num = 5000" in door.request_error(_logprob_request(5000, -1), [1, 2], LIMIT)
 
 
 def test_a_logprob_start_below_minus_one_or_a_list_refused_when_logprobs_are_asked_for():
@@ -208,12 +212,4 @@ def test_a_logprob_start_below_minus_one_or_a_list_refused_when_logprobs_are_ask
     # Not asked for: SGLang resets it to -1 and serves the request.
     assert door.logprobs_error(False, 1, -3, 1024) is None
     assert door.logprobs_error(None, 1, [1], 1024) is None
-    obj = SimpleNamespace(
-        session_params=None,
-        input_embeds=None,
-        contains_mm_input=lambda: False,
-        return_logprob=True,
-        top_logprobs_num=0,
-        logprob_start_len=-3,
-    )
-    assert door.request_error(obj, [1, 2], LIMIT) == message
+    assert door.request_error(_logprob_request(0, -3), [1, 2], LIMIT) == message
