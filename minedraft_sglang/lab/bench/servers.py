@@ -5,10 +5,7 @@ comes. Manual: docs/lab.md.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shlex
-import signal
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -135,13 +132,6 @@ class ModeServer:
     def stop(self) -> None:
         if self.server is None:
             return
-        # After SIGTERM, SGLang's main process outlived Server.stop's 30 s
-        # wait here (its children were gone within 6 s); nothing of a
-        # benchmark server is worth keeping, so its process group is killed
-        # at once, then Server.stop closes the log.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.server.proc.pid, signal.SIGKILL)
-        self.server.proc.wait()
         self.server.stop()
         self.server = None
 
