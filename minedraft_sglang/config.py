@@ -58,6 +58,10 @@ class MineDraftConfig:
     # default: the drafter's call is faster, but a gain of the whole server
     # has not been measured above this CPU's noise (docs/benchmarks.md).
     draft_vocab: str = "0"
+    # A draft chain ends after its first token the drafter gave a probability
+    # below this (0: every chain runs to k); needs k auto (verifies vary in
+    # width). Off by default (docs/benchmarks.md, "Draft stop").
+    draft_stop: float = 0.0
     # TETRIS: draft k + tetris_extra tokens per request, verify the k x (batch
     # size) most promising (request, position) pairs.
     tetris: bool = False
@@ -89,6 +93,13 @@ class MineDraftConfig:
         if self.draft_vocab != DRAFT_VOCAB_AUTO and not self.draft_vocab.isdigit():
             raise MineDraftConfigError(
                 f"--minedraft-draft-vocab {self.draft_vocab!r} is not 'auto' or a number of token ids (0: all)"
+            )
+        if not 0 <= self.draft_stop < 1:
+            raise MineDraftConfigError(f"--minedraft-draft-stop must be in [0, 1), got {self.draft_stop}")
+        if self.draft_stop and self.k != "auto":
+            raise MineDraftConfigError(
+                "--minedraft-draft-stop ends chains early, so each verify has its own width, as under "
+                "--minedraft-k auto; it needs --minedraft-k auto"
             )
         if self.draft_max_len < 0:
             raise MineDraftConfigError(f"--minedraft-draft-max-len must be >= 0, got {self.draft_max_len}")
@@ -256,6 +267,15 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "graphs and compiled steps draft among all). Output is exact either way.",
     )
     group.add_argument(
+        "--minedraft-draft-stop",
+        type=float,
+        default=MineDraftConfig.draft_stop,
+        help="Standalone drafter, --minedraft-k auto: end a request's draft chain after the first token the "
+        "drafter gives a probability below this (that token is still verified), so drafting stops where a "
+        "rejection is likely and the chain runs on to k (--speculative-num-steps) where the drafter is sure. "
+        "0 (default): every chain drafts k. Output is exact either way.",
+    )
+    group.add_argument(
         "--minedraft-draft-compile",
         choices=DRAFT_COMPILE,
         default=MineDraftConfig.draft_compile,
@@ -302,6 +322,7 @@ def config_from_argv(argv: list[str]) -> MineDraftConfig:
         draft_max_len=args.minedraft_draft_max_len,
         draft_compile=args.minedraft_draft_compile,
         draft_vocab=args.minedraft_draft_vocab,
+        draft_stop=args.minedraft_draft_stop,
         tetris=args.minedraft_tetris,
         tetris_extra=args.minedraft_tetris_extra,
         trace_file=args.minedraft_trace_file,

@@ -148,12 +148,14 @@ def validate_server_args(sa) -> None:
     )
     draft_config = model_files.read_config(draft_dir, draft, "--speculative-draft-model-path")
     _check_drafter_kind(draft, draft_config, config.drafter)
-    limited = config.draft_vocab not in (DRAFT_VOCAB_AUTO, "0")
-    if limited and DRAFTER_FOR_ARCHITECTURE[draft_config["architectures"][0]] != "standalone":
+    standalone = DRAFTER_FOR_ARCHITECTURE[draft_config["architectures"][0]] == "standalone"
+    if config.draft_vocab not in (DRAFT_VOCAB_AUTO, "0") and not standalone:
         raise MineDraftConfigError(
             "--minedraft-draft-vocab applies to a standalone draft model; an EAGLE head drafts with "
             "its own LM head (an EAGLE-3 head with its own draft vocabulary)"
         )
+    if config.draft_stop and not standalone:
+        raise MineDraftConfigError("--minedraft-draft-stop applies to a standalone draft model, not an EAGLE head")
     target = sa.model_path
     if os.path.isfile(target) or "://" in target:
         return  # a GGUF file or an object-store URL: SGLang resolves those itself

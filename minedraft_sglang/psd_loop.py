@@ -265,7 +265,7 @@ class PSDLoop:
         split = self.cores.splits[plan.draft_cores] if self.cores and plan.mode in adaptive_k.OVERLAP else None
 
         t0 = time.monotonic()
-        drafts, probs, missing, prefilled = self._take(verify_reqs, plan)
+        drafts, probs, missing, drafted_width, prefilled = self._take(verify_reqs, plan)
         num_drafts = (
             tetris_select(probs.clamp_min(1e-30).log(), self.k * len(verify_reqs)) if self.config.tetris else None
         )
@@ -285,8 +285,8 @@ class PSDLoop:
         _sync_stream(self.device)
         t2 = time.monotonic()
 
-        draft, draft_thread, behind_prefilled = (
-            background.result() if background else ((t0, t1), threading.current_thread().name, 0.0)
+        draft, draft_thread, behind_width, behind_prefilled = (
+            background.result() if background else ((t0, t1), threading.current_thread().name, 0, 0.0)
         )
         if self.drafter.needs_target_features:
             # After the background draft: the drafter is this thread's now.
@@ -310,8 +310,8 @@ class PSDLoop:
             draft_cores=draft_cores,
         )
         if self.planner is not None:
-            drafted_behind = draft[1] - draft[0] - behind_prefilled if background else None
-            self._measure(plan, record, drafted_here=(len(missing), t1 - t0 - prefilled), drafted_behind=drafted_behind)
+            behind = (behind_width, draft[1] - draft[0] - behind_prefilled) if background else None
+            self._measure(record, here=(len(missing), drafted_width, t1 - t0 - prefilled), behind=behind)
         self.tracer.add(record)
         return plan.verify_rows, result
 
@@ -339,14 +339,15 @@ class PSDLoop:
     def _take(self, verify_reqs, plan: StepPlan):
         """The verified rows' drafts, tokens and probs [bs, width], drafting
         on this thread those that have none that hold (also returned, with
-        the seconds their drafter prefill took)."""
+        the width drafted for them and the seconds their drafter prefill
+        took)."""
         if plan.mode is StepMode.PLAIN:
             for r in verify_reqs:
                 self.pending.drop(r.rid)
             empty = torch.zeros(len(verify_reqs), 0)
-            return empty.long(), empty, [], 0.0
+            return empty.long(), empty, [], 0, 0.0
         missing = [r for r in verify_reqs if not self.pending.holds(r)]
-        prefilled = 0.0
+        prefilled, width = 0.0, 0
         if missing:
             # Newcomers of the verified half, requests moved by re-balancing,
             # failed draft-ahead guesses, requests after a plain step, or
@@ -354,12 +355,14 @@ class PSDLoop:
             self._use_all_cores()
             reqs = _draft_requests(missing)
             prefilled = self._prefill_new(reqs)
-            self.pending.put(reqs, *self._safe_draft(reqs, plan.k))
-        return *self.pending.take(verify_reqs), missing, prefilled
+            tokens, probs = self._safe_draft(reqs, plan.k)
+            self.pending.put(reqs, tokens, probs)
+            width = tokens.shape[1]
+        return *self.pending.take(verify_reqs), missing, width, prefilled
 
     def _launch(self, reqs, plan: StepPlan, drafts: torch.Tensor, split: affinity.CoreSplit | None):
         """Start the step's background draft, if its mode has one; returns
-        its future, which yields (interval, thread name)."""
+        its future, which yields ``_timed``'s result."""
         if split is not None:
             # This thread's team leaves the drafter's cores before the
             # drafter's team takes them.
@@ -375,23 +378,22 @@ class PSDLoop:
             return self.executor.submit(self._timed, split, self.pending.put_ahead, ahead, plan.k + 1)
         return None
 
-    def _measure(
-        self, plan: StepPlan, record: StepRecord, *, drafted_here: tuple[int, float], drafted_behind: float | None
-    ):
+    def _measure(self, record: StepRecord, *, here: tuple[int, int, float], behind: tuple[int, float] | None):
         """Feed the planner this step's stage costs (with the cores each
         stage ran on; drafter prefills left out: they are paid once per
-        request, not per step) and acceptance. ``drafted_behind``: the
-        seconds of the background draft, None if the step had none."""
+        request, not per step) and acceptance. ``here``: the requests
+        drafted on this thread before the verify, the width (forwards)
+        drafted, the seconds; ``behind``: the background draft's width and
+        seconds (psd: the other half; draft_ahead: the verified rows, a
+        guessed bonus token first), None if the step had none."""
         bs, width = record.verify_bs, record.k
         self.planner.observe_verify(record.verify_cores, bs * (width + 1), record.verify[1] - record.verify[0], bs)
-        n_missing, seconds = drafted_here
+        n_missing, forwards, seconds = here
         if n_missing:
             # Drafted before the verify, on this thread, on every core.
-            self.planner.observe_draft(self.planner.total_cores, n_missing, plan.k, seconds)
-        if drafted_behind is not None:
-            # psd: the other half, k tokens; draft_ahead: the verified rows, k + 1.
-            forwards = plan.k + 1 if plan.mode is StepMode.DRAFT_AHEAD else plan.k
-            self.planner.observe_draft(record.draft_cores, record.draft_bs, forwards, drafted_behind)
+            self.planner.observe_draft(self.planner.total_cores, n_missing, forwards, seconds)
+        if behind is not None:
+            self.planner.observe_draft(record.draft_cores, record.draft_bs, *behind)
         if width:
             self.planner.observe_acceptance([n - 1 for n in record.accept_lens], [width] * bs)
 
@@ -407,15 +409,17 @@ class PSDLoop:
         """On the drafter's thread: draft ``num_tokens`` per request (on the
         drafter's cores of ``split``), ``keep`` them, and return the
         interval, ended when the kernels have finished (the scheduler thread
-        reads the drafts next, from another stream), the thread's name, and
-        the seconds of that interval spent prefilling newcomers."""
+        reads the drafts next, from another stream), the thread's name, the
+        width drafted and the seconds of that interval spent prefilling
+        newcomers."""
         if split is not None:
             self.drafter_team.use(split.drafter)
         t0 = time.monotonic()
         prefilled = self._prefill_new(draft_reqs)
-        keep(draft_reqs, *self._safe_draft(draft_reqs, num_tokens))
+        tokens, probs = self._safe_draft(draft_reqs, num_tokens)
+        keep(draft_reqs, tokens, probs)
         _sync_stream(self.draft_device)
-        return (t0, time.monotonic()), threading.current_thread().name, prefilled
+        return (t0, time.monotonic()), threading.current_thread().name, tokens.shape[1], prefilled
 
     def _prefill_new(self, draft_reqs: Sequence[DraftRequest]) -> float:
         """On cores shared with the target (``prefill``), prefill the
@@ -440,12 +444,14 @@ class PSDLoop:
                 self.drafter.release(req.rid)
 
     def _safe_draft(self, draft_reqs: Sequence[DraftRequest], num_tokens: int):
-        """The drafter's proposal, tokens and probs [bs, num_tokens], or, if
+        """The drafter's proposal, tokens and probs [bs, width] (width
+        ``num_tokens``, or less where ``--minedraft-draft-stop`` ended every
+        chain sooner), or, if
         the drafter fails, a placeholder that the target verifies like any
         draft: the affected requests then decode one token per step (plain
         decoding) and stay exact."""
         try:
-            out = self.drafter.draft(draft_reqs, num_tokens)
+            out = self.drafter.draft(draft_reqs, num_tokens, self.config.draft_stop)
             return out.tokens, out.probs
         except Exception as e:  # noqa: BLE001 - any drafter failure must not stop serving
             self.drafter_failures += 1

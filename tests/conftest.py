@@ -91,6 +91,15 @@ def _specs(tmp: Path) -> dict[str, list[str]]:
         # A draft that is right and confident after two thirds of the tokens,
         # wrong and unsure after the rest: with and without TETRIS.
         "psd-mixed": minedraft_args(m["bigram"], m["bigram-mixed-draft"], "psd", K, trace("psd-mixed")),
+        # The same draft ending each chain after its first unsure token
+        # (hard guesses have probability <= 0.57, easy ones >= 0.997).
+        "stop-mixed": minedraft_args(
+            m["bigram"],
+            m["bigram-mixed-draft"],
+            "sequential",
+            K,
+            [*trace("stop-mixed"), "--minedraft-k", "auto", "--minedraft-draft-stop", "0.9"],
+        ),
         "tetris-mixed": minedraft_args(
             m["bigram"],
             m["bigram-mixed-draft"],

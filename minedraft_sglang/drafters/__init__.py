@@ -114,10 +114,10 @@ class FaultInjectingDrafter(Drafter):
         self.prefill_prob = faults.get("prefill_raise", 0.0)
         self.rng = random.Random(0)
 
-    def draft(self, reqs, num_tokens):
+    def draft(self, reqs, num_tokens, stop_below=0.0):
         if self.rng.random() < self.prob:
             raise RuntimeError(f"injected drafter fault ({FAULT_ENV})")
-        return self.inner.draft(reqs, num_tokens)
+        return self.inner.draft(reqs, num_tokens, stop_below)
 
     def prefill(self, reqs):
         self.inner.prefill(reqs)

@@ -70,8 +70,12 @@ class Drafter(abc.ABC):
         takes at that size."""
 
     @abc.abstractmethod
-    def draft(self, reqs: Sequence[DraftRequest], num_tokens: int) -> DraftOutput:
-        """Propose ``num_tokens`` tokens for each request."""
+    def draft(self, reqs: Sequence[DraftRequest], num_tokens: int, stop_below: float = 0.0) -> DraftOutput:
+        """Propose ``num_tokens`` tokens for each request. With
+        ``stop_below`` > 0 (standalone drafters) a request's chain ends
+        after its first token of probability below it, and drafting stops
+        once every chain has ended: the output is then narrower (at least
+        one token), each row as wide as the widest chain."""
 
     @abc.abstractmethod
     def release(self, rid: str) -> None:

@@ -273,11 +273,15 @@ class EagleDrafter(CachedDrafter):
         slot.features.append(own_copy(features, self.device, self.dtype))
         slot.known += len(features)
 
-    def draft(self, reqs: Sequence[DraftRequest], num_tokens: int) -> DraftOutput:
+    def draft(self, reqs: Sequence[DraftRequest], num_tokens: int, stop_below: float = 0.0) -> DraftOutput:
         """Feed each request's new target features, then run the head
         autoregressively: first over the request's tokens that have no target
         feature yet (draft-ahead guesses), then ``num_tokens`` proposals.
-        Ordered after the previous call's kernels (``StreamHandoff``)."""
+        Ordered after the previous call's kernels (``StreamHandoff``). Every
+        chain runs to ``num_tokens`` (the server refuses a stop with an
+        EAGLE head)."""
+        if stop_below:
+            raise ValueError("an EAGLE head drafts every chain to num_tokens (no stop_below)")
         with self.handoff():
             return self._draft(reqs, num_tokens)
 

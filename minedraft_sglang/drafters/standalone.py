@@ -128,12 +128,12 @@ class StandaloneDrafter(CachedDrafter):
 
         self.catch_up.run([len(f) for _, f in feeds], forward)
 
-    def draft(self, reqs: Sequence[DraftRequest], num_tokens: int) -> DraftOutput:
+    def draft(self, reqs: Sequence[DraftRequest], num_tokens: int, stop_below: float = 0.0) -> DraftOutput:
         with self.handoff():
-            return self._draft(reqs, num_tokens)
+            return self._draft(reqs, num_tokens, stop_below)
 
     @torch.inference_mode()
-    def _draft(self, reqs: Sequence[DraftRequest], num_tokens: int) -> DraftOutput:
+    def _draft(self, reqs: Sequence[DraftRequest], num_tokens: int, stop_below: float) -> DraftOutput:
         bs = len(reqs)
         slots = [self.cache.slot(r.rid) for r in reqs]
         feeds = [self._sync(s, r) for s, r in zip(slots, reqs)]
@@ -165,15 +165,23 @@ class StandaloneDrafter(CachedDrafter):
             (to(feed.tokens), to(feed.positions), to(feed.valid), slot_index, to(feed.last)), feed.kv_at(0)
         )
         out_tokens[:, 0], out_probs[:, 0] = ids, probs
+        # Live requests whose chain goes on (all of them without a stop);
+        # reading it waits for the step, so only a stop reads it.
+        going = torch.tensor(live + [False] * (rows - bs), device=self.device) & (probs >= stop_below)
+        width = num_tokens
         for step in range(1, num_tokens):
+            if stop_below and not going.any():
+                width = step
+                break
             ids, probs = self.steps(
                 (out_tokens[:, step - 1 : step], later[:, step - 1 : step], alive_t, slot_index, zeros),
                 feed.kv_at(step),
             )
             out_tokens[:, step], out_probs[:, step] = ids, probs
+            going &= probs >= stop_below
 
-        out_tokens, out_probs = out_tokens[:bs], out_probs[:bs]
-        drafted = out_tokens[:, : num_tokens - 1].tolist()
+        out_tokens, out_probs = out_tokens[:bs, :width], out_probs[:bs, :width]
+        drafted = out_tokens[:, : width - 1].tolist()
         for s, f, d in zip(slots, feeds, drafted):
             if f:
                 s.cached.extend(f)

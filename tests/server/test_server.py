@@ -311,6 +311,25 @@ def test_acceptance_close_to_k_plus_one_with_agreeing_draft(pool):
         assert meta["spec_verify_ct"] <= 64 // (K + 1) + 1
 
 
+def test_a_draft_stop_is_exact_and_verifies_at_most_one_draft_past_a_chains_first_miss(pool):
+    """--minedraft-draft-stop 0.9 with the mixed draft (sure and right
+    after two thirds of the tokens, unsure and wrong after the rest): each
+    chain ends at its first unsure token, so a lone request's verify holds
+    at most one draft the target rejects, where a chain of k would verify
+    the drafts after it too. Outputs equal plain decoding."""
+    stop, plain = pool.get("stop-mixed"), pool.get("plain-bigram")
+    _check_greedy_identical(plain, stop)
+    trace = pool.trace_path("stop-mixed")
+    trace.write_text("")
+    for p in PROMPTS[:6]:
+        _ids(stop, p, 48)
+    steps = [json.loads(line) for line in trace.read_text().splitlines()]
+    drafting = [s for s in steps if s["k"] > 0]
+    assert len(drafting) >= 0.8 * len(steps) and max(s["k"] for s in drafting) == K
+    rejected_past_first = [s["k"] - (s["accept_lens"][0] - 1) - 1 for s in drafting]
+    assert max(rejected_past_first) <= 0, Counter(rejected_past_first)
+
+
 def test_auto_mode_switches_between_draft_ahead_and_psd(pool):
     """One request alone, a burst of 16, one alone again: outputs equal plain
     decoding, and the trace shows draft-ahead steps for the lone requests and

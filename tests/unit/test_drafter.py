@@ -93,6 +93,32 @@ def test_drafts_equal_transformers_greedy_through_accept_and_reject(path, hf, de
     assert set(drafter.steps.graphs) == captured, "a step's graph was captured on the hot path"
 
 
+@pytest.mark.parametrize("device, mode", STEP_MODES)
+def test_a_draft_stop_ends_the_call_once_every_chain_holds_an_unsure_token(path, hf, device, mode, monkeypatch):
+    """``stop_below``: the drafts are the full call's, cut after the column
+    where the last chain met its first token below it; the cache stays right
+    for the next call (whose drafts again equal transformers' greedy)."""
+    g = torch.Generator().manual_seed(1)
+    seqs = {f"r{i}": torch.randint(3, 1000, (n,), generator=g).tolist() for i, n in enumerate((4, 30))}
+    reqs = [DraftRequest(rid, s[:1], s[1:]) for rid, s in seqs.items()]
+    full = make_drafter(path, device, mode, monkeypatch)
+    full.allocate(max_requests=2, max_len=256)
+    want = full.draft(reqs, K)
+    # Every chain ends by its second token: a call of at most 2 steps.
+    stop = float(want.probs[:, :2].max()) * 1.0001
+    chain_ends = [next((j + 1 for j, p in enumerate(row) if p < stop), K) for row in want.probs.tolist()]
+    drafter = make_drafter(path, device, mode, monkeypatch)
+    drafter.allocate(max_requests=2, max_len=256)
+    out = drafter.draft(reqs, K, stop_below=stop)
+    width = max(chain_ends)
+    assert width < K and out.tokens.tolist() == want.tokens[:, :width].tolist()
+    assert torch.allclose(out.probs, want.probs[:, :width])
+    for s, drafted in zip(seqs.values(), out.tokens.tolist()):
+        s.extend([*drafted[:1], 7])  # one draft accepted, then a correction
+    again = drafter.draft([DraftRequest(rid, s[:1], s[1:]) for rid, s in seqs.items()], K)
+    assert again.tokens.tolist() == [hf_greedy(hf, s, K) for s in seqs.values()]
+
+
 def test_every_step_graph_is_captured_at_allocate(path, monkeypatch):
     """Under graphs, allocate captures every (requests, width, keys) bucket
     within its limits: 4 request buckets (1, 2, 3, 4) x 4 widths x 3 key

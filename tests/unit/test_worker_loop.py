@@ -276,7 +276,7 @@ class FakeDrafter(Drafter):
     def allocate(self, max_requests: int, max_len: int) -> int:
         return 0
 
-    def draft(self, reqs: Sequence[DraftRequest], num_tokens: int) -> DraftOutput:
+    def draft(self, reqs: Sequence[DraftRequest], num_tokens: int, stop_below: float = 0.0) -> DraftOutput:
         thread, tid = threading.current_thread().name, threading.get_native_id()
         if self.barrier is not None and thread.startswith("minedraft-drafter"):
             self.barrier.wait()
@@ -286,12 +286,18 @@ class FakeDrafter(Drafter):
         if self.fail(reqs):
             self.calls.append(DraftCall(rids, lens, num_tokens, thread, tid, (), True))
             raise RuntimeError("fake drafter fault")
-        rows = [self.rule([*r.prompt, *r.output], num_tokens) for r in reqs]
-        placement = dict(cores=frozenset(os.sched_getaffinity(0)), threads=torch.get_num_threads())
-        self.calls.append(DraftCall(rids, lens, num_tokens, thread, tid, tuple(map(tuple, rows)), False, **placement))
-        tokens = torch.tensor(rows, dtype=torch.int64).view(len(reqs), num_tokens)
+        tokens = torch.tensor([self.rule([*r.prompt, *r.output], num_tokens) for r in reqs], dtype=torch.int64)
+        tokens = tokens.view(len(reqs), num_tokens)
         # Varied, so TETRIS gives requests different counts.
-        return DraftOutput(tokens=tokens, probs=(tokens % 5 + 1) / 6)
+        probs = (tokens % 5 + 1) / 6
+        if stop_below:
+            # As the real drafter: each chain ends after its first unsure token, the output at the longest.
+            chain = torch.where(probs < stop_below, torch.arange(1, num_tokens + 1), num_tokens).min(dim=1).values
+            tokens, probs = tokens[:, : chain.max()], probs[:, : chain.max()]
+        placement = dict(cores=frozenset(os.sched_getaffinity(0)), threads=torch.get_num_threads())
+        rows = tuple(map(tuple, tokens.tolist()))
+        self.calls.append(DraftCall(rids, lens, num_tokens, thread, tid, rows, False, **placement))
+        return DraftOutput(tokens=tokens, probs=probs)
 
     def prefill(self, reqs: Sequence[DraftRequest]) -> None:
         time.sleep(self.prefill_seconds)
@@ -709,6 +715,23 @@ def test_the_planner_leaves_the_drafters_prefill_out_of_its_draft_costs(make_loo
     assert max(observed) < 0.15
 
 
+@pytest.mark.parametrize("mode", ["auto", "psd", "sequential"])
+def test_a_draft_stop_narrows_verifies_and_the_planner_counts_the_forwards_run(make_loop, mode):
+    """``--minedraft-draft-stop``: the drafter ends chains after an unsure token, so steps verify fewer
+    drafts; the output stays exact and the planner's draft costs are per forward the drafter ran."""
+    drafter = FakeDrafter(rule_mixed)
+    w = make_loop(mode, drafter)
+    w.config = dataclasses.replace(w.config, k="auto", draft_stop=0.5)
+    w.planner = StubPlanner([3], w)
+    forwards = []
+    w.planner.observe_draft = lambda cores, requests, n, seconds: forwards.append(n)
+    outputs, logs = run_requests(w, FakeTarget(), ARRIVALS)
+    check_exact(outputs, ARRIVALS)
+    widths = [len(log.verify.drafts[0]) for log in logs if log.verify.drafts]
+    assert min(widths) < 3 and max(widths) == 3, widths
+    assert forwards == [len(call.tokens[0]) for call in drafter.calls]
+
+
 # ------------------------------------------------------------------ 3. row stitching
 
 
@@ -1053,8 +1076,8 @@ def test_drafts_are_recorded_on_the_stream_that_takes_them(make_loop, monkeypatc
     drafter = FakeDrafter(rule_right)
     draft = drafter.draft
 
-    def recording_draft(reqs, num_tokens):
-        out = draft(reqs, num_tokens)
+    def recording_draft(reqs, num_tokens, stop_below):
+        out = draft(reqs, num_tokens, stop_below)
         made.extend([out.tokens, out.probs])
         return out
 

@@ -173,7 +173,8 @@ def ratio(a: float | None, b: float | None) -> float | None:
 def add_ratios(runs: list[dict]) -> None:
     """vs_plain, vs_standalone: throughput over that mode's at the same
     concurrency; vs_best_baseline: over the best of plain, plain --tp and
-    STANDALONE there (all on the same cores)."""
+    STANDALONE (at every k run: the base -k, and STANDALONE-k6's) there,
+    all on the same cores."""
 
     def at(mode: str, c: int) -> float | None:
         return next((r["throughput_tok_s"] for r in runs if r["mode"] == mode and r["concurrency"] == c), None)
@@ -182,8 +183,16 @@ def add_ratios(runs: list[dict]) -> None:
         c = r["concurrency"]
         r["vs_plain"] = ratio(r["throughput_tok_s"], at("plain", c))
         r["vs_standalone"] = ratio(r["throughput_tok_s"], at("STANDALONE", c))
-        baselines = [t for t in (at("plain", c), at("plain-tp", c), at("STANDALONE", c)) if t]
+        baselines = [
+            b["throughput_tok_s"]
+            for b in runs
+            if b["concurrency"] == c and b["throughput_tok_s"] and _is_baseline(b["mode"])
+        ]
         r["vs_best_baseline"] = ratio(r["throughput_tok_s"], max(baselines, default=None))
+
+
+def _is_baseline(mode: str) -> bool:
+    return mode in ("plain", "plain-tp") or mode.startswith("STANDALONE")
 
 
 def summary(runs: list[dict]) -> dict:

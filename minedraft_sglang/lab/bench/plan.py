@@ -117,6 +117,34 @@ VARIANTS: dict[str, Callable[[int], list[RunSpec]]] = {
             ("--minedraft-mode", "auto", "--minedraft-k", "auto", "--minedraft-draft-vocab", "auto"),
         )
     ],
+    # The defaults with --minedraft-draft-stop 0.8 and chains of up to 8:
+    # drafting ends at the drafter's first unsure token and runs on where it
+    # is sure (lab/draft_confidence.py rated it ~1.10x fixed k = 3 at one
+    # request on this CPU's stage times).
+    "stop": lambda B: [
+        RunSpec(
+            "adaptive-stop@2B",
+            "adaptive-stop",
+            "psd",
+            2 * B,
+            (
+                *("--minedraft-mode", "auto", "--minedraft-k", "auto"),
+                *("--speculative-num-steps", "8", "--minedraft-draft-stop", "0.8"),
+            ),
+        )
+    ],
+    # STANDALONE with chains of 6 (the fixed k the same study rated best):
+    # beside the base -k, SGLang's own SD at a longer chain.
+    "sa-k6": lambda B: [
+        RunSpec(
+            f"STANDALONE-k6@{n}",
+            "STANDALONE-k6",
+            "standalone",
+            c,
+            ("--speculative-num-steps", "6", "--speculative-num-draft-tokens", "7"),
+        )
+        for n, c in (("B", B), ("2B", 2 * B))
+    ],
     # The planner where it can only choose k (sequential mode: plain or SD on
     # every core, no split): beside seq and adaptive, it tells what the
     # planner costs from what the split's exploration costs.
