@@ -77,6 +77,11 @@ CASES = {
         {},
         "--minedraft-draft-vocab applies to a standalone draft model",
     ),
+    "draft stop with an EAGLE head": (
+        ["@eagle3", "--minedraft-draft-stop", "0.8"],
+        {},
+        "--minedraft-draft-stop applies to a standalone draft model",
+    ),
     "draft tokens != steps + 1": (
         ["--speculative-num-steps", "3", "--speculative-num-draft-tokens", "7"],
         {},

@@ -25,6 +25,9 @@ def test_config_round_trips_through_env(monkeypatch):
         ({"draft_vocab": "-1"}, "--minedraft-draft-vocab"),
         ({"draft_vocab": "some"}, "--minedraft-draft-vocab"),
         ({"draft_compile": "always"}, "--minedraft-draft-compile"),
+        ({"draft_stop": 1.0}, "--minedraft-draft-stop"),
+        ({"draft_stop": -0.1}, "--minedraft-draft-stop"),
+        ({"draft_stop": 0.5, "k": "fixed"}, "--minedraft-draft-stop"),
         ({"draft_cores": "1-"}, "--minedraft-draft-cores"),
         ({"draft_cores": "999"}, "--minedraft-draft-cores"),
     ],
@@ -43,6 +46,11 @@ def test_draft_vocab_flag_reaches_the_config():
     assert config_from_argv(["--model-path", "x"]).draft_vocab == "0"
     assert config_from_argv(["--model-path", "x", "--minedraft-draft-vocab", "auto"]).draft_vocab == "auto"
     assert config_from_argv(["--model-path", "x", "--minedraft-draft-vocab", "32768"]).draft_vocab == "32768"
+
+
+def test_draft_stop_flag_reaches_the_config():
+    assert config_from_argv(["--model-path", "x"]).draft_stop == 0.0
+    assert config_from_argv(["--model-path", "x", "--minedraft-draft-stop", "0.8"]).draft_stop == 0.8
 
 
 def test_k_is_auto_unless_the_user_chose_one():
