@@ -273,7 +273,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         help="Standalone drafter, --minedraft-k auto: end a request's draft chain after the first token the "
         "drafter gives a probability below this (that token is still verified), so drafting stops where a "
         "rejection is likely and the chain runs on to k (--speculative-num-steps) where the drafter is sure. "
-        "0 (default): every chain drafts k. Output is exact either way.",
+        "0 (default): every chain drafts k. Output is exact either way. Off by default: it did not beat "
+        "the defaults in servers side by side (docs/benchmarks.md, 2026-12-06).",
     )
     group.add_argument(
         "--minedraft-draft-compile",
