@@ -165,12 +165,16 @@ class StandaloneDrafter(CachedDrafter):
             (to(feed.tokens), to(feed.positions), to(feed.valid), slot_index, to(feed.last)), feed.kv_at(0)
         )
         out_tokens[:, 0], out_probs[:, 0] = ids, probs
-        # Live requests whose chain goes on (all of them without a stop);
-        # reading it waits for the step, so only a stop reads it.
-        going = torch.tensor(live + [False] * (rows - bs), device=self.device) & (probs >= stop_below)
+        # With a stop: the live requests whose chain goes on. Reading it waits
+        # for the step, so without one nothing is computed or read.
+        going = (
+            torch.tensor(live + [False] * (rows - bs), device=self.device) & (probs >= stop_below)
+            if stop_below
+            else None
+        )
         width = num_tokens
         for step in range(1, num_tokens):
-            if stop_below and not going.any():
+            if going is not None and not going.any():
                 width = step
                 break
             ids, probs = self.steps(
@@ -178,7 +182,8 @@ class StandaloneDrafter(CachedDrafter):
                 feed.kv_at(step),
             )
             out_tokens[:, step], out_probs[:, step] = ids, probs
-            going &= probs >= stop_below
+            if going is not None:
+                going &= probs >= stop_below
 
         out_tokens, out_probs = out_tokens[:bs, :width], out_probs[:bs, :width]
         drafted = out_tokens[:, : width - 1].tolist()
