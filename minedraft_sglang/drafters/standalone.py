@@ -167,11 +167,7 @@ class StandaloneDrafter(CachedDrafter):
         out_tokens[:, 0], out_probs[:, 0] = ids, probs
         # With a stop: the live requests whose chain goes on. Reading it waits
         # for the step, so without one nothing is computed or read.
-        going = (
-            torch.tensor(live + [False] * (rows - bs), device=self.device) & (probs >= stop_below)
-            if stop_below
-            else None
-        )
+        going = alive_t[:, 0] & (probs >= stop_below) if stop_below else None
         width = num_tokens
         for step in range(1, num_tokens):
             if going is not None and not going.any():
