@@ -131,6 +131,31 @@ def test_run_record_means_over_repeats():
     assert r["makespan_per_request_ms"] == pytest.approx(375)
 
 
+def test_ratio_per_round_pairs_each_round_with_its_own_best_baseline():
+    def run(mode, tputs, c=1):
+        return {
+            "mode": mode,
+            "concurrency": c,
+            "throughput_tok_s": sum(tputs) / len(tputs),
+            "throughput_repeats": tputs,
+        }
+
+    # The machine slows in round 2 for everyone: the ratio of means hides
+    # that the defaults beat the best baseline in every round.
+    runs = [
+        run("plain", [4.0, 2.0, 3.0]),
+        run("STANDALONE", [5.0, 2.5, 4.0]),
+        run("adaptive", [5.5, 2.75, 4.4]),
+        run("adaptive", [1.0, 1.0, 1.0], c=2),  # no baseline at its concurrency
+    ]
+    aggregate.add_ratios(runs)
+    assert runs[2]["vs_best_baseline_rounds"] == pytest.approx([1.1, 1.1, 1.1])
+    assert runs[2]["vs_best_baseline_median"] == pytest.approx(1.1)
+    assert runs[1]["vs_best_baseline_rounds"] == [1.0, 1.0, 1.0]
+    assert runs[0]["vs_best_baseline_median"] == pytest.approx(0.8)  # median of 0.8, 0.8, 0.75
+    assert runs[3]["vs_best_baseline_rounds"] == [] and runs[3]["vs_best_baseline_median"] is None
+
+
 def test_draft_prefill_is_drafting_beyond_the_median():
     # Drafts of 1, 1, 5, 1 s at one batch size: the 5 s one holds 4 s of prompt
     # prefill; a lone psd step is its own median.
@@ -221,7 +246,7 @@ def test_bench_quick_reports_every_field(tmp_path):
         # Every server on the same cores, each with a thread (or a --tp rank) per core.
         assert r["cores"] == env["cores"] and r["threads"], name
         assert 0 < r["cpu_per_wall"] <= cores + 0.5 and r["busy_threads"] >= 1, name
-        assert r["vs_best_baseline"] > 0, name
+        assert r["vs_best_baseline"] > 0 and r["vs_best_baseline_median"] > 0, name
         assert (r["choices"] is None) == (r["engine"] in ("plain", "plain-tp", "standalone")), name
         if r["engine"] == "plain-tp":
             assert f"--tp {cores}" in r["threads"], name

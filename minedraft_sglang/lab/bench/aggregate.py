@@ -174,7 +174,11 @@ def add_ratios(runs: list[dict]) -> None:
     """vs_plain, vs_standalone: throughput over that mode's at the same
     concurrency; vs_best_baseline: over the best of plain, plain --tp and
     STANDALONE (at every k run: the base -k, and STANDALONE-k6's) there,
-    all on the same cores."""
+    all on the same cores. Those are ratios of means over the rounds;
+    vs_best_baseline_rounds pairs each round's throughput with the best
+    baseline's of the same round (the machine drifts between rounds more
+    than between neighbouring visits), and vs_best_baseline_median is their
+    median."""
 
     def at(mode: str, c: int) -> float | None:
         return next((r["throughput_tok_s"] for r in runs if r["mode"] == mode and r["concurrency"] == c), None)
@@ -183,12 +187,17 @@ def add_ratios(runs: list[dict]) -> None:
         c = r["concurrency"]
         r["vs_plain"] = ratio(r["throughput_tok_s"], at("plain", c))
         r["vs_standalone"] = ratio(r["throughput_tok_s"], at("STANDALONE", c))
-        baselines = [
-            b["throughput_tok_s"]
-            for b in runs
-            if b["concurrency"] == c and b["throughput_tok_s"] and _is_baseline(b["mode"])
-        ]
-        r["vs_best_baseline"] = ratio(r["throughput_tok_s"], max(baselines, default=None))
+        baselines = [b for b in runs if b["concurrency"] == c and b["throughput_tok_s"] and _is_baseline(b["mode"])]
+        r["vs_best_baseline"] = ratio(
+            r["throughput_tok_s"], max((b["throughput_tok_s"] for b in baselines), default=None)
+        )
+        rounds = (
+            [a / max(b["throughput_repeats"][i] for b in baselines) for i, a in enumerate(r["throughput_repeats"])]
+            if baselines
+            else []
+        )
+        r["vs_best_baseline_rounds"] = rounds
+        r["vs_best_baseline_median"] = median(rounds) if rounds else None
 
 
 def _is_baseline(mode: str) -> bool:

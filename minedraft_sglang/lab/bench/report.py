@@ -211,6 +211,7 @@ COLUMNS = [
     ("x plain", "vs_plain", "{:.2f}"),
     ("x SA", "vs_standalone", "{:.2f}"),
     ("x best", "vs_best_baseline", "{:.2f}"),
+    ("x best/round", "vs_best_baseline_median", "{:.2f}"),
     ("TTFT ms", "ttft_ms", "{:.1f}"),
     ("TPOT ms", "tpot_ms", "{:.2f}"),
     ("lat/req ms", "makespan_per_request_ms", "{:.1f}"),
