@@ -71,8 +71,13 @@ from minedraft_sglang.metrics import StepMode
 EXPLORE_EVERY = 64
 EXPLORE_STEPS = 4
 HYSTERESIS = 0.05
-# Old measurements fade (the batch, the prompts and the machine drift):
-# the fits weigh the last ~1/(1 - DECAY) observations.
+# Old measurements fade (the batch, the prompts and the machine drift) with
+# time, counted in decisions: a fit weighs what it saw in the last
+# ~1/(1 - DECAY) steps. Per decision, not per observation: a configuration
+# the planner left, measured under a transient (a first use, another
+# process's burst), is not believed at that weight when it is measured
+# again much later (2026-12-06: one all-core step 4x slow at startup held
+# a server on split cores, 0.7x STANDALONE, for 300 steps).
 DECAY = 0.98
 
 
@@ -89,11 +94,13 @@ def accept_length(alpha: float, k: int) -> float:
 @dataclass
 class LinearFit:
     """y = a + b1*x1 + b2*x2 by exponentially weighted least squares
-    (b1, b2 >= 0; x2 optional). A feature the observations do not vary apart
-    from the other gets no slope of its own: one value seen, or x2 moving
-    only with x1 (plain steps, whose tokens are their requests); the fit is
-    then the better line in the other alone, or a constant."""
+    (b1, b2 >= 0; x2 optional), an observation's weight DECAY**(its age in
+    ticks of the caller's clock). A feature the observations do not vary
+    apart from the other gets no slope of its own: one value seen, or x2
+    moving only with x1 (plain steps, whose tokens are their requests); the
+    fit is then the better line in the other alone, or a constant."""
 
+    now: int = 0  # the clock's tick of the last observation
     w: float = 0.0
     s1: float = 0.0
     s2: float = 0.0
@@ -104,16 +111,20 @@ class LinearFit:
     s1y: float = 0.0
     s2y: float = 0.0
 
-    def add(self, x1: float, y: float, x2: float = 0.0) -> None:
-        self.w = DECAY * self.w + 1
-        self.s1 = DECAY * self.s1 + x1
-        self.s2 = DECAY * self.s2 + x2
-        self.sy = DECAY * self.sy + y
-        self.s11 = DECAY * self.s11 + x1 * x1
-        self.s12 = DECAY * self.s12 + x1 * x2
-        self.s22 = DECAY * self.s22 + x2 * x2
-        self.s1y = DECAY * self.s1y + x1 * y
-        self.s2y = DECAY * self.s2y + x2 * y
+    def add(self, x1: float, y: float, x2: float = 0.0, now: int | None = None) -> None:
+        """One observation at tick ``now`` (default: one tick after the last)."""
+        now = self.now + 1 if now is None else now
+        f = DECAY ** (now - self.now)
+        self.now = now
+        self.w = f * self.w + 1
+        self.s1 = f * self.s1 + x1
+        self.s2 = f * self.s2 + x2
+        self.sy = f * self.sy + y
+        self.s11 = f * self.s11 + x1 * x1
+        self.s12 = f * self.s12 + x1 * x2
+        self.s22 = f * self.s22 + x2 * x2
+        self.s1y = f * self.s1y + x1 * y
+        self.s2y = f * self.s2y + x2 * y
 
     @property
     def empty(self) -> bool:
@@ -191,6 +202,7 @@ class KPlanner:
     draft: dict[int, LinearFit] = field(default_factory=dict)  # by core count
     accepted: float = 0.0
     offered: float = 0.0
+    accepted_at: int = 0  # the decision of the last acceptance observed
     decisions: int = 0
     last_tried: dict = field(default_factory=dict)  # Option -> decision index
     current: Option | None = None  # chosen on rates (exploration aside)
@@ -200,18 +212,21 @@ class KPlanner:
     # ------------------------------------------------------------ measure
 
     def observe_verify(self, cores: int, tokens: int, seconds: float, requests: int) -> None:
-        self.verify.setdefault(cores, LinearFit()).add(tokens, seconds, requests)
+        self.verify.setdefault(cores, LinearFit(now=self.decisions)).add(tokens, seconds, requests, self.decisions)
 
     def observe_draft(self, cores: int, requests: int, forwards: int, seconds: float) -> None:
         if forwards > 0:
-            self.draft.setdefault(cores, LinearFit()).add(requests, seconds / forwards)
+            fit = self.draft.setdefault(cores, LinearFit(now=self.decisions))
+            fit.add(requests, seconds / forwards, now=self.decisions)
 
     def observe_acceptance(self, accepted_drafts: list[int], offered: list[int]) -> None:
         """Per verified request: drafts accepted, drafts it had. A chain stops
         at its first rejection, so each request contributes its accepted
         drafts plus, if it stopped early, one rejection."""
-        self.accepted = DECAY * self.accepted + sum(accepted_drafts)
-        self.offered = DECAY * self.offered + sum(a + (a < n) for a, n in zip(accepted_drafts, offered))
+        f = DECAY ** (self.decisions - self.accepted_at)
+        self.accepted_at = self.decisions
+        self.accepted = f * self.accepted + sum(accepted_drafts)
+        self.offered = f * self.offered + sum(a + (a < n) for a, n in zip(accepted_drafts, offered))
 
     @property
     def alpha(self) -> float:

@@ -244,3 +244,43 @@ def test_draft_ahead_pays_a_whole_draft_when_any_request_misses():
     hold = 0.9**4
     step = max(4 * 0.060, 0.200) + (1 - hold**eight) * 3 * 0.060 / 1.1
     assert p.rate(one, eight, 0) == pytest.approx(eight * accept_length(0.9, 3) / step, rel=1e-6)
+
+
+def _serve(p: KPlanner, steps: int, *, slow_first_all_core: float) -> list[Option]:
+    """``steps`` decisions at one request on 2 cores, each fed what ``PSDLoop._measure`` feeds: stage costs
+    that scale 1.65x from one core to two (this VM's plain decoding), a 0.5B draft forward at 0.38 of a
+    4-token 1.5B verify, every draft accepted (so draft-ahead drafts on every core only when the step before
+    made no drafts ahead). The first step that runs on every core is ``slow_first_all_core`` times slower (a
+    transient: a first use, another process's startup)."""
+    t_verify = {1: lambda n: 0.45 + 0.01 * n, 2: lambda n: (0.45 + 0.01 * n) / 1.65}
+    t_draft = {1: 0.17, 2: 0.17 / 1.65}
+    chosen, transient = [], slow_first_all_core
+    for _ in range(steps):
+        o = p.choose(1, 0, {PLAIN, SEQ, AHEAD})
+        v_cores, d_cores = p.cores(o)
+        ahead_held = bool(chosen) and chosen[-1].mode is AHEAD and o.mode is AHEAD
+        here = o.k if o.mode is SEQ or (o.mode is AHEAD and not ahead_held) else 0
+        slow = transient if v_cores == 2 or here else 1.0
+        if slow != 1.0:
+            transient = 1.0
+        if here:
+            p.observe_draft(2, 1, here, slow * here * t_draft[2])
+        if o.mode is AHEAD:
+            p.observe_draft(d_cores, 1, o.k + 1, (o.k + 1) * t_draft[d_cores])
+        p.observe_verify(v_cores, o.k + 1, (slow if v_cores == 2 else 1.0) * t_verify[v_cores](o.k + 1), 1)
+        if o.k:
+            p.observe_acceptance([o.k], [o.k])
+        chosen.append(o)
+    return chosen
+
+
+def test_a_configuration_measured_once_under_a_transient_is_believed_again_once_remeasured():
+    """2026-12-06: the bench started three servers at once; MINEDRAFT's only all-core step of its warm-up ran
+    4-13x slow, and the planner ran split cores (draft-ahead, PSD) for the next 300 steps, its explorations of
+    all-core options averaged with that step. Old observations fade with time, so the first exploration that
+    runs on every core again sets the fit right, and sequential SD on every core (the best here) takes over."""
+    unlucky = _serve(KPlanner(3, total_cores=2, draft_core_counts=[1]), 400, slow_first_all_core=8.0)
+    lucky = _serve(KPlanner(3, total_cores=2, draft_core_counts=[1]), 400, slow_first_all_core=1.0)
+    best = Option(SEQ, 3)
+    assert lucky[-100:].count(best) >= 90
+    assert unlucky[-100:].count(best) >= 90
