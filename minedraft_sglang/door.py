@@ -149,6 +149,16 @@ def request_error(obj, input_ids, limit: VocabLimit, vocab: int | None = None) -
     )
     if error is not None:
         return error
+    params = getattr(obj, "sampling_params", None)
+    stops = params.get("stop_token_ids") if isinstance(params, dict) else None
+    if stops is not None:
+        # SGLang's min_new_tokens penalizer scatters every stop id of a batch
+        # into a [vocab + 1] row: one beyond it kills the scheduler as soon
+        # as a request with min_new_tokens shares the batch (the fuzzer,
+        # 2026-12-06: stop id 1025 on a 1024-token model).
+        error = token_ids_error(stops, VocabLimit(vocab or limit.size, "the model"), "stop_token_ids")
+        if error is not None:
+            return error
     contains_mm = getattr(obj, "contains_mm_input", None)
     if contains_mm is not None and contains_mm():
         return None

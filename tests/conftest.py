@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from minedraft_sglang.lab import tiny_eagle, tiny_models
-from minedraft_sglang.lab.launcher import Server, minedraft_args
+from minedraft_sglang.lab.launcher import Server, minedraft_args, start_ready
 
 K = 3  # --speculative-num-steps used by the test servers
 DRAFT_VOCAB = 512  # of the tiny models' 1024 token ids
@@ -152,7 +152,7 @@ class ServerPool:
             args, env = self.specs[name]
             log = self.tmp / f"{name}.{sum(1 for _ in self.tmp.glob(name + '.*log'))}.log"
             t0 = time.monotonic()
-            server = Server(args, log, env=env).wait_ready()
+            server = start_ready(args, log, env=env)
             self.starts.setdefault(name, []).append(time.monotonic() - t0)
             self.logs[name] = log
         self.servers[name] = server

@@ -29,6 +29,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# What uvicorn logs when the HTTP port was taken between free_port() and the
+# server's bind (by another server's internal ports, say); the process then
+# stays alive without serving (2026-12-06: a test waited out its 600 s).
+PORT_TAKEN = "error while attempting to bind on address"
+
+
+class PortTaken(RuntimeError):
+    """The server could not bind its HTTP port; a new port may work."""
+
+
 class Server:
     """A CPU server process with a log file; use as a context manager or
     call ``stop()``. ``command`` starts the server (default: this
@@ -66,21 +76,30 @@ class Server:
         )
 
     def wait_ready(self, timeout: float = 600) -> Server:
+        """Returns once the server answers /health_generate; raises (the
+        server stopped) when it exits, cannot bind its port (``PortTaken``)
+        or is not ready within ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}; log tail:\n{self.log_tail()}")
+            if PORT_TAKEN in self.log_tail():
+                tail = self.log_tail()
+                self.stop()
+                raise PortTaken(f"port {self.port} taken; log tail:\n{tail}")
             try:
                 if requests.get(self.url + "/health_generate", timeout=30).status_code == 200:
                     return self
             except requests.RequestException:
                 pass
             time.sleep(1)
+        tail = self.log_tail()
         self.stop()
-        raise TimeoutError(f"server not ready in {timeout}s; log tail:\n{self.log_tail()}")
+        raise TimeoutError(f"server not ready in {timeout}s; log tail:\n{tail}")
 
     def log_tail(self, lines: int = 40) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def generate(self, text, max_new_tokens: int, **extra) -> dict:
@@ -112,6 +131,18 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def start_ready(args: Sequence[str], log_path: Path, *, env=None, timeout: float = 600, tries: int = 3) -> Server:
+    """A ready ``Server(args, log_path, env=env)``, started again on a new
+    port (up to ``tries`` times) when its port was taken before it bound."""
+    for attempt in range(tries):
+        try:
+            return Server(args, log_path, env=env).wait_ready(timeout)
+        except PortTaken:
+            if attempt == tries - 1:
+                raise
+    raise ValueError("tries must be >= 1")
 
 
 def minedraft_args(model: str, draft: str, mode: str, num_steps: int = 3, extra: Sequence[str] = ()) -> list[str]:

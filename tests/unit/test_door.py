@@ -61,6 +61,15 @@ def test_empty_prompt_refused_unless_a_session_or_embeddings_supply_it():
     assert "not a token id" in door.request_error(plain, [5, 4096], LIMIT)
 
 
+@pytest.mark.parametrize("stops, refused", [([5, 1023], False), ([], False), ([5, 1025], True), ([-1], True)])
+def test_stop_token_ids_beyond_the_target_vocabulary_refused(stops, refused):
+    """A stop id past the vocabulary kills SGLang's scheduler once a min_new_tokens request shares its batch."""
+    req = SimpleNamespace(session_params=None, input_embeds=None, contains_mm_input=lambda: False)
+    req.sampling_params = {"stop_token_ids": stops, "min_new_tokens": 1}
+    error = door.request_error(req, [5, 6], LIMIT)
+    assert (error is not None and error.startswith("stop_token_ids[")) == refused, error
+
+
 def test_multimodal_requests_are_left_to_sglang():
     mm = SimpleNamespace(session_params=None, input_embeds=None, contains_mm_input=lambda: True)
     assert door.request_error(mm, [10**9], LIMIT) is None
