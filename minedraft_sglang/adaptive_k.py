@@ -76,8 +76,9 @@ HYSTERESIS = 0.05
 # ~1/(1 - DECAY) steps. Per decision, not per observation: a configuration
 # the planner left, measured under a transient (a first use, another
 # process's burst), is not believed at that weight when it is measured
-# again much later (2026-12-06: one all-core step 4x slow at startup held
-# a server on split cores, 0.7x STANDALONE, for 300 steps).
+# again much later (2026-12-06: one all-core step about 5x slow at startup
+# held a server on split cores for all 886 steps of a bench run,
+# docs/benchmarks.md).
 DECAY = 0.98
 
 
@@ -212,12 +213,11 @@ class KPlanner:
     # ------------------------------------------------------------ measure
 
     def observe_verify(self, cores: int, tokens: int, seconds: float, requests: int) -> None:
-        self.verify.setdefault(cores, LinearFit(now=self.decisions)).add(tokens, seconds, requests, self.decisions)
+        self.verify.setdefault(cores, LinearFit()).add(tokens, seconds, requests, self.decisions)
 
     def observe_draft(self, cores: int, requests: int, forwards: int, seconds: float) -> None:
         if forwards > 0:
-            fit = self.draft.setdefault(cores, LinearFit(now=self.decisions))
-            fit.add(requests, seconds / forwards, now=self.decisions)
+            self.draft.setdefault(cores, LinearFit()).add(requests, seconds / forwards, now=self.decisions)
 
     def observe_acceptance(self, accepted_drafts: list[int], offered: list[int]) -> None:
         """Per verified request: drafts accepted, drafts it had. A chain stops

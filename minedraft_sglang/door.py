@@ -141,11 +141,12 @@ def request_error(obj, input_ids, limit: VocabLimit, vocab: int | None = None) -
 
     Multimodal requests are left to SGLang: their ids come from the model's
     processor, whose placeholder tokens this module cannot judge."""
+    vocab = vocab or limit.size
     error = logprobs_error(
         getattr(obj, "return_logprob", None),
         getattr(obj, "top_logprobs_num", None),
         getattr(obj, "logprob_start_len", None),
-        vocab or limit.size,
+        vocab,
     )
     if error is not None:
         return error
@@ -156,7 +157,7 @@ def request_error(obj, input_ids, limit: VocabLimit, vocab: int | None = None) -
         # into a [vocab + 1] row: one beyond it kills the scheduler as soon
         # as a request with min_new_tokens shares the batch (the fuzzer,
         # 2026-12-06: stop id 1025 on a 1024-token model).
-        error = token_ids_error(stops, VocabLimit(vocab or limit.size, "the model"), "stop_token_ids")
+        error = token_ids_error(stops, VocabLimit(vocab, "the model"), "stop_token_ids")
         if error is not None:
             return error
     contains_mm = getattr(obj, "contains_mm_input", None)

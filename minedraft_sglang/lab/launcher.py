@@ -83,8 +83,8 @@ class Server:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}; log tail:\n{self.log_tail()}")
-            if PORT_TAKEN in self.log_tail():
-                tail = self.log_tail()
+            tail = self.log_tail()
+            if PORT_TAKEN in tail:
                 self.stop()
                 raise PortTaken(f"port {self.port} taken; log tail:\n{tail}")
             try:
@@ -136,13 +136,12 @@ class Server:
 def start_ready(args: Sequence[str], log_path: Path, *, env=None, timeout: float = 600, tries: int = 3) -> Server:
     """A ready ``Server(args, log_path, env=env)``, started again on a new
     port (up to ``tries`` times) when its port was taken before it bound."""
-    for attempt in range(tries):
+    for _ in range(tries - 1):
         try:
             return Server(args, log_path, env=env).wait_ready(timeout)
         except PortTaken:
-            if attempt == tries - 1:
-                raise
-    raise ValueError("tries must be >= 1")
+            pass
+    return Server(args, log_path, env=env).wait_ready(timeout)
 
 
 def minedraft_args(model: str, draft: str, mode: str, num_steps: int = 3, extra: Sequence[str] = ()) -> list[str]:

@@ -276,9 +276,10 @@ def _serve(p: KPlanner, steps: int, *, slow_first_all_core: float) -> list[Optio
 
 def test_a_configuration_measured_once_under_a_transient_is_believed_again_once_remeasured():
     """2026-12-06: the bench started three servers at once; MINEDRAFT's only all-core step of its warm-up ran
-    4-13x slow, and the planner ran split cores (draft-ahead, PSD) for the next 300 steps, its explorations of
-    all-core options averaged with that step. Old observations fade with time, so the first exploration that
-    runs on every core again sets the fit right, and sequential SD on every core (the best here) takes over."""
+    about 5x (verify) and 13x (draft) slow, and the planner ran split cores (draft-ahead, PSD) for all 886 steps
+    of the run, its explorations of all-core options averaged with that step. Old observations fade with time,
+    so the first exploration that runs on every core again sets the fit right, and sequential SD on every core
+    (the best here) takes over."""
     unlucky = _serve(KPlanner(3, total_cores=2, draft_core_counts=[1]), 400, slow_first_all_core=8.0)
     lucky = _serve(KPlanner(3, total_cores=2, draft_core_counts=[1]), 400, slow_first_all_core=1.0)
     best = Option(SEQ, 3)
