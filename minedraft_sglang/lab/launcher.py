@@ -92,7 +92,7 @@ class Server:
                     return self
             except requests.RequestException:
                 pass
-            time.sleep(1)
+            time.sleep(0.25)  # a pool of 30+ starts waits half a poll each
         tail = self.log_tail()
         self.stop()
         raise TimeoutError(f"server not ready in {timeout}s; log tail:\n{tail}")
