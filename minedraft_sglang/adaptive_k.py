@@ -44,11 +44,12 @@ pair: 44% of draft-ahead steps at 4 requests and 73% at 8 paid one,
 docs/benchmarks.md).
 
 An option whose costs are not measured yet rates infinite, so each is tried
-once. Every ``EXPLORE_EVERY``-th decision starts ``EXPLORE_STEPS`` steps at the
-option tried least recently, so the fits cover the widths and core counts
-they are asked about (a fit from one width cannot tell the fixed cost of a
-forward from the cost per token) and acceptance stays measured while plain
-steps win. Several steps, because in PSD a k takes a step to reach the verify
+once. Every ``EXPLORE_EVERY``-th decision (and, while the server is new, at
+``EARLY_EXPLORATIONS``) starts ``EXPLORE_STEPS`` steps at the option whose
+measurements are the oldest (least recently tried among equals), so the fits
+cover the widths and core counts they are asked about (a fit from one width
+cannot tell the fixed cost of a forward from the cost per token) and
+acceptance stays measured while plain steps win. Several steps, because in PSD a k takes a step to reach the verify
 (the half verified next was drafted now), and a lone step would measure only
 the switch. Otherwise the current option is kept unless another is
 ``HYSTERESIS`` better, except a sequential one, taken as soon as it rates
@@ -70,6 +71,12 @@ from minedraft_sglang.metrics import StepMode
 
 EXPLORE_EVERY = 64
 EXPLORE_STEPS = 4
+# A server's first measurements are its least reliable (first uses of each
+# shape, other processes starting beside it), and a choice made on them held
+# until decision 64: 2026-12-06, a bench's three servers warming up together,
+# MINEDRAFT's first five steps ran 3-7x slow and it decoded plainly until its
+# first exploration (docs/benchmarks.md). So it looks again sooner at first.
+EARLY_EXPLORATIONS = (8, 16, 32)
 HYSTERESIS = 0.05
 # Old measurements fade (the batch, the prompts and the machine drift) with
 # time, counted in decisions: a fit weighs what it saw in the last
@@ -80,6 +87,12 @@ HYSTERESIS = 0.05
 # held a server on split cores for all 886 steps of a bench run,
 # docs/benchmarks.md).
 DECAY = 0.98
+# An observation under FASTER x what the fit predicts weighs its elders
+# DISCOUNT more lightly: they were taken while something slowed the machine
+# (nothing makes a forward faster than the machine allows; a first use, or
+# other processes starting, makes one 3-13x slower, measured 2026-12-06).
+# Slower observations only average in: one slow step is not a new regime.
+FASTER, DISCOUNT = 0.5, 0.1
 
 
 def accept_length(alpha: float, k: int) -> float:
@@ -96,7 +109,8 @@ def accept_length(alpha: float, k: int) -> float:
 class LinearFit:
     """y = a + b1*x1 + b2*x2 by exponentially weighted least squares
     (b1, b2 >= 0; x2 optional), an observation's weight DECAY**(its age in
-    ticks of the caller's clock). A feature the observations do not vary
+    ticks of the caller's clock), and DISCOUNT less for each much faster one
+    after it. A feature the observations do not vary
     apart from the other gets no slope of its own: one value seen, or x2
     moving only with x1 (plain steps, whose tokens are their requests); the
     fit is then the better line in the other alone, or a constant."""
@@ -116,6 +130,8 @@ class LinearFit:
         """One observation at tick ``now`` (default: one tick after the last)."""
         now = self.now + 1 if now is None else now
         f = DECAY ** (now - self.now)
+        if not self.empty and y < FASTER * self(x1, x2):
+            f *= DISCOUNT
         self.now = now
         self.w = f * self.w + 1
         self.s1 = f * self.s1 + x1
@@ -244,19 +260,13 @@ class KPlanner:
         (infinite while a cost it needs is unmeasured). ``verify_bs`` and
         ``draft_bs`` are the PSD halves; other modes verify both."""
         batch = verify_bs + draft_bs
-        n = self.total_cores
-        v_cores, d_cores = self.cores(option)
-        needed = [self.verify.get(v_cores)]
-        if option.k:
-            needed.append(self.draft.get(d_cores))
-        if option.mode is StepMode.DRAFT_AHEAD:
-            needed.append(self.draft.get(n))  # a missed guess drafts alone
-        if any(fit is None for fit in needed):
+        fits = self._fits(option)
+        if any(fit is None for fit in fits):
             return float("inf")
-        t_v, t_d = self.verify[v_cores], self.draft[d_cores]
+        t_v = fits[0]
         if option.mode is StepMode.PLAIN:
             return batch / max(t_v(batch, batch), 1e-9)
-        k = option.k
+        t_d, k = fits[1], option.k
         alpha = min(self.alpha, 1.0)
         if option.mode is StepMode.PSD:
             step = max(k * t_d(draft_bs), t_v(verify_bs * (k + 1), verify_bs))
@@ -264,7 +274,7 @@ class KPlanner:
         verify = t_v(batch * (k + 1), batch)
         if option.mode is StepMode.DRAFT_AHEAD:
             hold = alpha ** (k + 1)
-            miss = (1 - hold**batch) * k * self.draft[n](max(1.0, batch * (1 - hold)))
+            miss = (1 - hold**batch) * k * fits[2](max(1.0, batch * (1 - hold)))
             step = max((k + 1) * t_d(batch), verify) + miss
         else:
             step = k * t_d(batch) + verify
@@ -274,15 +284,15 @@ class KPlanner:
         """The option for this step among ``modes`` (PSD only where both
         halves hold requests): the current one unless another's expected
         rate is clearly better, or, for a few steps every EXPLORE_EVERY
-        decisions, the one tried least recently."""
+        decisions (and at EARLY_EXPLORATIONS), the one measured least recently."""
         self.decisions += 1
         allowed = options(self.k_max, modes, self.draft_core_counts)
         if self.explore_left and self.explore in allowed:
             self.explore_left -= 1
             choice = self.explore
-        elif self.decisions % EXPLORE_EVERY == 0 and len(allowed) > 1:
+        elif self._explores_now() and len(allowed) > 1:
             others = [o for o in allowed if o != self.current]
-            choice = self.explore = min(others, key=lambda o: self.last_tried.get(o, -1))
+            choice = self.explore = min(others, key=lambda o: (self.measured_at(o), self.last_tried.get(o, -1)))
             self.explore_left = EXPLORE_STEPS - 1
         else:
             rates = {o: self.rate(o, verify_bs, draft_bs) for o in allowed}
@@ -293,6 +303,31 @@ class KPlanner:
             choice = self.current
         self.last_tried[choice] = self.decisions
         return choice
+
+    def _explores_now(self) -> bool:
+        return self.decisions % EXPLORE_EVERY == 0 or self.decisions in EARLY_EXPLORATIONS
+
+    def _fits(self, option: Option) -> list[LinearFit | None]:
+        """The stage fits ``option``'s rate rests on (None: not measured
+        yet): the verify's, and where it drafts the draft's, and for
+        draft-ahead the draft's on every core (a missed guess drafts alone)."""
+        v_cores, d_cores = self.cores(option)
+        fits = [self.verify.get(v_cores)]
+        if option.k:
+            fits.append(self.draft.get(d_cores))
+        if option.mode is StepMode.DRAFT_AHEAD:
+            fits.append(self.draft.get(self.total_cores))
+        return fits
+
+    def measured_at(self, option: Option) -> int:
+        """The decision of the oldest measurement ``option``'s rate rests on
+        (its fits, acceptance where it drafts); -1 while one is missing.
+        Options share fits (one per core count), so a stale one is refreshed
+        by whichever of them runs next."""
+        fits = self._fits(option)
+        if any(fit is None for fit in fits):
+            return -1
+        return min([fit.now for fit in fits] + ([self.accepted_at] if option.k and self.offered else []))
 
     def summary(self) -> dict:
         return {

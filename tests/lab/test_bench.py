@@ -201,6 +201,32 @@ def test_chrome_trace_and_timeline(tmp_path):
     assert png.read_bytes()[:8] == PNG_MAGIC
 
 
+class _Stub:
+    """A mode server that records what the pool asks of it."""
+
+    def __init__(self, mode: str, events: list[str]):
+        self.mode, self.events = mode, events
+
+    def start(self):
+        self.events.append(f"start {self.mode}")
+
+    def wait_ready(self):
+        self.events.append(f"ready {self.mode}")
+
+    def warm_up(self):
+        self.events.append(f"warm {self.mode}")
+
+    def stop(self):
+        self.events.append(f"stop {self.mode}")
+
+
+def test_servers_started_together_warm_up_one_at_a_time_once_all_are_up():
+    events: list[str] = []
+    a, b, c = (_Stub(m, events) for m in "abc")
+    servers.Pool([a, b, c, a], capacity=3).visit(0)
+    assert events == ["start a", "start b", "start c", "ready a", "ready b", "ready c", "warm a", "warm b", "warm c"]
+
+
 @pytest.mark.server
 def test_bench_quick_reports_every_field(tmp_path):
     out = tmp_path / "bench.json"

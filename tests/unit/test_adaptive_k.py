@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from minedraft_sglang.adaptive_k import (
+    EARLY_EXPLORATIONS,
     EXPLORE_EVERY,
     EXPLORE_STEPS,
     HYSTERESIS,
@@ -181,10 +182,12 @@ def test_choose_explores_every_option_for_a_few_steps():
     modes = {PLAIN, PSD}
     chosen = [p.choose(2, 2, modes) for _ in range(2 * EXPLORE_EVERY + EXPLORE_STEPS)]
     plain = Option(PLAIN, 0)
-    assert chosen.count(plain) == len(chosen) - 2 * EXPLORE_STEPS
+    starts = [*EARLY_EXPLORATIONS, EXPLORE_EVERY, 2 * EXPLORE_EVERY]
+    explored = [decision for decision, o in enumerate(chosen, 1) if o != plain]
+    assert explored == [start + i for start in starts for i in range(EXPLORE_STEPS)]
     # Each exploration is a run of EXPLORE_STEPS steps at one option, every option in turn.
     runs = [o for o in chosen if o != plain]
-    assert runs == [Option(PSD, 2)] * EXPLORE_STEPS + [Option(PSD, 1)] * EXPLORE_STEPS
+    assert runs == [o for i in range(len(starts)) for o in [(Option(PSD, 2), Option(PSD, 1))[i % 2]] * EXPLORE_STEPS]
 
 
 def test_a_near_tie_does_not_flip_the_choice_into_overlapping():
@@ -246,16 +249,19 @@ def test_draft_ahead_pays_a_whole_draft_when_any_request_misses():
     assert p.rate(one, eight, 0) == pytest.approx(eight * accept_length(0.9, 3) / step, rel=1e-6)
 
 
-def _serve(p: KPlanner, steps: int, *, slow_first_all_core: float) -> list[Option]:
+def _serve(
+    p: KPlanner, steps: int, *, slow_first_all_core: float = 1.0, slow_start: int = 0, missed_first: int = 0
+) -> list[Option]:
     """``steps`` decisions at one request on 2 cores, each fed what ``PSDLoop._measure`` feeds: stage costs
     that scale 1.65x from one core to two (this VM's plain decoding), a 0.5B draft forward at 0.38 of a
     4-token 1.5B verify, every draft accepted (so draft-ahead drafts on every core only when the step before
-    made no drafts ahead). The first step that runs on every core is ``slow_first_all_core`` times slower (a
-    transient: a first use, another process's startup)."""
+    made no drafts ahead). Transients (a first use, other processes starting): the first step that runs on
+    every core is ``slow_first_all_core`` times slower; the first ``slow_start`` steps are 5x slower in every
+    stage; the first ``missed_first`` verifies with drafts accept none."""
     t_verify = {1: lambda n: 0.45 + 0.01 * n, 2: lambda n: (0.45 + 0.01 * n) / 1.65}
     t_draft = {1: 0.17, 2: 0.17 / 1.65}
-    chosen, transient = [], slow_first_all_core
-    for _ in range(steps):
+    chosen, transient, missed = [], slow_first_all_core, 0
+    for i in range(steps):
         o = p.choose(1, 0, {PLAIN, SEQ, AHEAD})
         v_cores, d_cores = p.cores(o)
         ahead_held = bool(chosen) and chosen[-1].mode is AHEAD and o.mode is AHEAD
@@ -263,13 +269,16 @@ def _serve(p: KPlanner, steps: int, *, slow_first_all_core: float) -> list[Optio
         slow = transient if v_cores == 2 or here else 1.0
         if slow != 1.0:
             transient = 1.0
+        start = 5.0 if i < slow_start else 1.0
         if here:
-            p.observe_draft(2, 1, here, slow * here * t_draft[2])
+            p.observe_draft(2, 1, here, start * slow * here * t_draft[2])
         if o.mode is AHEAD:
-            p.observe_draft(d_cores, 1, o.k + 1, (o.k + 1) * t_draft[d_cores])
-        p.observe_verify(v_cores, o.k + 1, (slow if v_cores == 2 else 1.0) * t_verify[v_cores](o.k + 1), 1)
+            p.observe_draft(d_cores, 1, o.k + 1, start * (o.k + 1) * t_draft[d_cores])
+        verify = start * (slow if v_cores == 2 else 1.0) * t_verify[v_cores](o.k + 1)
+        p.observe_verify(v_cores, o.k + 1, verify, 1)
         if o.k:
-            p.observe_acceptance([o.k], [o.k])
+            missed += 1
+            p.observe_acceptance([0 if missed <= missed_first else o.k], [o.k])
         chosen.append(o)
     return chosen
 
@@ -285,3 +294,56 @@ def test_a_configuration_measured_once_under_a_transient_is_believed_again_once_
     best = Option(SEQ, 3)
     assert lucky[-100:].count(best) >= 90
     assert unlucky[-100:].count(best) >= 90
+
+
+@pytest.mark.parametrize(
+    "transients",
+    [
+        dict(slow_start=5, missed_first=2),
+        dict(slow_start=5),
+        dict(missed_first=2),
+        dict(slow_first_all_core=8.0),
+        dict(slow_first_all_core=8.0, slow_start=5, missed_first=2),
+    ],
+)
+def test_a_choice_made_on_a_slow_start_is_looked_at_again_soon(transients):
+    """2026-12-06: three servers warming up together, MINEDRAFT's first five steps ran 3-7x slow and its first
+    drafts were rejected; on those measurements plain decoding rated best and held until the exploration at
+    decision 64 (and then split cores, on fits still holding the slow steps). Early explorations, each at the
+    option measured least recently, re-measure acceptance and the stages, much faster observations discount the
+    slow ones, and sequential SD (the best here) runs most of the first 64 steps. Red without the early
+    explorations (4 of these 5 cases), without the discount (4), or exploring the option tried least recently
+    instead (1)."""
+    chosen = _serve(KPlanner(3, total_cores=2, draft_core_counts=[1]), EXPLORE_EVERY, **transients)
+    assert chosen.count(Option(SEQ, 3)) >= 40
+
+
+def test_a_much_faster_observation_discounts_the_older_ones():
+    fit = LinearFit()
+    for _ in range(3):
+        fit.add(4, 5.0)  # a slow start
+    fit.add(4, 1.0)
+    assert fit(4) < 2.0  # without the discount: 4.0
+    steady = LinearFit()
+    for _ in range(5):
+        steady.add(4, 1.0)
+    steady.add(4, 5.0)  # one slow step: averaged in, not a new regime
+    assert steady(4) < 2.0
+
+
+def test_an_exploration_goes_to_the_option_measured_least_recently():
+    """Options share a fit per core count: the exploration re-measures the fit that is oldest, whichever option
+    last ran on it."""
+    p = KPlanner(2, total_cores=2, draft_core_counts=[1])
+    p.decisions = 20
+    p.observe_verify(1, 3, 0.4, 1)
+    p.observe_draft(1, 1, 3, 0.5)
+    p.observe_acceptance([2], [2])
+    p.decisions = 30
+    p.observe_verify(2, 1, 0.3, 1)  # plain steps since
+    p.decisions = 10
+    p.observe_draft(2, 1, 2, 0.2)  # the all-core draft: measured first, never since
+    p.decisions, p.current = EXPLORE_EVERY - 1, Option(PLAIN, 0)
+    for o in options(2, {PLAIN, SEQ, PSD}, [1]):
+        p.last_tried[o] = 0  # tried equally long ago: the measurements decide
+    assert p.choose(1, 1, {PLAIN, SEQ, PSD}) == Option(SEQ, 2)

@@ -116,11 +116,13 @@ class ModeServer:
         self.server = Server(self.cmd, log, env=self.env, cores=self.settings.cores)
 
     def wait_ready(self) -> None:
-        """Waits for the started server to answer, then warms it up."""
+        """Waits for the started server to answer."""
         self.server.wait_ready(self.settings.startup_timeout)
         tqdm.write(f"[bench]   {self.mode} ready {time.monotonic() - self.started:.0f} s after its start")
-        # First-use costs (allocator growth, the drafter thread's start) are
-        # paid here, with every slot (both PSD sub-batches) filled.
+
+    def warm_up(self) -> None:
+        """First-use costs (allocator growth, the drafter thread's start) are
+        paid here, with every slot (both PSD sub-batches) filled."""
         warmup = (list(self.settings.warmup_prompts) * self.max_running)[: self.max_running]
         send_all(self.server.url, warmup, max_new_tokens=self.settings.warmup_tokens, concurrency=self.max_running)
 
@@ -179,9 +181,14 @@ class Pool:
         for t in self.visits[index:]:
             if t.mode not in self.alive and t not in group and len(group) < self.capacity - len(self.alive):
                 group.append(t)
-        # Startups overlap, but every one is done before the next run.
+        # Startups overlap, but every one is done before the next run, and
+        # each warm-up runs alone: one beside another server's startup ran
+        # 3-7x slow, and the planner took those steps for the machine's
+        # speed (2026-12-06, docs/benchmarks.md).
         for t in group:
             t.start()
         for t in group:
             t.wait_ready()
+        for t in group:
+            t.warm_up()
             self.alive[t.mode] = t
