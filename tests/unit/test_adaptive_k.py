@@ -347,3 +347,14 @@ def test_an_exploration_goes_to_the_option_measured_least_recently():
     for o in options(2, {PLAIN, SEQ, PSD}, [1]):
         p.last_tried[o] = 0  # tried equally long ago: the measurements decide
     assert p.choose(1, 1, {PLAIN, SEQ, PSD}) == Option(SEQ, 2)
+
+
+def test_plain_decoding_is_rated_without_a_draft_measured_on_its_cores():
+    """psd mode from a batch of two: PSD steps draft on one core, a plain step verifies on both, and no draft
+    ever ran on both. Plain's rate needs no draft cost (it raised KeyError here before 2026-12-06)."""
+    p = KPlanner(2, total_cores=2, draft_core_counts=[1])
+    p.observe_verify(1, 3, 0.4, 1)
+    p.observe_draft(1, 1, 2, 0.2)
+    p.observe_verify(2, 2, 0.3, 2)
+    assert p.rate(Option(PLAIN, 0), 1, 1) == pytest.approx(2 / 0.3)
+    assert p.choose(1, 1, {PLAIN, PSD}) in options(2, {PLAIN, PSD}, [1])
