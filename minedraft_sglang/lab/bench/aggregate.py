@@ -27,6 +27,9 @@ class Sample(TypedDict):
     # worked at least a fifth of the run (measure.run_once).
     cpu_per_wall: float
     busy_threads: int
+    # CPU seconds per second the hypervisor took for other guests, on every
+    # core (measure.run_once).
+    steal_per_wall: float
     # The server's cores and how its threads use them (servers.threads).
     cores: str
     threads: str
@@ -132,6 +135,7 @@ def run_record(spec: RunSpec, samples: list[Sample]) -> dict:
             **trace_metrics(spec, x["steps"], len(x["replies"])),
             "cpu_per_wall": x.get("cpu_per_wall"),
             "busy_threads": x.get("busy_threads"),
+            "steal_per_wall": x.get("steal_per_wall"),
         }
         for x in samples
     ]
@@ -148,6 +152,7 @@ def run_record(spec: RunSpec, samples: list[Sample]) -> dict:
         "threads": samples[0].get("threads"),
         **record,
         "throughput_repeats": tputs,
+        "steal_repeats": [p["steal_per_wall"] for p in per],
         "throughput_stdev": pstdev(tputs),
     }
 

@@ -55,7 +55,8 @@ def run_all(
                 sample = run_once(s, spec, prompts, max_new_tokens=max_new_tokens, on_done=lambda: bar.update(1))
                 samples[spec.name].append(sample)
                 tput = request_metrics(sample["replies"], sample["makespan"])["throughput_tok_s"]
-                tqdm.write(f"[bench]   {spec.name} round {round_ + 1}: {tput:.1f} tok/s")
+                steal = sample["steal_per_wall"]
+                tqdm.write(f"[bench]   {spec.name} round {round_ + 1}: {tput:.1f} tok/s, steal {steal:.2f} cpu/wall")
     finally:
         bar.close()
         # Every server: the pool's, and any started but never ready.
@@ -71,10 +72,12 @@ def run_once(
     flush_cache(url)
     before = len(server.steps())
     cpu = thread_cpu_seconds(server.server.proc.pid)
+    steal = psutil.cpu_times().steal
     replies, makespan = send_all(
         url, prompts, max_new_tokens=max_new_tokens, concurrency=spec.concurrency, on_done=on_done
     )
     used = thread_cpu_seconds(server.server.proc.pid)
+    stolen = psutil.cpu_times().steal - steal
     burnt = [t - cpu.get(key, 0.0) for key, t in used.items()]
     return {
         "replies": replies,
@@ -85,6 +88,9 @@ def run_once(
         # worked at least a fifth of it.
         "cpu_per_wall": sum(burnt) / makespan,
         "busy_threads": sum(b >= 0.2 * makespan for b in burnt),
+        # CPU seconds per second the hypervisor gave to other guests (every
+        # core, /proc/stat): a slow round with steal is the host's, not ours.
+        "steal_per_wall": stolen / makespan,
         "cores": format_cores(server.settings.cores),
         "threads": server.threads,
     }

@@ -207,6 +207,7 @@ COLUMNS = [
     ("cores", "cores", "{}"),
     ("threads", "threads", "{}"),
     ("cpu/wall", "cpu_per_wall", "{:.2f}"),
+    ("steal", "steal_per_wall", "{:.2f}"),
     ("tok/s", "throughput_tok_s", "{:.1f}"),
     ("x plain", "vs_plain", "{:.2f}"),
     ("x SA", "vs_standalone", "{:.2f}"),
