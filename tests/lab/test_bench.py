@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from minedraft_sglang.lab import launcher
 from minedraft_sglang.lab.bench import aggregate, cli, measure, plots, servers
 from minedraft_sglang.lab.bench.plan import RunSpec, build_plan
 from minedraft_sglang.metrics import StepMode, StepRecord
@@ -225,6 +226,28 @@ def test_servers_started_together_warm_up_one_at_a_time_once_all_are_up():
     a, b, c = (_Stub(m, events) for m in "abc")
     servers.Pool([a, b, c, a], capacity=3).visit(0)
     assert events == ["start a", "start b", "start c", "ready a", "ready b", "ready c", "warm a", "warm b", "warm c"]
+
+
+def test_a_server_whose_port_was_taken_starts_again_on_a_new_port(tmp_path, monkeypatch):
+    started = []
+
+    class TakenOnce:
+        """The first server's port is taken before it binds."""
+
+        def __init__(self, *args, **kwargs):
+            started.append(self)
+
+        def wait_ready(self, timeout):
+            if len(started) == 1:
+                raise launcher.PortTaken("port taken")
+            return self
+
+    monkeypatch.setattr(servers, "Server", TakenOnce)
+    settings = servers.ServerSettings("t", "d", 3, (), tmp_path, 1.0, ("hi",), 1, frozenset({0}))
+    s = servers.ModeServer("plain", [RunSpec("plain@B", "plain", "plain", 1)], settings)
+    s.start()
+    s.wait_ready()
+    assert len(started) == 2 and s.server is started[1] and s.starts == 2
 
 
 @pytest.mark.server

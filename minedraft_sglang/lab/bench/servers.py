@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from minedraft_sglang.lab.bench.client import send_all
 from minedraft_sglang.lab.bench.plan import RunSpec
-from minedraft_sglang.lab.launcher import Server, minedraft_args
+from minedraft_sglang.lab.launcher import PortTaken, Server, minedraft_args
 from minedraft_sglang.metrics import StepRecord, read_trace
 
 
@@ -31,7 +31,7 @@ class ServerSettings:
     # Server logs and trace files go here.
     workdir: Path
     startup_timeout: float
-    # After a start, requests that fill every slot once (see ModeServer.wait_ready).
+    # After a start, requests that fill every slot once (see ModeServer.warm_up).
     warmup_prompts: tuple[str, ...]
     warmup_tokens: int
     # The CPU set every server runs on: each baseline gets exactly the cores
@@ -115,9 +115,17 @@ class ModeServer:
         self.started = time.monotonic()
         self.server = Server(self.cmd, log, env=self.env, cores=self.settings.cores)
 
-    def wait_ready(self) -> None:
-        """Waits for the started server to answer."""
-        self.server.wait_ready(self.settings.startup_timeout)
+    def wait_ready(self, tries: int = 3) -> None:
+        """Waits for the started server to answer; one whose port was taken
+        before it bound starts again on a new port (``tries`` starts in all)."""
+        for _ in range(tries - 1):
+            try:
+                self.server.wait_ready(self.settings.startup_timeout)
+                break
+            except PortTaken:
+                self.start()
+        else:
+            self.server.wait_ready(self.settings.startup_timeout)
         tqdm.write(f"[bench]   {self.mode} ready {time.monotonic() - self.started:.0f} s after its start")
 
     def warm_up(self) -> None:
