@@ -72,10 +72,10 @@ from minedraft_sglang.metrics import StepMode
 EXPLORE_EVERY = 64
 EXPLORE_STEPS = 4
 # A server's first measurements are its least reliable (first uses of each
-# shape, other processes starting beside it), and a choice made on them held
-# until decision 64: 2026-12-06, a bench's three servers warming up together,
-# MINEDRAFT's first five steps ran 3-7x slow and it decoded plainly until its
-# first exploration (docs/benchmarks.md). So it looks again sooner at first.
+# shape and thread count), and a choice made on them held until decision 64:
+# 2026-12-06, MINEDRAFT's first five steps ran 3-7x slow and it decoded
+# plainly until its first exploration (docs/benchmarks.md). So it looks
+# again sooner at first.
 EARLY_EXPLORATIONS = (8, 16, 32)
 HYSTERESIS = 0.05
 # Old measurements fade (the batch, the prompts and the machine drift) with
@@ -88,9 +88,9 @@ HYSTERESIS = 0.05
 # docs/benchmarks.md).
 DECAY = 0.98
 # An observation under FASTER x what the fit predicts weighs its elders
-# DISCOUNT more lightly: they were taken while something slowed the machine
-# (nothing makes a forward faster than the machine allows; a first use, or
-# other processes starting, makes one 3-13x slower, measured 2026-12-06).
+# DISCOUNT more lightly: they were taken while something slowed the forward
+# (nothing makes one faster than the machine allows; a first use made one
+# 3-13x slower, measured 2026-12-06).
 # Slower observations only average in: one slow step is not a new regime.
 FASTER, DISCOUNT = 0.5, 0.1
 

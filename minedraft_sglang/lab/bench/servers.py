@@ -190,9 +190,9 @@ class Pool:
             if t.mode not in self.alive and t not in group and len(group) < self.capacity - len(self.alive):
                 group.append(t)
         # Startups overlap, but every one is done before the next run, and
-        # each warm-up runs alone: one beside another server's startup ran
-        # 3-7x slow, and the planner took those steps for the machine's
-        # speed (2026-12-06, docs/benchmarks.md).
+        # each warm-up runs alone, not beside another server's startup. (A
+        # MINEDRAFT server's first steps still run 3-7x slow alone: first
+        # uses, 2026-12-06, docs/benchmarks.md; the planner copes with that.)
         for t in group:
             t.start()
         for t in group:
