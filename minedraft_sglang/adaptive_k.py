@@ -49,9 +49,9 @@ once. Every ``EXPLORE_EVERY``-th decision (and, while the server is new, at
 measurements are the oldest (least recently tried among equals), so the fits
 cover the widths and core counts they are asked about (a fit from one width
 cannot tell the fixed cost of a forward from the cost per token) and
-acceptance stays measured while plain steps win. Several steps, because in PSD a k takes a step to reach the verify
-(the half verified next was drafted now), and a lone step would measure only
-the switch. Otherwise the current option is kept unless another is
+acceptance stays measured while plain steps win. Several steps, because in
+PSD a k takes a step to reach the verify (the half verified next was drafted
+now), and a lone step would measure only the switch. Otherwise the current option is kept unless another is
 ``HYSTERESIS`` better, except a sequential one, taken as soon as it rates
 higher: a switch into overlapping costs a step whose background drafts are
 not ready, one into plain throws away drafts made ahead, while a sequential
@@ -110,10 +110,10 @@ class LinearFit:
     """y = a + b1*x1 + b2*x2 by exponentially weighted least squares
     (b1, b2 >= 0; x2 optional), an observation's weight DECAY**(its age in
     ticks of the caller's clock), and DISCOUNT less for each much faster one
-    after it. A feature the observations do not vary
-    apart from the other gets no slope of its own: one value seen, or x2
-    moving only with x1 (plain steps, whose tokens are their requests); the
-    fit is then the better line in the other alone, or a constant."""
+    after it. A feature the observations do not vary apart from the other
+    gets no slope of its own: one value seen, or x2 moving only with x1
+    (plain steps, whose tokens are their requests); the fit is then the
+    better line in the other alone, or a constant."""
 
     now: int = 0  # the clock's tick of the last observation
     w: float = 0.0
