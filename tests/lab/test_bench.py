@@ -296,6 +296,7 @@ def test_bench_quick_reports_every_field(tmp_path):
         assert r["cores"] == env["cores"] and r["threads"], name
         assert 0 < r["cpu_per_wall"] <= cores + 0.5 and r["busy_threads"] >= 1, name
         assert 0 <= r["steal_per_wall"] <= os.cpu_count() and len(r["steal_repeats"]) == 1, name
+        assert r["major_faults"] >= 0 and len(r["major_faults_repeats"]) == 1, name
         assert r["vs_best_baseline"] > 0 and r["vs_best_baseline_median"] > 0, name
         assert (r["choices"] is None) == (r["engine"] in ("plain", "plain-tp", "standalone")), name
         if r["engine"] == "plain-tp":

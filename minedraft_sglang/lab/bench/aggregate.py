@@ -30,6 +30,8 @@ class Sample(TypedDict):
     # CPU seconds per second the hypervisor took for other guests, on every
     # core (measure.run_once).
     steal_per_wall: float
+    # Major page faults of the server's processes during the run.
+    major_faults: int
     # The server's cores and how its threads use them (servers.threads).
     cores: str
     threads: str
@@ -136,6 +138,7 @@ def run_record(spec: RunSpec, samples: list[Sample]) -> dict:
             "cpu_per_wall": x.get("cpu_per_wall"),
             "busy_threads": x.get("busy_threads"),
             "steal_per_wall": x.get("steal_per_wall"),
+            "major_faults": x.get("major_faults"),
         }
         for x in samples
     ]
@@ -153,6 +156,7 @@ def run_record(spec: RunSpec, samples: list[Sample]) -> dict:
         **record,
         "throughput_repeats": tputs,
         "steal_repeats": [p["steal_per_wall"] for p in per],
+        "major_faults_repeats": [p["major_faults"] for p in per],
         "throughput_stdev": pstdev(tputs),
     }
 

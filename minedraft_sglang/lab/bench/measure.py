@@ -55,8 +55,11 @@ def run_all(
                 sample = run_once(s, spec, prompts, max_new_tokens=max_new_tokens, on_done=lambda: bar.update(1))
                 samples[spec.name].append(sample)
                 tput = request_metrics(sample["replies"], sample["makespan"])["throughput_tok_s"]
-                steal = sample["steal_per_wall"]
-                tqdm.write(f"[bench]   {spec.name} round {round_ + 1}: {tput:.1f} tok/s, steal {steal:.2f} cpu/wall")
+                steal, faults = sample["steal_per_wall"], sample["major_faults"]
+                tqdm.write(
+                    f"[bench]   {spec.name} round {round_ + 1}: {tput:.1f} tok/s, steal {steal:.2f} cpu/wall, "
+                    f"{faults} major faults"
+                )
     finally:
         bar.close()
         # Every server: the pool's, and any started but never ready.
@@ -71,13 +74,16 @@ def run_once(
     url = server.server.url
     flush_cache(url)
     before = len(server.steps())
-    cpu = thread_cpu_seconds(server.server.proc.pid)
+    pid = server.server.proc.pid
+    cpu = thread_cpu_seconds(pid)
+    faults = major_faults(pid)
     steal = psutil.cpu_times().steal
     replies, makespan = send_all(
         url, prompts, max_new_tokens=max_new_tokens, concurrency=spec.concurrency, on_done=on_done
     )
-    used = thread_cpu_seconds(server.server.proc.pid)
+    used = thread_cpu_seconds(pid)
     stolen = psutil.cpu_times().steal - steal
+    faulted = major_faults(pid) - faults
     burnt = [t - cpu.get(key, 0.0) for key, t in used.items()]
     return {
         "replies": replies,
@@ -91,6 +97,10 @@ def run_once(
         # CPU seconds per second the hypervisor gave to other guests (every
         # core, /proc/stat): a slow round with steal is the host's, not ours.
         "steal_per_wall": stolen / makespan,
+        # Pages the server's processes waited on the disk for: memory the
+        # kernel took back (a file mapping such as an mmapped checkpoint)
+        # and the run needed again.
+        "major_faults": faulted,
         "cores": format_cores(server.settings.cores),
         "threads": server.threads,
     }
@@ -107,3 +117,19 @@ def thread_cpu_seconds(pid: int) -> dict[tuple[int, int], float]:
         except psutil.NoSuchProcess:
             continue
     return out
+
+
+def major_faults(pid: int) -> int:
+    """Major page faults so far of ``pid`` and its descendants (their
+    threads', exited ones included: /proc/PID/stat's majflt)."""
+    total = 0
+    root = psutil.Process(pid)
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            with open(f"/proc/{proc.pid}/stat") as f:
+                # The fields after the command, which is in parentheses and
+                # may hold spaces: majflt is the 12th field in all.
+                total += int(f.read().rsplit(")", 1)[1].split()[9])
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total

@@ -208,6 +208,7 @@ COLUMNS = [
     ("threads", "threads", "{}"),
     ("cpu/wall", "cpu_per_wall", "{:.2f}"),
     ("steal", "steal_per_wall", "{:.2f}"),
+    ("majflt", "major_faults", "{:.0f}"),
     ("tok/s", "throughput_tok_s", "{:.1f}"),
     ("x plain", "vs_plain", "{:.2f}"),
     ("x SA", "vs_standalone", "{:.2f}"),
