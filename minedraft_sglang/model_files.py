@@ -1,5 +1,6 @@
 """Model folders: a Hugging Face hub id resolved the way SGLang resolves it,
-and the rule for which draft vocabulary can serve which target.
+the rule for which draft vocabulary can serve which target, and weights
+loaded from them held in memory of the process's own.
 
 SGLang takes ``--model-path`` and ``--speculative-draft-model-path`` as a local
 folder or a hub id; its loader turns a hub id into the snapshot folder of the
@@ -66,6 +67,27 @@ def local_dir(path: str, flag: str, *, revision: str | None = None, weights: boo
         raise MineDraftConfigError(
             f"{flag} {path!r}: no such directory, and not a model in the Hugging Face cache{offline}: {reason}"
         ) from None
+
+
+def resident(module):
+    """``module`` (a torch ``nn.Module``) with every CPU parameter and buffer
+    copied into memory of its own. transformers and safetensors map a
+    checkpoint's file rather than read it, so weights loaded on the CPU stay
+    page cache of that file: clean pages, which the kernel takes back under
+    memory pressure and reads from disk again at the next use. A drafter idle
+    through a run of plain steps, on a machine whose memory other servers
+    share, then paid the disk in every draft for minutes (2026-12-06,
+    docs/benchmarks.md). Tensors that share memory (tied weights) still share
+    their copy. GPU tensors are left alone: moving them there copied them."""
+    import torch
+
+    copies: dict[tuple, torch.Tensor] = {}
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            if t.device.type == "cpu":
+                key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+                t.data = copies.setdefault(key, t.data.clone())
+    return module
 
 
 def read_config(folder: str, path: str, flag: str) -> dict:

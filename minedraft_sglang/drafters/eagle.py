@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minedraft_sglang import model_files
 from minedraft_sglang.drafters.base import DraftOutput, DraftRequest, read_on_this_stream
 from minedraft_sglang.drafters.kv_cache import (
     STEP_WIDTHS,
@@ -244,7 +245,7 @@ class EagleDrafter(CachedDrafter):
 
     def __init__(self, model_path: str, target_path: str, device: str, dtype: torch.dtype, *, step_mode: str = "eager"):
         self.device = torch.device(device)
-        self.head = load_eagle_head(model_path, target_path).to(self.device, dtype)
+        self.head = model_files.resident(load_eagle_head(model_path, target_path).to(self.device, dtype))
         self.dtype = dtype
         config = self.head.layer.self_attn.config
         self.aux_layer_ids = aux_layer_ids(config) if self.head.version == 3 else None

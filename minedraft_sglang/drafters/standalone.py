@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from minedraft_sglang import model_files
 from minedraft_sglang.drafters.base import DraftOutput, DraftRequest
 from minedraft_sglang.drafters.draft_vocab import DraftVocab
 from minedraft_sglang.drafters.kv_cache import (
@@ -63,7 +64,7 @@ class StandaloneDrafter(CachedDrafter):
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
-        self.model = model.to(self.device, dtype).eval()
+        self.model = model_files.resident(model.to(self.device, dtype).eval())
         config = self.model.config
         attn = self.model.model.layers[0].self_attn
         self.cache = SlotKVCache(

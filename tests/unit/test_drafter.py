@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from minedraft_sglang import model_files
 from minedraft_sglang.drafters import kv_cache
 from minedraft_sglang.drafters.base import DraftRequest
 from minedraft_sglang.drafters.standalone import StandaloneDrafter
@@ -339,3 +342,37 @@ def test_step_mode_graphs_on_a_gpu_and_runs_eagerly_on_cpu_unless_told():
 
     assert [step_mode("cuda:1", c) for c in ("auto", "on", "off")] == ["graph", "graph", "eager"]
     assert [step_mode("cpu", c) for c in ("auto", "on", "off")] == ["eager", "compile", "eager"]
+
+
+def mapped_from(module, folder: str) -> list[str]:
+    """The parameters and buffers of ``module`` whose memory lies in this
+    process's mapping of a file in ``folder``."""
+    folder = os.path.realpath(folder)
+    with open("/proc/self/maps") as f:
+        spans = [[int(a, 16) for a in line.split()[0].split("-")] for line in f if folder + os.sep in line]
+    named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    return [name for name, t in named if any(lo <= t.data_ptr() < hi for lo, hi in spans)]
+
+
+def test_cpu_drafter_weights_are_its_own_memory_not_the_checkpoint_file(path):
+    """Weights still mapped from the checkpoint are page cache, which the
+    kernel evicts under memory pressure (model_files.resident). The tiny
+    checkpoint is float32, so loading it converts nothing: transformers maps
+    every weight."""
+    drafter = StandaloneDrafter(path, "cpu", torch.float32)
+    assert mapped_from(drafter.model, path) == []
+    drafter.allocate(max_requests=1, max_len=32)
+    assert drafter.draft([DraftRequest("a", [5, 6, 7], [])], K).tokens.shape == (1, K)
+
+
+def test_resident_copies_weights_and_keeps_shared_ones_shared(path):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    assert len(mapped_from(model, path)) == len(list(model.parameters()))
+    # EAGLE's tied head: two Parameters over one tensor's memory.
+    model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.data)
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    model_files.resident(model)
+    assert mapped_from(model, path) == []
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_drafter import GPU, STEP_MODES, step_mode
+from test_drafter import GPU, STEP_MODES, mapped_from, step_mode
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -209,3 +209,14 @@ def test_trained_tiny_heads_accept_more_than_one_token_on_new_text(name, target)
             drafter.observe(f"r{i}", n - 1, feats[n - 1 : n + m])
             n += m + 1
     assert sum(accepted) / len(accepted) > 1.2, sum(accepted) / len(accepted)
+
+
+def test_cpu_head_weights_are_its_own_memory_not_the_checkpoints(random_head):
+    """Neither the head's checkpoint nor the target's (embedding, LM head)
+    stays mapped: page cache the kernel could evict (model_files.resident)."""
+    _, path, _ = random_head
+    drafter = make_drafter(path)
+    assert mapped_from(drafter.head, path) == []
+    assert mapped_from(drafter.head, str(tiny_models.model_path("target"))) == []
+    drafter.allocate(max_requests=1, max_len=32)
+    assert drafter.draft([DraftRequest("a", [5, 6, 7], [])], 2).tokens.shape == (1, 2)
