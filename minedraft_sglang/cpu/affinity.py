@@ -216,13 +216,20 @@ def thread_cores(tid: int) -> frozenset[int]:
     return frozenset(os.sched_getaffinity(tid))
 
 
+def stat_fields(path: str | Path) -> list[str]:
+    """The fields of a ``/proc/.../stat`` file after the command, which is in
+    parentheses and may hold spaces: [0] the state, [9] majflt, [11] utime,
+    [12] stime (fields 3, 12, 14 and 15 of proc(5))."""
+    return Path(path).read_text().rsplit(")", 1)[1].split()
+
+
 def cpu_ticks() -> dict[int, int]:
     """utime + stime in clock ticks of every thread of this process
     (``/proc/self/task/*/stat`` fields 14 and 15)."""
     out = {}
     for task in Path("/proc/self/task").iterdir():
         try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            fields = stat_fields(task / "stat")
         except OSError:  # the thread ended meanwhile
             continue
         out[int(task.name)] = int(fields[11]) + int(fields[12])

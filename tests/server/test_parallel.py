@@ -26,7 +26,7 @@ from statistics import median
 import psutil
 import pytest
 
-from minedraft_sglang.cpu.affinity import parse_cores
+from minedraft_sglang.cpu.affinity import parse_cores, stat_fields
 from minedraft_sglang.lab import tiny_models
 from minedraft_sglang.lab.launcher import Server, minedraft_args
 
@@ -77,7 +77,7 @@ def _scheduler_pid(server: Server) -> int:
 def _task(pid: int, tid: int) -> dict:
     """One thread as the kernel has it: name, CPU seconds, state and CPU set."""
     task = Path(f"/proc/{pid}/task/{tid}")
-    stat = (task / "stat").read_text().rsplit(")", 1)[1].split()
+    stat = stat_fields(task / "stat")
     status = dict(line.split(":", 1) for line in (task / "status").read_text().splitlines() if ":" in line)
     return {
         "name": (task / "comm").read_text().strip(),

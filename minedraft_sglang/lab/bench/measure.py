@@ -11,7 +11,7 @@ from typing import TypeVar
 import psutil
 from tqdm import tqdm
 
-from minedraft_sglang.cpu.affinity import format_cores
+from minedraft_sglang.cpu.affinity import format_cores, stat_fields
 from minedraft_sglang.lab.bench.aggregate import Sample, request_metrics
 from minedraft_sglang.lab.bench.client import flush_cache, send_all
 from minedraft_sglang.lab.bench.plan import RunSpec
@@ -110,8 +110,7 @@ def thread_cpu_seconds(pid: int) -> dict[tuple[int, int], float]:
     """User + system CPU seconds of every thread of ``pid`` and its
     descendants, by (process, thread) id."""
     out = {}
-    root = psutil.Process(pid)
-    for proc in [root, *root.children(recursive=True)]:
+    for proc in _tree(pid):
         try:
             out.update({(proc.pid, t.id): t.user_time + t.system_time for t in proc.threads()})
         except psutil.NoSuchProcess:
@@ -123,13 +122,14 @@ def major_faults(pid: int) -> int:
     """Major page faults so far of ``pid`` and its descendants (their
     threads', exited ones included: /proc/PID/stat's majflt)."""
     total = 0
-    root = psutil.Process(pid)
-    for proc in [root, *root.children(recursive=True)]:
+    for proc in _tree(pid):
         try:
-            with open(f"/proc/{proc.pid}/stat") as f:
-                # The fields after the command, which is in parentheses and
-                # may hold spaces: majflt is the 12th field in all.
-                total += int(f.read().rsplit(")", 1)[1].split()[9])
-        except (FileNotFoundError, ProcessLookupError):
+            total += int(stat_fields(f"/proc/{proc.pid}/stat")[9])
+        except OSError:  # the process ended meanwhile
             continue
     return total
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
