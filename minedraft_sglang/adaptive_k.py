@@ -44,14 +44,21 @@ pair: 44% of draft-ahead steps at 4 requests and 73% at 8 paid one,
 docs/benchmarks.md).
 
 An option whose costs are not measured yet rates infinite, so each is tried
-once. Every ``EXPLORE_EVERY``-th decision (and, while the server is new, at
-``EARLY_EXPLORATIONS``) starts ``EXPLORE_STEPS`` steps at the option whose
+once. Explorations then run ``EXPLORE_STEPS`` steps at the option whose
 measurements are the oldest (least recently tried among equals), so the fits
 cover the widths and core counts they are asked about (a fit from one width
 cannot tell the fixed cost of a forward from the cost per token) and
-acceptance stays measured while plain steps win. Several steps, because in
-PSD a k takes a step to reach the verify (the half verified next was drafted
-now), and a lone step would measure only the switch. Otherwise the current option is kept unless another is
+acceptance stays measured while plain steps win. Two steps, because in PSD a
+k takes a step to reach the verify (the half verified next was drafted now):
+the second is a whole PSD step. Explorations come at decisions ``EXPLORE_FIRST``,
+twice that, four times, ... (a server's first measurements are its least
+reliable), the interval doubling up to ``EXPLORE_MAX`` while the choice
+holds: every exploration runs options that rated worse (2026-12-06, real
+pair, 8 requests: a PSD k2 step on split cores committed 11 tokens in 520-570
+ms where sequential k3 on both committed about 30 in 730-750 ms,
+docs/benchmarks.md). A new choice (the batch or the acceptance moved) brings
+the next exploration within ``EXPLORE_AFTER_CHANGE`` decisions.
+Otherwise the current option is kept unless another is
 ``HYSTERESIS`` better, except a sequential one, taken as soon as it rates
 higher: a switch into overlapping costs a step whose background drafts are
 not ready, one into plain throws away drafts made ahead, while a sequential
@@ -69,14 +76,13 @@ from dataclasses import dataclass, field
 
 from minedraft_sglang.metrics import StepMode
 
-EXPLORE_EVERY = 64
-EXPLORE_STEPS = 4
-# A server's first measurements are its least reliable (first uses of each
-# shape and thread count), and a choice made on them held until decision 64:
-# 2026-12-06, MINEDRAFT's first five steps ran 3-7x slow and it decoded
-# plainly until its first exploration (docs/benchmarks.md). So it looks
-# again sooner at first.
-EARLY_EXPLORATIONS = (8, 16, 32)
+EXPLORE_STEPS = 2
+# 2026-12-06: MINEDRAFT's first five steps ran 3-7x slow and, on those
+# measurements, it decoded plainly until its first exploration at decision
+# 64 (docs/benchmarks.md): the first comes early.
+EXPLORE_FIRST = 8
+EXPLORE_MAX = 512
+EXPLORE_AFTER_CHANGE = 64
 HYSTERESIS = 0.05
 # Old measurements fade (the batch, the prompts and the machine drift) with
 # time, counted in decisions: a fit weighs what it saw in the last
@@ -225,6 +231,8 @@ class KPlanner:
     current: Option | None = None  # chosen on rates (exploration aside)
     explore: Option | None = None
     explore_left: int = 0
+    explore_interval: int = EXPLORE_FIRST
+    next_exploration: int = EXPLORE_FIRST  # a decision index
 
     # ------------------------------------------------------------ measure
 
@@ -283,29 +291,31 @@ class KPlanner:
     def choose(self, verify_bs: int, draft_bs: int, modes: set[StepMode]) -> Option:
         """The option for this step among ``modes`` (PSD only where both
         halves hold requests): the current one unless another's expected
-        rate is clearly better, or, for a few steps every EXPLORE_EVERY
-        decisions (and at EARLY_EXPLORATIONS), the one measured least recently."""
+        rate is clearly better, or, for EXPLORE_STEPS steps now and then
+        (see the module's docstring), the one measured least recently."""
         self.decisions += 1
         allowed = options(self.k_max, modes, self.draft_core_counts)
         if self.explore_left and self.explore in allowed:
             self.explore_left -= 1
             choice = self.explore
-        elif self._explores_now() and len(allowed) > 1:
+        elif self.decisions >= self.next_exploration and len(allowed) > 1:
             others = [o for o in allowed if o != self.current]
             choice = self.explore = min(others, key=lambda o: (self.measured_at(o), self.last_tried.get(o, -1)))
             self.explore_left = EXPLORE_STEPS - 1
+            self.next_exploration = self.decisions + self.explore_interval
+            self.explore_interval = min(2 * self.explore_interval, EXPLORE_MAX)
         else:
             rates = {o: self.rate(o, verify_bs, draft_bs) for o in allowed}
             best = max(rates, key=rates.get)
             margin = 1 if best.mode is StepMode.SEQUENTIAL else 1 + HYSTERESIS
             if self.current not in rates or rates[best] > margin * rates[self.current]:
+                if self.current is not None and best != self.current:
+                    self.explore_interval = min(self.explore_interval, EXPLORE_AFTER_CHANGE)
+                    self.next_exploration = min(self.next_exploration, self.decisions + EXPLORE_AFTER_CHANGE)
                 self.current = best
             choice = self.current
         self.last_tried[choice] = self.decisions
         return choice
-
-    def _explores_now(self) -> bool:
-        return self.decisions % EXPLORE_EVERY == 0 or self.decisions in EARLY_EXPLORATIONS
 
     def _fits(self, option: Option) -> list[LinearFit | None]:
         """The stage fits ``option``'s rate rests on (None: not measured

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from minedraft_sglang.adaptive_k import (
-    EARLY_EXPLORATIONS,
-    EXPLORE_EVERY,
+    EXPLORE_AFTER_CHANGE,
+    EXPLORE_FIRST,
+    EXPLORE_MAX,
     EXPLORE_STEPS,
     HYSTERESIS,
     KPlanner,
@@ -177,17 +178,41 @@ def test_unmeasured_options_are_tried_before_rates_decide():
     assert p.choose(1, 1, {PLAIN, SEQ, PSD}) == Option(SEQ, 2)
 
 
-def test_choose_explores_every_option_for_a_few_steps():
+def _exploration_starts(chosen: list[Option], held: Option) -> list[int]:
+    """The decisions (from 1) at which a run of steps at another option than ``held`` begins."""
+    return [d for d, o in enumerate(chosen, 1) if o != held and (d == 1 or chosen[d - 2] != o)]
+
+
+def test_choose_explores_every_option_for_a_few_steps_ever_more_rarely_while_the_choice_holds():
     p = _planner(0.02, t_verify=lambda n, c: 0.1, t_draft=lambda b, c: 0.01, k_max=2)
     modes = {PLAIN, PSD}
-    chosen = [p.choose(2, 2, modes) for _ in range(2 * EXPLORE_EVERY + EXPLORE_STEPS)]
+    chosen = [p.choose(2, 2, modes) for _ in range(3000)]
     plain = Option(PLAIN, 0)
-    starts = [*EARLY_EXPLORATIONS, EXPLORE_EVERY, 2 * EXPLORE_EVERY]
-    explored = [decision for decision, o in enumerate(chosen, 1) if o != plain]
+    starts = _exploration_starts(chosen, plain)
+    intervals = [b - a for a, b in zip(starts, starts[1:])]
+    assert starts[:7] == [EXPLORE_FIRST * 2**i for i in range(7)] and EXPLORE_FIRST * 2**6 == EXPLORE_MAX
+    assert set(intervals[6:]) == {EXPLORE_MAX}
+    explored = [d for d, o in enumerate(chosen, 1) if o != plain]
     assert explored == [start + i for start in starts for i in range(EXPLORE_STEPS)]
     # Each exploration is a run of EXPLORE_STEPS steps at one option, every option in turn.
     runs = [o for o in chosen if o != plain]
     assert runs == [o for i in range(len(starts)) for o in [(Option(PSD, 2), Option(PSD, 1))[i % 2]] * EXPLORE_STEPS]
+
+
+def test_a_new_choice_brings_the_next_exploration_near():
+    """A choice held long pushes explorations EXPLORE_MAX apart; when the rates move another option ahead
+    (the batch or the acceptance changed), the options that rated worse are looked at again soon."""
+    p = _planner(0.02, t_verify=lambda n, c: 0.1, t_draft=lambda b, c: 0.01, k_max=2)
+    modes = {PLAIN, PSD}
+    plain, psd = Option(PLAIN, 0), Option(PSD, 2)
+    for _ in range(1100):
+        p.choose(2, 2, modes)
+    assert p.current == plain and p.explore_interval == EXPLORE_MAX
+    rates = {plain: 1.0, psd: 2.0, Option(PSD, 1): 0.5}
+    p.rate = lambda o, *_: rates[o]
+    chosen = [p.choose(2, 2, modes) for _ in range(EXPLORE_AFTER_CHANGE + EXPLORE_STEPS)]
+    assert chosen[-EXPLORE_STEPS - 1] == psd  # the new choice ...
+    assert set(chosen[-EXPLORE_STEPS:]) == {Option(PSD, 1)}  # ... and an exploration EXPLORE_AFTER_CHANGE after it
 
 
 def test_a_near_tie_does_not_flip_the_choice_into_overlapping():
@@ -314,7 +339,7 @@ def test_a_choice_made_on_a_slow_start_is_looked_at_again_soon(transients):
     slow ones, and sequential SD (the best here) runs most of the first 64 steps. Red without the early
     explorations (4 of these 5 cases), without the discount (4), or exploring the option tried least recently
     instead (1)."""
-    chosen = _serve(KPlanner(3, total_cores=2, draft_core_counts=[1]), EXPLORE_EVERY, **transients)
+    chosen = _serve(KPlanner(3, total_cores=2, draft_core_counts=[1]), 64, **transients)
     assert chosen.count(Option(SEQ, 3)) >= 40
 
 
@@ -343,7 +368,8 @@ def test_an_exploration_goes_to_the_option_measured_least_recently():
     p.observe_verify(2, 1, 0.3, 1)  # plain steps since
     p.decisions = 10
     p.observe_draft(2, 1, 2, 0.2)  # the all-core draft: measured first, never since
-    p.decisions, p.current = EXPLORE_EVERY - 1, Option(PLAIN, 0)
+    p.decisions, p.current = 63, Option(PLAIN, 0)
+    p.next_exploration = 64
     for o in options(2, {PLAIN, SEQ, PSD}, [1]):
         p.last_tried[o] = 0  # tried equally long ago: the measurements decide
     assert p.choose(1, 1, {PLAIN, SEQ, PSD}) == Option(SEQ, 2)
