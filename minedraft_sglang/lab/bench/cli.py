@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             workdir=workdir,
             startup_timeout=args.startup_timeout,
             warmup_prompts=tuple(prompts),
-            warmup_tokens=min(8, args.max_new_tokens),
+            warmup_tokens=args.max_new_tokens,
             cores=args.cores,
         )
         samples = run_all(

@@ -129,8 +129,14 @@ class ModeServer:
         tqdm.write(f"[bench]   {self.mode} ready {time.monotonic() - self.started:.0f} s after its start")
 
     def warm_up(self) -> None:
-        """First-use costs (allocator growth, the drafter thread's start) are
-        paid here, with every slot (both PSD sub-batches) filled."""
+        """First-use costs (allocator growth, the drafter thread's start, the
+        prompts' prefill shapes) and a MINEDRAFT planner's first explorations
+        are paid here, unmeasured, with every slot (both PSD sub-batches)
+        filled for as many tokens as a measured request gets: a server's
+        first minute, not its steady state (2026-12-06: a fresh server's
+        first prefill of 8 prompts took 16 s, then 5-6 s; the planner's
+        explorations at decisions 8, 16 and 32 fell in the first measured
+        run of 20-30 steps, docs/benchmarks.md)."""
         warmup = (list(self.settings.warmup_prompts) * self.max_running)[: self.max_running]
         send_all(self.server.url, warmup, max_new_tokens=self.settings.warmup_tokens, concurrency=self.max_running)
 
