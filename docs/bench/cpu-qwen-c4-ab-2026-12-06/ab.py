@@ -1,10 +1,11 @@
 """A/B of two MINEDRAFT server configurations on the real pair, both alive, visits alternating
 (A B, B A, ...), each visit 8 HumanEval prompts x 64 tokens at AB_CONC (default 4) requests in flight.
-The script of docs/benchmarks.md's 2026-12-06 19:42-20:16 runs, as run (from the repository root, after
+The script of docs/benchmarks.md's 2026-12-06 19:42-21:30 runs, as run (from the repository root, after
 `source launch/cpu_env.sh`):
   ab1: .venv/bin/python ab.py /tmp/ab1 3 seq="sequential" ada="auto --minedraft-k auto"
   ab3: .venv/bin/python ab.py /tmp/ab3 3 seq="sequential" seqauto="sequential --minedraft-k auto"
   ab4: .venv/bin/python ab.py /tmp/ab4 8 seq="sequential" ada="auto --minedraft-k auto"
+  ab5 (21:20-21:30): AB_CONC=8 .venv/bin/python ab.py /tmp/ab5 8 seq="sequential" ada="auto --minedraft-k auto"
 AB_SAMPLE=1 samples the servers' /proc figures every 0.5 s (one run, ab2, not kept: the sampling slowed them)."""
 import json, os, sys, time, shlex
 from pathlib import Path
