@@ -1,11 +1,13 @@
 """A/B of two MINEDRAFT server configurations on the real pair, both alive, visits alternating
 (A B, B A, ...), each visit 8 HumanEval prompts x 64 tokens at AB_CONC (default 4) requests in flight.
-The script of docs/benchmarks.md's 2026-12-06 19:42-21:30 runs, as run (from the repository root, after
+The script of docs/benchmarks.md's 2026-12-06 19:42-21:43 runs, as run (from the repository root, after
 `source launch/cpu_env.sh`):
   ab1: .venv/bin/python ab.py /tmp/ab1 3 seq="sequential" ada="auto --minedraft-k auto"
   ab3: .venv/bin/python ab.py /tmp/ab3 3 seq="sequential" seqauto="sequential --minedraft-k auto"
   ab4: .venv/bin/python ab.py /tmp/ab4 8 seq="sequential" ada="auto --minedraft-k auto"
   ab5 (21:20-21:30): AB_CONC=8 .venv/bin/python ab.py /tmp/ab5 8 seq="sequential" ada="auto --minedraft-k auto"
+  ab6 (21:30-21:43): AB_CONC=1 AB_N=4 .venv/bin/python ab.py /tmp/ab6 6 sa="STANDALONE" ada="auto --minedraft-k auto"
+  (AB_N: prompts per visit, default 8; a NAME=STANDALONE server is SGLang's own SD at k = 3, as the bench runs it)
 AB_SAMPLE=1 samples the servers' /proc figures every 0.5 s (one run, ab2, not kept: the sampling slowed them)."""
 import json, os, sys, time, shlex
 from pathlib import Path
@@ -18,10 +20,14 @@ conc = int(os.environ.get("AB_CONC", "4"))
 specs = [a.split("=", 1) for a in sys.argv[3:]]
 home = Path.home() / ".cache/minedraft_sglang/real-models"
 target, draft = str(home / "qwen2.5-coder-1.5b"), str(home / "qwen2.5-coder-0.5b")
-prompts = make_prompts(8, seed=0, prompt_set="humaneval")
+prompts = make_prompts(int(os.environ.get("AB_N", "8")), seed=0, prompt_set="humaneval")
 servers = {}
 for name, flags in specs:
     words = shlex.split(flags)
+    if words[0] == "STANDALONE":  # SGLang's own SD, k = 3, as the bench runs it
+        args = ["--model-path", target, "--speculative-algorithm", "STANDALONE", "--speculative-draft-model-path", draft, "--speculative-num-steps", "3", "--speculative-eagle-topk", "1", "--speculative-num-draft-tokens", "4", "--max-running-requests", "8", "--mem-fraction-static", "0.95", "--dtype", "bfloat16"]
+        servers[name] = Server(args, out / f"{name}.log", env={"OMP_NUM_THREADS": "2"}, cores=frozenset({0, 1}))
+        continue
     args = minedraft_args(target, draft, words[0], 3, ["--max-running-requests", "8", "--minedraft-trace-file", str(out / f"{name}.trace.jsonl"), *words[1:], "--mem-fraction-static", "0.95", "--dtype", "bfloat16"])
     servers[name] = Server(args, out / f"{name}.log", env={"OMP_NUM_THREADS": "2"}, cores=frozenset({0, 1}))
 for s in servers.values():
