@@ -1,4 +1,4 @@
-"""A/B of two MINEDRAFT server configurations on the real pair, both alive, visits alternating
+"""A/B of two servers on the real pair (MINEDRAFT configurations, or SGLang's STANDALONE), both alive, visits alternating
 (A B, B A, ...), each visit 8 HumanEval prompts x 64 tokens at AB_CONC (default 4) requests in flight.
 The script of docs/benchmarks.md's 2026-12-06 19:42-21:43 runs, as run (from the repository root, after
 `source launch/cpu_env.sh`):
