@@ -29,6 +29,7 @@ DRAFTER_FOR_ARCHITECTURE = {
 DRAFTERS = ("auto", *dict.fromkeys(DRAFTER_FOR_ARCHITECTURE.values()))
 DRAFT_COMPILE = ("auto", "on", "off")
 DRAFT_VOCAB_AUTO = "auto"
+DRAFT_WEIGHTS = ("auto", "checkpoint", "int8")
 
 
 class MineDraftConfigError(ValueError):
@@ -58,6 +59,11 @@ class MineDraftConfig:
     # default: the drafter's call is faster, but a gain of the whole server
     # has not been measured above this CPU's noise (docs/benchmarks.md).
     draft_vocab: str = "0"
+    # A standalone drafter's linear layers and LM head: "int8" (a scale per
+    # output row, weight-only; drafters/int8.py says why), "checkpoint" (as
+    # loaded), "auto": int8 on a CPU drafter, as loaded on a GPU (PyTorch's
+    # int8 kernel is measured on CPU only).
+    draft_weights: str = "auto"
     # A draft chain ends after its first token the drafter gave a probability
     # below this (0: every chain runs to k); needs k auto (verifies vary in
     # width). Off by default (docs/benchmarks.md, "Draft stop").
@@ -85,6 +91,15 @@ class MineDraftConfig:
             raise MineDraftConfigError(
                 "--minedraft-k auto does not combine with --minedraft-tetris (TETRIS spends a fixed "
                 "budget of k drafts per request); use --minedraft-k fixed"
+            )
+        if self.draft_weights not in DRAFT_WEIGHTS:
+            raise MineDraftConfigError(
+                f"--minedraft-draft-weights {self.draft_weights!r} is not one of {', '.join(DRAFT_WEIGHTS)}"
+            )
+        if self.draft_weights == "int8" and self.draft_device != "cpu":
+            raise MineDraftConfigError(
+                f"--minedraft-draft-weights int8 needs --minedraft-draft-device cpu (got {self.draft_device!r}): "
+                "its kernel is measured on CPU only; use checkpoint or auto"
             )
         validate_device(self.draft_device)
         validate_cores(self.draft_cores, self.draft_device)
@@ -267,6 +282,16 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "graphs and compiled steps draft among all). Output is exact either way.",
     )
     group.add_argument(
+        "--minedraft-draft-weights",
+        choices=DRAFT_WEIGHTS,
+        default=MineDraftConfig.draft_weights,
+        help="Standalone drafter: int8 stores its linear layers and LM head as int8 with a scale per "
+        "output row (weight-only; activations, attention and the embedding keep the drafter's dtype), "
+        "so each draft step streams half the bytes; checkpoint keeps the weights as loaded; auto "
+        "(default): int8 on a CPU drafter, as loaded on a GPU. Drafts may differ a little, the output "
+        "never: the target verifies every draft.",
+    )
+    group.add_argument(
         "--minedraft-draft-stop",
         type=float,
         default=MineDraftConfig.draft_stop,
@@ -323,6 +348,7 @@ def config_from_argv(argv: list[str]) -> MineDraftConfig:
         draft_max_len=args.minedraft_draft_max_len,
         draft_compile=args.minedraft_draft_compile,
         draft_vocab=args.minedraft_draft_vocab,
+        draft_weights=args.minedraft_draft_weights,
         draft_stop=args.minedraft_draft_stop,
         tetris=args.minedraft_tetris,
         tetris_extra=args.minedraft_tetris_extra,

@@ -154,6 +154,11 @@ def validate_server_args(sa) -> None:
             "--minedraft-draft-vocab applies to a standalone draft model; an EAGLE head drafts with "
             "its own LM head (an EAGLE-3 head with its own draft vocabulary)"
         )
+    if config.draft_weights == "int8" and not standalone:
+        raise MineDraftConfigError(
+            "--minedraft-draft-weights int8 applies to a standalone draft model; an EAGLE head is one layer "
+            "and drafts with the target's or its own LM head as loaded"
+        )
     if config.draft_stop and not standalone:
         raise MineDraftConfigError("--minedraft-draft-stop applies to a standalone draft model, not an EAGLE head")
     target = sa.model_path

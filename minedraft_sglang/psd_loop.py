@@ -490,6 +490,7 @@ class PSDLoop:
         return {
             "mode": self.config.mode,
             "draft_device": self.draft_device,
+            "draft_weights": self.drafter.weights,
             # Read back from the kernel, not from our split: what the threads
             # really have.
             "scheduler_cores": sorted(affinity.thread_cores(self.scheduler_tid)),

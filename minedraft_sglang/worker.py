@@ -82,6 +82,7 @@ class MineDraftWorker(BaseSpecWorker):
                 target_dtype=self.model_runner.dtype,
                 draft_compile=config.draft_compile,
                 draft_vocab=config.draft_vocab,
+                draft_weights=config.draft_weights,
                 draft_revision=getattr(server_args, "speculative_draft_model_revision", None),
                 target_revision=getattr(server_args, "revision", None),
             )

@@ -43,9 +43,15 @@ def _specs(tmp: Path) -> dict[str, list[str]]:
         # The target drafting for itself: its greedy drafts are often, not
         # always, what a sampled target picks, so both acceptance branches run.
         "psd-self": minedraft_args(m["target"], m["target"], "psd", K),
-        # The same, proposing only token ids below DRAFT_VOCAB.
+        # The same, proposing only token ids below DRAFT_VOCAB, with the
+        # target's own weights (not the CPU default int8 copy): its greedy
+        # drafts are the target's.
         "seq-self-vocab": minedraft_args(
-            m["target"], m["target"], "sequential", K, ["--minedraft-draft-vocab", str(DRAFT_VOCAB)]
+            m["target"],
+            m["target"],
+            "sequential",
+            K,
+            ["--minedraft-draft-vocab", str(DRAFT_VOCAB), "--minedraft-draft-weights", "checkpoint"],
         ),
         # SGLang's own speculative decoding on CPU, for comparison.
         "standalone-self": [

@@ -20,13 +20,15 @@ def create_drafter(
     target_dtype: torch.dtype,
     draft_compile: str = "auto",
     draft_vocab: str = "0",
+    draft_weights: str = "checkpoint",
     draft_revision: str | None = None,
     target_revision: str | None = None,
 ) -> Drafter:
     """The drafter for the draft checkpoint's architecture (validated at
     startup by plugin.validate_server_args), on ``device``;
     ``draft_compile`` is ``--minedraft-draft-compile``, ``draft_vocab``
-    ``--minedraft-draft-vocab`` (standalone drafters only). Either path may be a
+    ``--minedraft-draft-vocab`` and ``draft_weights``
+    ``--minedraft-draft-weights`` (standalone drafters only). Either path may be a
     hub id (``model_files.local_dir``: the local Hugging Face cache's
     snapshot, as SGLang's loader resolves it)."""
     from transformers import AutoConfig
@@ -40,7 +42,8 @@ def create_drafter(
     if DRAFTER_FOR_ARCHITECTURE[arch] == "standalone":
         from minedraft_sglang.drafters.standalone import StandaloneDrafter
 
-        drafter = StandaloneDrafter(model_path, device, dtype, step_mode=mode, vocab=draft_vocab)
+        int8 = draft_weights == "int8" or (draft_weights == "auto" and torch.device(device).type == "cpu")
+        drafter = StandaloneDrafter(model_path, device, dtype, step_mode=mode, vocab=draft_vocab, int8_weights=int8)
     else:
         from minedraft_sglang.drafters.eagle import EagleDrafter
 
@@ -110,6 +113,7 @@ class FaultInjectingDrafter(Drafter):
         self.device = inner.device
         self.needs_target_features = inner.needs_target_features
         self.aux_layer_ids = inner.aux_layer_ids
+        self.weights = inner.weights
         self.prob = faults.get("draft_raise", 0.0)
         self.prefill_prob = faults.get("prefill_raise", 0.0)
         self.rng = random.Random(0)

@@ -50,6 +50,8 @@ class Drafter(abc.ABC):
     # target layers whose outputs it reads.
     needs_target_features = False
     aux_layer_ids: list[int] | None = None
+    # How the weights are held: "checkpoint" (as loaded) or "int8" (int8.py).
+    weights = "checkpoint"
 
     def observe(self, rid: str, start: int, features: torch.Tensor) -> None:
         """The target's features of positions ``start``.. of a request (a

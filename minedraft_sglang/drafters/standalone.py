@@ -21,9 +21,9 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from minedraft_sglang import model_files
+from minedraft_sglang.drafters import int8
 from minedraft_sglang.drafters.base import DraftOutput, DraftRequest
 from minedraft_sglang.drafters.draft_vocab import DraftVocab
 from minedraft_sglang.drafters.kv_cache import (
@@ -53,18 +53,29 @@ class _Slot:
 
 class StandaloneDrafter(CachedDrafter):
     def __init__(
-        self, model: str | nn.Module, device: str, dtype: torch.dtype, *, step_mode: str = "eager", vocab: str = "0"
+        self,
+        model: str | nn.Module,
+        device: str,
+        dtype: torch.dtype,
+        *,
+        step_mode: str = "eager",
+        vocab: str = "0",
+        int8_weights: bool = False,
     ):
         """``model``: a checkpoint folder or a transformers causal LM;
         ``step_mode``: how steps run (``kv_cache.StepRunner``); ``vocab``:
         the token ids drafted among, as ``--minedraft-draft-vocab`` says
-        ("0": all; ``draft_vocab.py``)."""
+        ("0": all; ``draft_vocab.py``); ``int8_weights``: linear layers and
+        LM head in int8 (``int8.py``)."""
         self.device = torch.device(device)
         if isinstance(model, str):
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
-        self.model = model_files.resident(model.to(self.device, dtype).eval())
+        model = model.to(self.device, dtype).eval()
+        head_rows = model.lm_head.weight.shape[0]
+        self.model = model_files.resident(int8.quantize(model) if int8_weights else model)
+        self.weights = "int8" if int8_weights else "checkpoint"
         config = self.model.config
         attn = self.model.model.layers[0].self_attn
         self.cache = SlotKVCache(
@@ -77,7 +88,7 @@ class StandaloneDrafter(CachedDrafter):
             _Slot,
         )
         self.steps = StepRunner(self._step, step_mode, self.cache)
-        self.vocab = DraftVocab.from_flag(self.model.lm_head.weight.shape[0], vocab, self.steps.mode)
+        self.vocab = DraftVocab.from_flag(head_rows, vocab, self.steps.mode)
         self.catch_up = CatchUp()
         self.handoff = StreamHandoff(self.device)
 
@@ -203,14 +214,9 @@ class StandaloneDrafter(CachedDrafter):
         # Only the positions that propose a token: with a 150k-token
         # vocabulary the LM head over a whole prompt would cost more than the
         # layers.
-        logits = F.linear(self.model.model.norm(hidden), *self._head())
+        logits = int8.head_rows(self.model.lm_head, self.model.model.norm(hidden), self.vocab.rows)
         probs, ids = torch.softmax(logits.float(), dim=-1).max(dim=-1)
         return ids, probs
-
-    def _head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The LM head's first ``vocab.rows`` rows: views, no copy."""
-        head, rows = self.model.lm_head, self.vocab.rows
-        return head.weight[:rows], None if head.bias is None else head.bias[:rows]
 
     def _forward(
         self,

@@ -4,6 +4,7 @@ dtype and batch size, outside SGLang; manual: docs/lab.md, "Draft speed"."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -89,6 +90,11 @@ def main(argv=None) -> None:
         default="0",
         help="--minedraft-draft-vocab values, comma-separated (0: the whole vocabulary, or auto)",
     )
+    p.add_argument(
+        "--weights",
+        default="checkpoint",
+        help="--minedraft-draft-weights values, comma-separated: checkpoint (as loaded), int8",
+    )
     args = p.parse_args(argv)
     if torch.device(args.device).type == "cpu":
         cores = {int(c) for c in args.cores.split(",")}
@@ -99,12 +105,16 @@ def main(argv=None) -> None:
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         weights = args.draft or random_model(args.shape, dtype, args.device)
-        for mode, vocab in [(m, v) for m in args.modes.split(",") for v in args.vocabs.split(",")]:
-            drafter = StandaloneDrafter(weights, args.device, dtype, step_mode=mode, vocab=vocab)
+        settings = itertools.product(args.modes.split(","), args.vocabs.split(","), args.weights.split(","))
+        for mode, vocab, stored in settings:
+            drafter = StandaloneDrafter(
+                weights, args.device, dtype, step_mode=mode, vocab=vocab, int8_weights=stored == "int8"
+            )
             drafter.allocate(max(batches), PROMPT_LEN + 4 * (args.k + 2) * (args.calls + WARMUP_CALLS))
             for batch in batches:
                 times = time_calls(drafter, batch=batch, k=args.k, calls=args.calls + WARMUP_CALLS)
                 name = f"{mode} {dtype_name} b={batch}" + (f" vocab={vocab}" if vocab != "0" else "")
+                name += f" weights={stored}" if stored != "checkpoint" else ""
                 report["median_ms"][name] = round(1000 * statistics.median(times[WARMUP_CALLS:]), 2)
                 report["warmup_s"][name] = round(sum(times[:WARMUP_CALLS]), 2)
                 print(

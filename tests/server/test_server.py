@@ -271,6 +271,22 @@ def test_tetris_spends_the_verify_budget_where_drafts_get_accepted(pool):
     assert ratios["tetris-mixed"] > ratios["psd-mixed"], ratios
 
 
+def test_a_cpu_drafter_drafts_from_int8_weights_by_default_close_to_its_checkpoints(pool):
+    """psd-self, the target drafting for itself with the defaults: the drafter
+    holds int8 weights (``/server_info``), the output is plain decoding's, and
+    the rounded weights still draft the target's greedy tokens nearly always
+    (with the checkpoint's, every draft holds: k + 1 tokens per verify)."""
+    plain, server = pool.get("plain-target"), pool.get("psd-self")
+    assert _server_info(server)["draft_weights"] == "int8"
+    n, tokens, verifies = 48, 0, 0
+    for prompt in PROMPTS[:6]:
+        out = server.generate(prompt, n)
+        assert out["output_ids"] == _ids(plain, prompt, n)
+        tokens += len(out["output_ids"]) - 1  # the first comes from the prefill
+        verifies += out["meta_info"]["spec_verify_ct"]
+    assert tokens / verifies > 0.9 * (K + 1), (tokens, verifies)
+
+
 def test_a_draft_vocabulary_limit_is_exact_and_stops_each_chain_at_the_first_token_beyond_it(pool):
     """The target drafting for itself with --minedraft-draft-vocab: unlimited,
     every greedy draft would be accepted (k + 1 tokens per verify); limited,

@@ -77,6 +77,16 @@ CASES = {
         {},
         "--minedraft-draft-vocab applies to a standalone draft model",
     ),
+    "int8 weights with an EAGLE head": (
+        ["@eagle3", "--minedraft-draft-weights", "int8"],
+        {},
+        "--minedraft-draft-weights int8 applies to a standalone draft model",
+    ),
+    "int8 weights on a GPU drafter": (
+        ["--minedraft-draft-device", "cuda", "--minedraft-draft-weights", "int8"],
+        {},
+        "--minedraft-draft-weights int8 needs --minedraft-draft-device cpu",
+    ),
     "draft stop with an EAGLE head": (
         ["@eagle3", "--minedraft-draft-stop", "0.8"],
         {},

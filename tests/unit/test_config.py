@@ -25,6 +25,8 @@ def test_config_round_trips_through_env(monkeypatch):
         ({"draft_vocab": "-1"}, "--minedraft-draft-vocab"),
         ({"draft_vocab": "some"}, "--minedraft-draft-vocab"),
         ({"draft_compile": "always"}, "--minedraft-draft-compile"),
+        ({"draft_weights": "int4"}, "--minedraft-draft-weights"),
+        ({"draft_weights": "int8", "draft_device": "cuda"}, "--minedraft-draft-weights int8 needs"),
         ({"draft_stop": 1.0}, "--minedraft-draft-stop"),
         ({"draft_stop": -0.1}, "--minedraft-draft-stop"),
         ({"draft_stop": 0.5, "k": "fixed"}, "--minedraft-draft-stop"),
@@ -46,6 +48,12 @@ def test_draft_vocab_flag_reaches_the_config():
     assert config_from_argv(["--model-path", "x"]).draft_vocab == "0"
     assert config_from_argv(["--model-path", "x", "--minedraft-draft-vocab", "auto"]).draft_vocab == "auto"
     assert config_from_argv(["--model-path", "x", "--minedraft-draft-vocab", "32768"]).draft_vocab == "32768"
+
+
+def test_draft_weights_flag_reaches_the_config():
+    assert config_from_argv(["--model-path", "x"]).draft_weights == "auto"
+    argv = ["--model-path", "x", "--minedraft-draft-weights", "checkpoint"]
+    assert config_from_argv(argv).draft_weights == "checkpoint"
 
 
 def test_draft_stop_flag_reaches_the_config():
