@@ -128,7 +128,11 @@ def test_fault_spec():
 def test_injected_prefill_fault_raises_after_the_inner_prefill():
     done = []
     inner = SimpleNamespace(
-        device="cpu", needs_target_features=False, aux_layer_ids=(), prefill=lambda reqs: done.append(reqs)
+        device="cpu",
+        needs_target_features=False,
+        aux_layer_ids=(),
+        weights="checkpoint",
+        prefill=lambda reqs: done.append(reqs),
     )
     drafter = FaultInjectingDrafter(inner, "prefill_raise:1")
     with pytest.raises(RuntimeError, match="injected drafter prefill fault"):
