@@ -56,8 +56,8 @@ class MineDraftConfig:
     draft_compile: str = "auto"
     # The token ids a standalone drafter chooses among: "auto", or the first
     # N ("0": all of them). drafters/draft_vocab.py says why and how. Off by
-    # default: the drafter's call is faster, but a gain of the whole server
-    # has not been measured above this CPU's noise (docs/benchmarks.md).
+    # default: a server gained 1.06x from it with the drafter in bfloat16 (1
+    # request), not yet measured beside the int8 weights (docs/benchmarks.md).
     draft_vocab: str = "0"
     # A standalone drafter's linear layers and LM head: "int8" (a scale per
     # output row, weight-only; drafters/int8.py says why), "checkpoint" (as

@@ -21,6 +21,11 @@ from minedraft_sglang.lab.launcher import Server, minedraft_args, start_ready
 
 K = 3  # --speculative-num-steps used by the test servers
 DRAFT_VOCAB = 512  # of the tiny models' 1024 token ids
+# Drafters whose built weights are the test's premise (a bigram draft that is right, and sure or unsure
+# where built so), not the CPU default's int8 copy. Both tests failed in one of two suite runs with int8
+# drafts (2026-12-07); the draft-stop test failed once more with these weights (its planner never chose
+# k = 3 that run) and passed on a rerun: the cause is not isolated, the planner's timing may be it.
+BUILT = ["--minedraft-draft-weights", "checkpoint"]
 
 
 def _specs(tmp: Path) -> dict[str, list[str]]:
@@ -88,7 +93,7 @@ def _specs(tmp: Path) -> dict[str, list[str]]:
             m["target"], m["draft"], "psd", K, [*trace("autok-target"), "--minedraft-k", "auto"]
         ),
         "autok-bigram": minedraft_args(
-            m["bigram"], m["bigram-draft"], "psd", K, [*trace("autok-bigram"), "--minedraft-k", "auto"]
+            m["bigram"], m["bigram-draft"], "psd", K, [*trace("autok-bigram"), "--minedraft-k", "auto", *BUILT]
         ),
         "plain-bigram": ["--model-path", m["bigram"]],
         "seq-bigram": minedraft_args(m["bigram"], m["bigram-draft"], "sequential", K, trace("seq-bigram")),
@@ -103,7 +108,7 @@ def _specs(tmp: Path) -> dict[str, list[str]]:
             m["bigram-mixed-draft"],
             "sequential",
             K,
-            [*trace("stop-mixed"), "--minedraft-k", "auto", "--minedraft-draft-stop", "0.9"],
+            [*trace("stop-mixed"), "--minedraft-k", "auto", "--minedraft-draft-stop", "0.9", *BUILT],
         ),
         "tetris-mixed": minedraft_args(
             m["bigram"],
