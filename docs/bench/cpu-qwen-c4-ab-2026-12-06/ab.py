@@ -8,7 +8,7 @@ The script of docs/benchmarks.md's 2026-12-06 19:42-21:43 runs, as run (from the
   ab5 (21:20-21:30): AB_CONC=8 .venv/bin/python ab.py /tmp/ab5 8 seq="sequential" ada="auto --minedraft-k auto"
   ab6 (21:30-21:43): AB_CONC=1 AB_N=4 .venv/bin/python ab.py /tmp/ab6 6 sa="STANDALONE" ada="auto --minedraft-k auto"
   ab7-ab10 (22:30-23:13, docs/bench/cpu-qwen-c1-int8-ab-2026-12-06/): AB_CONC=1 AB_N=4, e.g. ab10: sa="STANDALONE" ada="auto --minedraft-k auto"
-  ab11 (2026-12-07 00:4x): AB_CONC=8 .venv/bin/python ab.py /tmp/ab11 8 plain="PLAIN" ada="auto --minedraft-k auto"
+  plain beside the defaults at 8 requests (written 2026-12-07, not run yet): AB_CONC=8 ... plain="PLAIN" ada="auto --minedraft-k auto"
   (AB_N: prompts per visit, default 8; a NAME=STANDALONE server is SGLang's own SD at k = 3, as the bench runs it;
   NAME=PLAIN plain decoding, one process x 2 threads)
 AB_SAMPLE=1 samples the servers' /proc figures every 0.5 s (one run, ab2, not kept: the sampling slowed them)."""
