@@ -21,10 +21,11 @@ from minedraft_sglang.lab.launcher import Server, minedraft_args, start_ready
 
 K = 3  # --speculative-num-steps used by the test servers
 DRAFT_VOCAB = 512  # of the tiny models' 1024 token ids
-# Drafters whose built weights are the test's premise (a bigram draft that is right, and sure or unsure
-# where built so), not the CPU default's int8 copy. Both tests failed in one of two suite runs with int8
-# drafts (2026-12-07); the draft-stop test failed once more with these weights (its planner never chose
-# k = 3 that run) and passed on a rerun: the cause is not isolated, the planner's timing may be it.
+# Drafters whose built or borrowed weights are the test's premise (a bigram draft that is right, and
+# sure or unsure where built so; a target drafting for itself), not the CPU default's int8 copy. Both
+# bigram tests failed in one of two suite runs with int8 drafts (2026-12-07); the draft-stop test failed
+# once more with these weights (its planner never chose k = 3 that run) and passed on a rerun: the cause
+# is not isolated, the planner's timing may be it.
 BUILT = ["--minedraft-draft-weights", "checkpoint"]
 
 
@@ -49,14 +50,9 @@ def _specs(tmp: Path) -> dict[str, list[str]]:
         # always, what a sampled target picks, so both acceptance branches run.
         "psd-self": minedraft_args(m["target"], m["target"], "psd", K),
         # The same, proposing only token ids below DRAFT_VOCAB, with the
-        # target's own weights (not the CPU default int8 copy): its greedy
-        # drafts are the target's.
+        # target's own weights: its greedy drafts are the target's.
         "seq-self-vocab": minedraft_args(
-            m["target"],
-            m["target"],
-            "sequential",
-            K,
-            ["--minedraft-draft-vocab", str(DRAFT_VOCAB), "--minedraft-draft-weights", "checkpoint"],
+            m["target"], m["target"], "sequential", K, ["--minedraft-draft-vocab", str(DRAFT_VOCAB), *BUILT]
         ),
         # SGLang's own speculative decoding on CPU, for comparison.
         "standalone-self": [

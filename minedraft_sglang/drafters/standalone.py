@@ -73,7 +73,6 @@ class StandaloneDrafter(CachedDrafter):
 
             model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
         model = model.to(self.device, dtype).eval()
-        head_rows = model.lm_head.weight.shape[0]
         self.model = model_files.resident(int8.quantize(model) if int8_weights else model)
         self.weights = "int8" if int8_weights else "checkpoint"
         config = self.model.config
@@ -88,7 +87,7 @@ class StandaloneDrafter(CachedDrafter):
             _Slot,
         )
         self.steps = StepRunner(self._step, step_mode, self.cache)
-        self.vocab = DraftVocab.from_flag(head_rows, vocab, self.steps.mode)
+        self.vocab = DraftVocab.from_flag(self.model.lm_head.weight.shape[0], vocab, self.steps.mode)
         self.catch_up = CatchUp()
         self.handoff = StreamHandoff(self.device)
 

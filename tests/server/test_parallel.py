@@ -25,6 +25,7 @@ from statistics import median
 
 import psutil
 import pytest
+from conftest import BUILT
 
 from minedraft_sglang.cpu.affinity import parse_cores, stat_fields
 from minedraft_sglang.lab import tiny_models
@@ -52,9 +53,8 @@ def _wide_server(tmp: Path, name: str, mode: str, extra: list[str]):
     # The draft's three layers at k = 3 against the target's eight keep both sides busy most of a PSD
     # step with the checkpoint's weights; with the CPU default's int8 copy the drafter worked 0.49 CPU
     # seconds per second of the window (2026-12-06 suite run), under the 0.5 asked of each side below.
-    weights = ["--minedraft-draft-weights", "checkpoint"]
     args = minedraft_args(
-        target, draft, mode, 3, ["--minedraft-trace-file", str(trace), "--dtype", "bfloat16", *weights, *extra]
+        target, draft, mode, 3, ["--minedraft-trace-file", str(trace), "--dtype", "bfloat16", *BUILT, *extra]
     )
     return Server(args, tmp / f"{name}.log"), trace
 
