@@ -65,7 +65,14 @@ not ready, one into plain throws away drafts made ahead, while a sequential
 step drafts what it lacks and uses what still holds, so a switch to it costs
 nothing and a margin would only keep a slower option (measured 2026-12-03:
 draft-ahead held at one request while its own sequential steps rated 3%
-better, docs/benchmarks.md). Moving the cores themselves costs microseconds
+better, docs/benchmarks.md). Nor is the current option left on a rate it was
+not measured at: when the batch has moved since it last ran, it runs once more
+at the new batch before another takes over: away from the batches it has seen
+a fit extrapolates (2026-12-07, real pair: after steps at 2-4 requests,
+sequential k3 at 1 request rated on a 216 ms verify and 33 ms draft forwards
+where it took 158 and 22, and the planner ran draft-ahead k3, 0.90x its rate,
+for 41 steps until an exploration measured the verify at 1 request,
+docs/benchmarks.md). Moving the cores themselves costs microseconds
 (``affinity.Team``).
 """
 
@@ -228,6 +235,8 @@ class KPlanner:
     accepted_at: int = 0  # the decision of the last acceptance observed
     decisions: int = 0
     last_tried: dict = field(default_factory=dict)  # Option -> decision index
+    ran_at: dict = field(default_factory=dict)  # Option -> (verify_bs, draft_bs) of its last step
+    held_at: int = -1  # the decision that last kept the current option to measure it at a new batch
     current: Option | None = None  # chosen on rates (exploration aside)
     explore: Option | None = None
     explore_left: int = 0
@@ -294,6 +303,7 @@ class KPlanner:
         rate is clearly better, or, for EXPLORE_STEPS steps now and then
         (see the module's docstring), the one measured least recently."""
         self.decisions += 1
+        batch = (verify_bs, draft_bs)
         allowed = options(self.k_max, modes, self.draft_core_counts)
         if self.explore_left and self.explore in allowed:
             self.explore_left -= 1
@@ -309,13 +319,25 @@ class KPlanner:
             best = max(rates, key=rates.get)
             margin = 1 if best.mode is StepMode.SEQUENTIAL else 1 + HYSTERESIS
             if self.current not in rates or rates[best] > margin * rates[self.current]:
-                if self.current is not None and best != self.current:
+                if self._measure_current_first(batch, rates):
+                    self.held_at = self.decisions
+                    best = self.current
+                elif self.current is not None and best != self.current:
                     self.explore_interval = min(self.explore_interval, EXPLORE_AFTER_CHANGE)
                     self.next_exploration = min(self.next_exploration, self.decisions + EXPLORE_AFTER_CHANGE)
                 self.current = best
             choice = self.current
         self.last_tried[choice] = self.decisions
+        self.ran_at[choice] = batch
         return choice
+
+    def _measure_current_first(self, batch: tuple[int, int], rates: dict) -> bool:
+        """Whether to run the current option once more before leaving it: it
+        is allowed, last ran at another batch (its rate here is the fits'
+        extrapolation), and was not just kept for that (a batch that moves
+        every step delays a switch by one step at most)."""
+        ran = self.ran_at.get(self.current)
+        return self.current in rates and ran is not None and ran != batch and self.held_at != self.decisions - 1
 
     def _fits(self, option: Option) -> list[LinearFit | None]:
         """The stage fits ``option``'s rate rests on (None: not measured

@@ -237,6 +237,42 @@ def test_a_switch_to_sequential_takes_no_margin(to, taken):
     assert p.choose(1, 0, {PLAIN, SEQ, AHEAD}) == (to if taken else ahead)
 
 
+def _after_four_requests() -> KPlanner:
+    """2026-12-07 (real pair, 2 cores, replayed from the trace): sequential k3 measured at 4 requests only,
+    draft-ahead k3 at 1 request; sequential k3 is the current choice, last run at 4 requests."""
+    p = KPlanner(3, total_cores=2, draft_core_counts=[1])
+    for _ in range(20):
+        p.observe_verify(2, 16, 0.216, 4)
+        p.observe_draft(2, 4, 3, 3 * 0.033)
+        p.observe_verify(1, 4, 0.230, 1)
+        p.observe_draft(1, 1, 4, 4 * 0.040)
+    p.accepted, p.offered = 9_000, 10_000
+    p.current, p.ran_at[Option(SEQ, 3)] = Option(SEQ, 3), (4, 0)
+    p.next_exploration = 10_000
+    return p
+
+
+def test_the_current_option_is_measured_at_a_new_batch_before_it_is_left():
+    """After steps at 4 requests, the fits rate sequential k3 at 1 request on the 4-request costs (216 ms
+    verify, 33 ms draft forwards; 158 and 22 measured), and draft-ahead k3 ahead of it. The planner runs
+    sequential k3 once at 1 request first; measured there, it stays the choice."""
+    p = _after_four_requests()
+    modes, seq = {PLAIN, SEQ, AHEAD}, Option(SEQ, 3)
+    assert p.rate(Option(AHEAD, 3, 1), 1, 0) > p.rate(seq, 1, 0)
+    assert p.choose(1, 0, modes) == seq
+    p.observe_verify(2, 4, 0.158, 1)
+    p.observe_draft(2, 1, 3, 3 * 0.022)
+    assert [p.choose(1, 0, modes) for _ in range(3)] == [seq] * 3
+
+
+def test_a_batch_that_moves_every_step_delays_a_switch_by_one_step():
+    p = _after_four_requests()
+    modes = {PLAIN, SEQ, AHEAD}
+    p.observe_verify(2, 4, 0.400, 1)  # sequential k3 really is slow at small batches now
+    p.observe_verify(2, 8, 0.400, 2)
+    assert [p.choose(bs, 0, modes).mode for bs in (1, 2)] == [SEQ, AHEAD]
+
+
 def test_acceptance_counts_a_rejection_only_for_chains_cut_short():
     p = KPlanner(4)
     p.observe_acceptance([4, 0, 2], [4, 4, 4])
