@@ -1,4 +1,5 @@
-"""Per visit of an ab.py run: tok/s, and for MINEDRAFT servers the steps' modes and median draft/verify/step ms."""
+"""Per visit of an ab.py run: tok/s, and for MINEDRAFT servers the steps' modes and median draft/verify/step ms.
+Usage: show.py RUN_DIR [A B] (the ratio printed is B / A; default: the two names in alphabetical order)."""
 import json, sys, statistics, collections, math
 d = sys.argv[1]
 visits = json.load(open(f"{d}/visits.json"))
@@ -15,7 +16,7 @@ for v in visits:
         seq = [s for s in steps if s["mode"] == "sequential"]
         line += f"  steps {len(steps)} {dict(modes)}  seq draft {med([s['draft'][1]-s['draft'][0] for s in seq]):.0f} verify {med([s['verify'][1]-s['verify'][0] for s in seq]):.0f} step {med([s['step_seconds'] for s in seq]):.0f} ms acc {statistics.mean([a for s in steps for a in s['accept_lens']]):.2f}"
     print(line)
-names = sorted({v["name"] for v in visits})
+names = sys.argv[2:4] or sorted({v["name"] for v in visits})
 if len(names) == 2:
     a, b = names
     by = collections.defaultdict(dict)

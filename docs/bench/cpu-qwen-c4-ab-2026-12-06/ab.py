@@ -8,8 +8,9 @@ The script of docs/benchmarks.md's 2026-12-06 19:42-21:43 runs, as run (from the
   ab5 (21:20-21:30): AB_CONC=8 .venv/bin/python ab.py /tmp/ab5 8 seq="sequential" ada="auto --minedraft-k auto"
   ab6 (21:30-21:43): AB_CONC=1 AB_N=4 .venv/bin/python ab.py /tmp/ab6 6 sa="STANDALONE" ada="auto --minedraft-k auto"
   ab7-ab10 (22:30-23:13, docs/bench/cpu-qwen-c1-int8-ab-2026-12-06/): AB_CONC=1 AB_N=4, e.g. ab10: sa="STANDALONE" ada="auto --minedraft-k auto"
-  plain beside the defaults at 8 requests (written 2026-12-07, not run yet): AB_CONC=8 ... plain="PLAIN" ada="auto --minedraft-k auto"
-  (AB_N: prompts per visit, default 8; a NAME=STANDALONE server is SGLang's own SD at k = 3, as the bench runs it;
+  ab11-ab16 (2026-12-07, docs/bench/cpu-qwen-c148-int8-ab-2026-12-07/): e.g. ab11: AB_CONC=8 ... plain="PLAIN" ada="auto --minedraft-k auto",
+  ab12: AB_CONC=8 ... seq="sequential" ada="auto --minedraft-k auto"
+  (AB_N: prompts per visit, default 8; AB_TOKENS: tokens per prompt, default 64; a NAME=STANDALONE server is SGLang's own SD at k = 3, as the bench runs it;
   NAME=PLAIN plain decoding, one process x 2 threads)
 AB_SAMPLE=1 samples the servers' /proc figures every 0.5 s (one run, ab2, not kept: the sampling slowed them)."""
 import json, os, sys, time, shlex
@@ -20,6 +21,7 @@ from minedraft_sglang.lab.bench.plan import make_prompts
 out = Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)
 rounds = int(sys.argv[2])
 conc = int(os.environ.get("AB_CONC", "4"))
+tokens = int(os.environ.get("AB_TOKENS", "64"))
 specs = [a.split("=", 1) for a in sys.argv[3:]]
 home = Path.home() / ".cache/minedraft_sglang/real-models"
 target, draft = str(home / "qwen2.5-coder-1.5b"), str(home / "qwen2.5-coder-0.5b")
@@ -75,9 +77,9 @@ for r in range(rounds):
         s = servers[name]
         flush_cache(s.url)
         t0 = time.monotonic()
-        _, span = send_all(s.url, prompts, max_new_tokens=64, concurrency=conc)
+        _, span = send_all(s.url, prompts, max_new_tokens=tokens, concurrency=conc)
         t1 = time.monotonic()
-        tok = len(prompts) * 64 / span
+        tok = len(prompts) * tokens / span
         visits.append(dict(name=name, round=r, t0=t0, t1=t1, tok_s=tok))
         print(f"round {r} {name} {tok:.2f} tok/s", flush=True)
 json.dump(visits, open(out / "visits.json", "w"))
