@@ -237,6 +237,7 @@ class KPlanner:
     last_tried: dict = field(default_factory=dict)  # Option -> decision index
     ran_at: dict = field(default_factory=dict)  # Option -> (verify_bs, draft_bs) of its last step
     held_at: int = -1  # the decision that last kept the current option to measure it at a new batch
+    holds: int = 0  # steps kept so (/server_info)
     current: Option | None = None  # chosen on rates (exploration aside)
     explore: Option | None = None
     explore_left: int = 0
@@ -321,6 +322,7 @@ class KPlanner:
             if self.current not in rates or rates[best] > margin * rates[self.current]:
                 if self._measure_current_first(batch, rates):
                     self.held_at = self.decisions
+                    self.holds += 1
                     best = self.current
                 elif self.current is not None and best != self.current:
                     self.explore_interval = min(self.explore_interval, EXPLORE_AFTER_CHANGE)
@@ -365,6 +367,8 @@ class KPlanner:
         return {
             "alpha": self.alpha,
             "choice": None if self.current is None else dataclasses.asdict(self.current),
+            # Steps that kept the current option to measure it at a new batch before leaving it.
+            "held_for_a_new_batch": self.holds,
             # Per core count (0: not managed): one request's verify of one token, one request's draft forward.
             "t_verify_1_token_s": {c: fit(1, 1) for c, fit in self.verify.items()},
             "t_draft_1_request_s": {c: fit(1) for c, fit in self.draft.items()},

@@ -259,7 +259,7 @@ def test_the_current_option_is_measured_at_a_new_batch_before_it_is_left():
     p = _after_four_requests()
     modes, seq = {PLAIN, SEQ, AHEAD}, Option(SEQ, 3)
     assert p.rate(Option(AHEAD, 3, 1), 1, 0) > p.rate(seq, 1, 0)
-    assert p.choose(1, 0, modes) == seq
+    assert p.choose(1, 0, modes) == seq and p.summary()["held_for_a_new_batch"] == 1
     p.observe_verify(2, 4, 0.158, 1)
     p.observe_draft(2, 1, 3, 3 * 0.022)
     assert [p.choose(1, 0, modes) for _ in range(3)] == [seq] * 3
