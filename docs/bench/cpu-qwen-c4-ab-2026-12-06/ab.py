@@ -8,7 +8,7 @@ The script of docs/benchmarks.md's 2026-12-06 19:42-21:43 runs, as run (from the
   ab5 (21:20-21:30): AB_CONC=8 .venv/bin/python ab.py /tmp/ab5 8 seq="sequential" ada="auto --minedraft-k auto"
   ab6 (21:30-21:43): AB_CONC=1 AB_N=4 .venv/bin/python ab.py /tmp/ab6 6 sa="STANDALONE" ada="auto --minedraft-k auto"
   ab7-ab10 (22:30-23:13, docs/bench/cpu-qwen-c1-int8-ab-2026-12-06/): AB_CONC=1 AB_N=4, e.g. ab10: sa="STANDALONE" ada="auto --minedraft-k auto"
-  ab11-ab16 (2026-12-07, docs/bench/cpu-qwen-c148-int8-ab-2026-12-07/): e.g. ab11: AB_CONC=8 ... plain="PLAIN" ada="auto --minedraft-k auto",
+  ab11-ab19 (2026-12-07, docs/bench/cpu-qwen-c148-int8-ab-2026-12-07/; NAME.server_info.json from ab19 on): e.g. ab11: AB_CONC=8 ... plain="PLAIN" ada="auto --minedraft-k auto",
   ab12: AB_CONC=8 ... seq="sequential" ada="auto --minedraft-k auto"
   (AB_N: prompts per visit, default 8; AB_TOKENS: tokens per prompt, default 64; a NAME=STANDALONE server is SGLang's own SD at k = 3, as the bench runs it;
   NAME=PLAIN plain decoding, one process x 2 threads)
@@ -83,5 +83,10 @@ for r in range(rounds):
         visits.append(dict(name=name, round=r, t0=t0, t1=t1, tok_s=tok))
         print(f"round {r} {name} {tok:.2f} tok/s", flush=True)
 json.dump(visits, open(out / "visits.json", "w"))
+import requests  # each MINEDRAFT server's own counts (the planner's among them), at the end
+for name, s in servers.items():
+    state = requests.get(s.url + "/server_info", timeout=30).json()["internal_states"][0]
+    if "minedraft" in state:
+        json.dump(state["minedraft"], open(out / f"{name}.server_info.json", "w"), indent=1)
 for s in servers.values():
     s.stop()
