@@ -161,43 +161,73 @@ def validate_device(device: str, server_args=None) -> None:
 # intel_amx (``draft_token_num``). fa3 sizes its verify metadata from the
 # startup --speculative-num-draft-tokens; the rest are unread.
 VARIABLE_WIDTH_BACKENDS = ("flashinfer", "triton", "intel_amx")
+BACKEND_HINT = "pass --attention-backend flashinfer (or triton), or --minedraft-k fixed"
 
 
-def validate_verify_backend(server_args, k_policy: str, capability: tuple[int, int] | None = None) -> None:
+def verify_backend(server_args) -> str | None:
+    """The attention backend a TARGET_VERIFY runs on, None when none is named:
+    the prefill half unless ``--speculative-attention-mode decode``
+    (SGLang's ``HybridAttnBackend._select_backend``), each half falling back
+    to ``--attention-backend``."""
+    mode = getattr(server_args, "speculative_attention_mode", None) or "prefill"
+    half = "decode_attention_backend" if mode == "decode" else "prefill_attention_backend"
+    return getattr(server_args, half, None) or getattr(server_args, "attention_backend", None)
+
+
+def fixed_width_default_backend() -> str | None:
+    """SGLang's own attention backend where none is named and it takes the
+    startup width: fa3 on Hopper with CUDA >= 12.3, trtllm_mha on SM100
+    (``get_default_attn_backend``, from the same platform facts); None where
+    its default reads each verify's width (flashinfer, triton) or the target
+    runs on the CPU."""
+    if os.environ.get("SGLANG_USE_CPU_ENGINE") == "1":
+        return None
+    from sglang.srt.runtime_context import get_platform
+
+    platform = get_platform()
+    if platform.is_hopper_with_cuda_12_3:
+        return "fa3"
+    if platform.is_sm100:
+        return "trtllm_mha"
+    return None
+
+
+def declare_verify_backend(server_args, k_policy: str) -> str | None:
+    """The stock command line under ``--minedraft-k auto`` with no backend
+    named for the verify, on a GPU where SGLang's default would take the
+    startup width: names flashinfer (triton without it) as
+    ``--attention-backend`` on the unresolved ``server_args`` and returns it;
+    None where nothing needs naming. A half the user named stays theirs."""
+    if k_policy != "auto" or verify_backend(server_args) is not None or fixed_width_default_backend() is None:
+        return None
+    from sglang.srt.runtime_context import get_platform
+
+    server_args.attention_backend = "flashinfer" if get_platform().has_flashinfer else "triton"
+    return server_args.attention_backend
+
+
+def validate_verify_backend(server_args, k_policy: str) -> None:
     """``--minedraft-k auto`` verifies windows narrower than the startup
     --speculative-num-draft-tokens (k chosen per step, drafts made at another
-    k verified on their common prefix); refuse a verify backend that cannot
-    read them. Fixed k verifies that one width (and k = 0, a decode, is taken
-    only by auto). ``capability``: the GPU's, when no backend is named
-    (SGLang then picks fa3 on sm90 and trtllm_mha on sm100; default: this
-    machine's first GPU, None without one)."""
+    k verified on their common prefix); refuse a verify backend
+    (``verify_backend``) that cannot read them. Fixed k verifies that one
+    width (and k = 0, a decode on the decode half, is taken only by auto)."""
     if k_policy != "auto":
         return
-    backend = getattr(server_args, "decode_attention_backend", None) or getattr(server_args, "attention_backend", None)
-    hint = "pass --attention-backend flashinfer (or triton), or --minedraft-k fixed"
+    backend = verify_backend(server_args)
     if backend is None:
-        if capability is None:
-            capability = _gpu_capability()
-        default = {9: "fa3", 10: "trtllm_mha"}.get(capability[0]) if capability else None
+        default = fixed_width_default_backend()
         if default is not None:
             raise MineDraftConfigError(
                 f"--minedraft-k auto: SGLang's default attention backend on this GPU is {default}, which reads "
-                f"a verify's width from --speculative-num-draft-tokens, not from the step; {hint}"
+                f"a verify's width from --speculative-num-draft-tokens, not from the step; {BACKEND_HINT}"
             )
         return
     if backend not in VARIABLE_WIDTH_BACKENDS:
         raise MineDraftConfigError(
-            f"--minedraft-k auto with attention backend {backend}: its verify does not read the width of each "
-            f"step (supported: {', '.join(VARIABLE_WIDTH_BACKENDS)}); {hint}"
+            f"--minedraft-k auto with attention backend {backend} for the verify: it does not read the width "
+            f"of each step (supported: {', '.join(VARIABLE_WIDTH_BACKENDS)}); {BACKEND_HINT}"
         )
-
-
-def _gpu_capability() -> tuple[int, int] | None:
-    if os.environ.get("SGLANG_USE_CPU_ENGINE") == "1":
-        return None
-    import torch
-
-    return torch.cuda.get_device_capability(0) if torch.cuda.is_available() else None
 
 
 def validate_cores(draft_cores: str, draft_device: str) -> None:

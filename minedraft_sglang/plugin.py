@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from minedraft_sglang import door, graphs, hooks, model_files, verify
+from minedraft_sglang import devices, door, graphs, hooks, model_files, verify
 from minedraft_sglang.config import (
     ALGORITHM_NAME,
     DRAFT_VOCAB_AUTO,
@@ -24,6 +24,7 @@ from minedraft_sglang.config import (
     MineDraftConfigError,
     add_cli_args,
     config_from_argv,
+    declare_verify_backend,
     validate_device,
     validate_verify_backend,
 )
@@ -100,6 +101,7 @@ def _spec_class():
 
         def handle_server_args(self, server_args) -> None:
             handle_server_args(server_args)
+            leave_room_for_the_drafter(server_args)
 
     return MineDraftAlgo
 
@@ -131,6 +133,73 @@ def handle_server_args(sa) -> None:
         sa.speculative_num_steps += config.tetris_extra
         window = sa.speculative_num_steps + 1
     sa.speculative_num_draft_tokens = window
+
+
+def leave_room_for_the_drafter(sa) -> None:
+    """A drafter on the target's GPU: lower SGLang's resolved
+    ``--mem-fraction-static`` by the drafter's KV cache, which lives outside
+    SGLang's pool and is allocated after SGLang sized it from that fraction
+    (``devices.shared_gpu_reserve``); otherwise the cache takes the headroom
+    SGLang kept for the target's activations and graphs, and the server runs
+    out of memory at startup or at its first long prefill. A fraction the
+    user gave stays theirs (``python -m minedraft_sglang.devices`` prints
+    one that leaves the room). ``sa``: SGLang's resolving stand-in, which
+    runs this after its own memory settings."""
+    config = MineDraftConfig.from_env()
+    device = sa.device or ("cpu" if os.environ.get("SGLANG_USE_CPU_ENGINE") == "1" else "cuda")
+    if not str(device).startswith("cuda"):
+        return
+    placement = devices.place_drafter(
+        config.draft_device, sa.base_gpu_id, tp_size=sa.tp_size, gpu_id_step=sa.gpu_id_step, nnodes=sa.nnodes
+    )
+    if not placement.shares_target_gpu:
+        return
+    draft = sa.speculative_draft_model_path
+    flag = "--speculative-draft-model-path"
+    revision = getattr(sa, "speculative_draft_model_revision", None)
+    draft_config = model_files.read_config(model_files.local_dir(draft, flag, revision=revision), draft, flag)
+    reserve = devices.shared_gpu_reserve(
+        draft_config,
+        max_requests=devices.drafter_slots(sa.max_running_requests),
+        max_len=devices.drafter_max_len(
+            config.draft_max_len, sa.context_length or _target_context_len(sa), sa.speculative_num_draft_tokens
+        ),
+        elem_bytes=devices.dtype_bytes(draft_config),
+    )
+    gpu = devices.gpu_bytes(sa.base_gpu_id)
+    given = (getattr(sa, "_raw_input", None) or {}).get("mem_fraction_static")
+    if given is not None:
+        logger.info(
+            "MineDraft: the drafter's KV cache takes %.1f GiB of GPU %d outside SGLang's pool; "
+            "--mem-fraction-static %s is yours to leave it room",
+            reserve / 2**30,
+            sa.base_gpu_id,
+            given,
+        )
+        return
+    resolved = sa.mem_fraction_static
+    try:
+        sa.mem_fraction_static = devices.target_mem_fraction(reserve, gpu, base_fraction=resolved)
+    except devices.DeviceError as e:
+        raise MineDraftConfigError(str(e)) from None
+    logger.info(
+        "MineDraft: the drafter shares GPU %d; --mem-fraction-static %.3f -> %.3f, leaving its KV cache "
+        "(%.1f GiB, outside SGLang's pool) room",
+        sa.base_gpu_id,
+        resolved,
+        sa.mem_fraction_static,
+        reserve / 2**30,
+    )
+
+
+def _target_context_len(sa) -> int | None:
+    """The target checkpoint's context length, None where it cannot be read
+    here (the drafter's cache then takes the longest it may)."""
+    try:
+        folder = model_files.local_dir(sa.model_path, "--model-path", revision=getattr(sa, "revision", None))
+        return model_files.read_config(folder, sa.model_path, "--model-path").get("max_position_embeddings")
+    except MineDraftConfigError:
+        return None
 
 
 def validate_server_args(sa) -> None:
@@ -223,6 +292,13 @@ def _prepare_server_args_around(original, argv):
             os.environ[ENV_VAR] = config.to_env()
         server_args = original(argv)
         if (server_args.speculative_algorithm or "").upper() == ALGORITHM_NAME:
+            named = declare_verify_backend(server_args, config.k)
+            if named is not None:
+                logger.info(
+                    "MineDraft: --minedraft-k auto verifies a width per step, which SGLang's default attention "
+                    "backend on this GPU does not read; using --attention-backend %s",
+                    named,
+                )
             # SGLang runs these checks again while resolving the arguments,
             # where a failure surfaces as a traceback; here it is one line.
             validate_server_args(server_args)

@@ -96,29 +96,114 @@ def test_validate_device_with_server_args_refuses_another_tp_ranks_gpu(monkeypat
 
 
 # --minedraft-k auto verifies narrower windows than the startup width (issue 21, item 3; docs/gpu.md).
-def _args(attention=None, decode=None):
+def _args(attention=None, decode=None, prefill=None, mode="prefill"):
     import types
 
-    return types.SimpleNamespace(attention_backend=attention, decode_attention_backend=decode)
+    return types.SimpleNamespace(
+        attention_backend=attention,
+        decode_attention_backend=decode,
+        prefill_attention_backend=prefill,
+        speculative_attention_mode=mode,
+    )
+
+
+def _gpu(sm: int):
+    """SGLang's platform facts of a CUDA 12.4 machine with an sm``sm`` GPU,
+    for every reader (``get_default_attn_backend`` reads the same ones)."""
+    from sglang.srt.runtime_context import override_platform
+
+    return override_platform(
+        is_cuda=True, is_hopper_with_cuda_12_3=sm == 90, is_sm100=sm == 100, has_flashinfer=True, device_sm=sm
+    )
+
+
+@pytest.fixture
+def on_gpu(monkeypatch):
+    monkeypatch.delenv("SGLANG_USE_CPU_ENGINE", raising=False)
 
 
 @pytest.mark.parametrize("backend", ["flashinfer", "triton", "intel_amx"])
-def test_auto_k_runs_on_backends_that_read_each_verifys_width(backend):
-    validate_verify_backend(_args(attention=backend), "auto", capability=(9, 0))
-    validate_verify_backend(_args(attention="torch_native", decode=backend), "auto", capability=(9, 0))
+def test_auto_k_runs_on_backends_that_read_each_verifys_width(backend, on_gpu):
+    with _gpu(90):
+        validate_verify_backend(_args(attention=backend), "auto")
+        validate_verify_backend(_args(attention="torch_native", prefill=backend), "auto")
+        validate_verify_backend(_args(attention="torch_native", decode=backend, mode="decode"), "auto")
 
 
 @pytest.mark.parametrize("backend", ["fa3", "fa4", "trtllm_mha", "torch_native"])
 def test_auto_k_is_refused_on_backends_that_take_the_startup_width(backend):
-    with pytest.raises(MineDraftConfigError, match=f"--minedraft-k auto with attention backend {backend}: "):
-        validate_verify_backend(_args(decode=backend), "auto")
-    validate_verify_backend(_args(decode=backend), "fixed")  # one width: the startup one
+    with pytest.raises(MineDraftConfigError, match=f"--minedraft-k auto with attention backend {backend} for the"):
+        validate_verify_backend(_args(attention=backend), "auto")
+    validate_verify_backend(_args(attention=backend), "fixed")  # one width: the startup one
 
 
-@pytest.mark.parametrize("capability, default", [((9, 0), "fa3"), ((10, 0), "trtllm_mha"), ((8, 0), None)])
-def test_auto_k_with_sglangs_default_backend(capability, default):
-    if default is None:  # flashinfer
-        validate_verify_backend(_args(), "auto", capability=capability)
-        return
-    with pytest.raises(MineDraftConfigError, match=f"default attention backend on this GPU is {default}"):
-        validate_verify_backend(_args(), "auto", capability=capability)
+@pytest.mark.parametrize(
+    "args",
+    [
+        _args(decode="flashinfer"),  # the verify runs on the prefill half: SGLang's default, fa3 here
+        _args(attention="flashinfer", prefill="fa3"),
+        _args(attention="fa3", decode="flashinfer"),
+        _args(prefill="flashinfer", decode="fa3", mode="decode"),
+    ],
+)
+def test_the_backend_checked_is_the_one_the_verify_runs_on(args, on_gpu):
+    """TARGET_VERIFY runs on the prefill backend unless
+    --speculative-attention-mode decode (review 2026-12-07, N7)."""
+    with _gpu(90), pytest.raises(MineDraftConfigError, match="fa3"):
+        validate_verify_backend(args, "auto")
+
+
+@pytest.mark.parametrize("sm, default", [(90, "fa3"), (100, "trtllm_mha"), (80, None)])
+def test_auto_k_with_sglangs_default_backend(sm, default, on_gpu):
+    """Where nothing names the verify's backend (sgl.Engine, whose arguments
+    the launcher never sees) SGLang's default decides."""
+    with _gpu(sm):
+        if default is None:  # flashinfer
+            validate_verify_backend(_args(), "auto")
+            return
+        with pytest.raises(MineDraftConfigError, match=f"default attention backend on this GPU is {default}"):
+            validate_verify_backend(_args(), "auto")
+
+
+def _stock_command(*extra: str) -> list[str]:
+    from minedraft_sglang.lab import tiny_models
+
+    target, draft = (str(tiny_models.model_path(name)) for name in ("target", "draft"))
+    return [
+        "--model-path",
+        target,
+        "--speculative-algorithm",
+        "MINEDRAFT",
+        "--speculative-draft-model-path",
+        draft,
+        "--minedraft-draft-device",
+        "cuda:1",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize("sm", [90, 100])
+def test_the_stock_command_on_a_hopper_or_blackwell_gpu_names_a_backend_for_auto_k(sm, on_gpu, monkeypatch):
+    """The README's command with no backend flag (auto k) starts on an H100:
+    the launcher names flashinfer where SGLang's default would be refused
+    (review 2026-12-07, N1); a backend the user named stays theirs."""
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.server_args import prepare_server_args
+
+    from minedraft_sglang import devices, plugin
+
+    load_plugins()  # the --minedraft-* flags on SGLang's parser, as in `sglang.launch_server`
+    monkeypatch.setattr(devices, "cuda_device_count", lambda: 2)
+    monkeypatch.delenv("SGLANG_MINEDRAFT_CONFIG", raising=False)
+    with _gpu(sm):
+        server_args = plugin._prepare_server_args_around(prepare_server_args, _stock_command())
+        assert server_args.attention_backend == "flashinfer"
+        fixed = plugin._prepare_server_args_around(prepare_server_args, _stock_command("--speculative-num-steps", "3"))
+        assert fixed.attention_backend is None  # fixed k verifies at the startup width: SGLang's default serves
+        named = plugin._prepare_server_args_around(prepare_server_args, _stock_command("--attention-backend", "triton"))
+        assert named.attention_backend == "triton"
+        with pytest.raises(SystemExit, match="attention backend fa3 for the verify"):
+            plugin._prepare_server_args_around(prepare_server_args, _stock_command("--attention-backend", "fa3"))
+    with _gpu(80):
+        server_args = plugin._prepare_server_args_around(prepare_server_args, _stock_command())
+        assert server_args.attention_backend is None  # SGLang's default there is flashinfer
