@@ -36,6 +36,13 @@ FLAG = "--minedraft-draft-device"
 DEFAULT_BASE_FRACTION = 0.85
 # Below this the target's KV pool is too small to be worth serving.
 MIN_TARGET_FRACTION = 0.2
+# SGLang's request cap defaults to thousands; dense per-request draft KV for
+# all of them would not fit, so the drafter holds at most this many requests
+# (those beyond it are verified without drafts).
+MAX_DRAFT_REQUESTS = 256
+# Drafts need recent context, not the whole window; requests longer than this
+# are verified without drafts unless --minedraft-draft-max-len says more.
+DEFAULT_DRAFT_MAX_LEN = 4096
 
 _DEVICE_RE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
 _DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
@@ -182,6 +189,19 @@ def param_count(hf_config: dict) -> int:
     return cfg["num_hidden_layers"] * layer + embed + lm_head + hidden
 
 
+def drafter_slots(max_running_requests: int | None) -> int:
+    """Requests the drafter's KV cache holds: SGLang's cap (None: not yet
+    known, so the most), at most ``MAX_DRAFT_REQUESTS``."""
+    return min(max_running_requests or MAX_DRAFT_REQUESTS, MAX_DRAFT_REQUESTS)
+
+
+def drafter_max_len(draft_max_len: int, context_len: int | None, window: int) -> int:
+    """Tokens per request in the drafter's KV cache: ``--minedraft-draft-max-len``,
+    else the target's context (None: not known here, so the most) up to
+    ``DEFAULT_DRAFT_MAX_LEN``, plus a verify ``window``."""
+    return draft_max_len or min(context_len or DEFAULT_DRAFT_MAX_LEN, DEFAULT_DRAFT_MAX_LEN) + window
+
+
 def drafter_kv_bytes(hf_config: dict, *, max_requests: int, max_len: int, elem_bytes: int) -> int:
     """The drafter's KV cache: ``max_requests`` slots of ``max_len`` tokens
     and one scratch slot (``drafters/kv_cache.py``; allocated whole at
@@ -219,7 +239,8 @@ def target_mem_fraction(drafter_total: int, gpu_bytes: int, base_fraction: float
     return round(fraction, 3)
 
 
-def _gpu_bytes(index: int) -> int:
+def gpu_bytes(index: int) -> int:
+    """GPU ``index``'s memory."""
     import torch
 
     if not torch.cuda.is_available():
@@ -237,8 +258,8 @@ def main(argv: list[str]) -> None:
     p.add_argument("--gpu-bytes", type=int, help="its memory (default: measured)")
     # The worker's defaults: at most 256 requests hold draft state, each up to
     # 4096 tokens plus a verify window.
-    p.add_argument("--max-requests", type=int, default=256)
-    p.add_argument("--max-len", type=int, default=4096 + 16)
+    p.add_argument("--max-requests", type=int, default=MAX_DRAFT_REQUESTS)
+    p.add_argument("--max-len", type=int, default=DEFAULT_DRAFT_MAX_LEN + 16)
     p.add_argument("--base-fraction", type=float, default=DEFAULT_BASE_FRACTION)
     args = p.parse_args(argv)
     try:
@@ -253,7 +274,7 @@ def main(argv: list[str]) -> None:
         need = shared_gpu_reserve(
             hf_config, max_requests=args.max_requests, max_len=args.max_len, elem_bytes=dtype_bytes(hf_config)
         )
-        gpu = args.gpu_bytes or _gpu_bytes(args.gpu)
+        gpu = args.gpu_bytes or gpu_bytes(args.gpu)
         print(target_mem_fraction(need, gpu, args.base_fraction))
     except (OSError, KeyError, json.JSONDecodeError, DeviceError) as e:
         sys.exit(f"error: {e}")

@@ -300,3 +300,79 @@ def test_serve_gpu_tp_counts_this_machines_gpus(tmp_path):
     else:
         assert result.returncode != 0 and "needs at least 2" in result.stderr
         assert "--model-path" not in result.stdout
+
+
+# ------------------------------------------------- a drafter on the target's GPU (review 2026-12-07, N3)
+
+QWEN25_05B = {  # Qwen2.5-0.5B's config.json, the fields the memory plan reads
+    "architectures": ["Qwen2ForCausalLM"],
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "num_hidden_layers": 24,
+    "max_position_embeddings": 32768,
+    "vocab_size": 151936,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+}
+GiB = 2**30
+
+
+def _resolving(tmp_path, monkeypatch, draft_device: str, *extra: str, gpus: int = 2, gpu_bytes: int = 80 * GiB):
+    """The stock command's ServerArgs record as SGLang's resolution hands it
+    to MINEDRAFT's handle_server_args: its memory settings resolved (SGLang's
+    default fraction, 0.83 for a 7B target on an 80 GiB GPU), the drafter's
+    writes recorded through SGLang's own stand-in."""
+    from sglang.srt.arg_groups.overrides import declare_resolution, record_foreign_defaults, resolution_result
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.server_args import prepare_server_args
+
+    from minedraft_sglang import plugin
+
+    for name, cfg in (("draft", QWEN25_05B), ("target", {**QWEN25_05B, "num_hidden_layers": 28})):
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+    monkeypatch.delenv("SGLANG_USE_CPU_ENGINE", raising=False)
+    monkeypatch.setattr(devices, "cuda_device_count", lambda: gpus)
+    monkeypatch.setattr(devices, "gpu_bytes", lambda index: gpu_bytes)
+    monkeypatch.setenv("SGLANG_MINEDRAFT_CONFIG", json.dumps({"draft_device": draft_device}))
+    load_plugins()
+    argv = [
+        "--model-path",
+        str(tmp_path / "target"),
+        "--speculative-algorithm",
+        "MINEDRAFT",
+        "--speculative-draft-model-path",
+        str(tmp_path / "draft"),
+        "--speculative-num-draft-tokens",
+        "5",
+        "--device",
+        "cuda",
+        *extra,
+    ]
+    server_args = prepare_server_args(argv)
+    server_args._raw_input = {name: getattr(server_args, name) for name in ("mem_fraction_static", "device")}
+    if server_args.mem_fraction_static is None:
+        declare_resolution(server_args, "_handle_gpu_memory_settings", mem_fraction_static=0.83)
+    record_foreign_defaults(server_args, "test", plugin.leave_room_for_the_drafter)
+    return resolution_result(server_args, "mem_fraction_static")
+
+
+def test_a_drafter_on_the_target_gpu_lowers_sglangs_default_fraction_by_its_kv_cache(tmp_path, monkeypatch):
+    # 256 requests x (4096 + 5) tokens x 24 layers x K and V x 2 heads x 64 x 2 bytes = 12.06 GiB.
+    cache = 256 * 4101 * 24 * 2 * 2 * 64 * 2
+    assert devices.drafter_kv_bytes(QWEN25_05B, max_requests=256, max_len=4101, elem_bytes=2) == cache * 257 // 256
+    assert _resolving(tmp_path, monkeypatch, "cuda") == round(0.83 - cache * 257 / 256 / (80 * GiB), 3) == 0.679
+
+
+def test_a_drafter_on_its_own_gpu_or_a_fraction_the_user_gave_leaves_the_fraction_alone(tmp_path, monkeypatch):
+    assert _resolving(tmp_path / "a", monkeypatch, "cuda:1") == 0.83
+    assert _resolving(tmp_path / "b", monkeypatch, "cuda", "--mem-fraction-static", "0.7") == 0.7
+
+
+def test_a_drafter_that_leaves_the_target_too_little_of_a_shared_gpu_is_refused(tmp_path, monkeypatch):
+    from minedraft_sglang.config import MineDraftConfigError
+
+    with pytest.raises(MineDraftConfigError, match="lower --minedraft-draft-max-len"):
+        _resolving(tmp_path, monkeypatch, "cuda", gpus=1, gpu_bytes=16 * GiB)
