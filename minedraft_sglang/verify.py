@@ -33,7 +33,6 @@ import threading
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from minedraft_sglang.sampling.acceptance import rejection_sample
 from minedraft_sglang.sampling.penalties import PenaltyFn, chain_penalties
@@ -280,12 +279,10 @@ def sample_chain(verify_input, batch: ScheduleBatch, logits_output, context: Ver
     if grammar_mask is not None:
         grammar_mask.apply(logits)
     probs = target_probs(logits.view(bs, width, -1), sampling_info)
-    drafts = context.drafts.to(torch.int64)
-    q = F.one_hot(drafts, probs.shape[-1]).to(probs.dtype)
     num_drafts = context.num_drafts
     if num_drafts is None:
         num_drafts = torch.full((bs,), width - 1, dtype=torch.int64, device=probs.device)
-    out, accept_lens = rejection_sample(drafts, q, probs, num_drafts, context.generator)
+    out, accept_lens = rejection_sample(context.drafts.to(torch.int64), probs, num_drafts, context.generator)
     predict = out.clamp_min(0).to(torch.int32).flatten()
     cols = torch.arange(width, device=probs.device)
     rows = torch.arange(bs, device=probs.device)[:, None] * width

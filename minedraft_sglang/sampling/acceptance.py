@@ -4,6 +4,10 @@ Pure tensor functions, batched over requests, so the worker can run them on
 whichever device holds the target's probabilities and the tests can check
 them without SGLang. Ragged lengths come from TETRIS: every request carries K
 draft slots, of which only the first ``num_drafts[i]`` are verified.
+
+The drafter drafts greedily, so each draft is a point mass q = one-hot(d):
+the acceptance test p(d)/q(d) needs only p(d), and the residual max(p - q, 0)
+is p without d. Neither needs q as a [bs, K, V] tensor.
 """
 
 from __future__ import annotations
@@ -13,9 +17,12 @@ import torch
 PAD = -1
 
 
-def _residual_probs(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Unnormalized distribution to resample from after a rejection."""
-    return (p - q).clamp_min(0)
+def _residual_(p: torch.Tensor, draft: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """``p`` [bs, V] turned in place, on the ``rejected`` rows [bs], into the
+    unnormalized distribution to resample from after rejecting ``draft``
+    [bs]: max(p - one-hot(draft), 0), that is p without the draft."""
+    at_draft = p.gather(1, draft[:, None])
+    return p.scatter_(1, draft[:, None], at_draft.masked_fill_(rejected[:, None], 0))
 
 
 def _sample(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -49,17 +56,18 @@ def _assemble(
 
 def rejection_sample(
     draft_tokens: torch.Tensor,
-    draft_probs: torch.Tensor,
     target_probs: torch.Tensor,
     num_drafts: torch.Tensor,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023).
+    """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023) of
+    point-mass drafts: accept d with probability p(d), else sample p without d.
 
-    draft_tokens [bs, K] int64, sampled from ``draft_probs`` [bs, K, V];
-    target_probs [bs, K+1, V], row j being the target's distribution after
-    the first j drafts; num_drafts [bs] in 0..K. Slots at or beyond
-    ``num_drafts[i]`` are never read as tokens, so they may hold anything.
+    draft_tokens [bs, K] int64, each a point mass (chosen by any rule that
+    does not look at this function's coins); target_probs [bs, K+1, V], row j
+    being the target's distribution after the first j drafts; num_drafts [bs]
+    in 0..K. Slots at or beyond ``num_drafts[i]`` are never read as tokens,
+    so they may hold anything.
 
     Returns (output_tokens [bs, K+1] padded with -1, accept_lens [bs]) where
     accept_lens = accepted drafts + 1: the accepted drafts are followed by
@@ -69,25 +77,25 @@ def rejection_sample(
     """
     bs, k = draft_tokens.shape
     device = target_probs.device
-    tokens = draft_tokens.clamp_min(0)[:, :, None]
-    p_tok = target_probs[:, :k].gather(2, tokens).squeeze(2).float()
-    q_tok = draft_probs.gather(2, tokens).squeeze(2).float()
+    tokens = draft_tokens.clamp_min(0)
+    p_tok = target_probs[:, :k].gather(2, tokens[:, :, None]).squeeze(2).float()
     u = torch.rand((bs, k), generator=generator, device=device)
-    # u < p/q written without the division, so q(d) = 0 accepts iff p(d) > 0.
-    accept = u * q_tok < p_tok
+    accept = u < p_tok
     accept &= torch.arange(k, device=device) < num_drafts[:, None]
     num_accepted = _accepted_prefix(accept)
 
     rows = torch.arange(bs, device=device)
-    p_last = target_probs[rows, num_accepted].float()
-    q_last = draft_probs[rows, num_accepted.clamp_max(k - 1)].float() if k else p_last
     rejected = num_accepted < num_drafts
-    residual = _residual_probs(p_last, q_last)
-    # A rejection with zero residual mass can only come from rounding (p == q)
-    # or from a draft outside q's support; p is then the right distribution.
-    use_residual = rejected & (residual.sum(dim=-1) > 0)
-    weights = torch.where(use_residual[:, None], residual, p_last)
-    return _assemble(draft_tokens, num_accepted, _sample(weights, generator))
+    # The draft at the first rejection (past the last slot, where nothing is
+    # rejected, a stand-in 0).
+    stop = torch.cat([tokens, tokens.new_zeros(bs, 1)], dim=1)[rows, num_accepted]
+    # The target's distribution there (indexing copies: ours to edit), less
+    # the draft where it was rejected.
+    weights = _residual_(target_probs[rows, num_accepted].float(), stop, rejected)
+    # A rejection with zero residual mass can only come from rounding (all of
+    # p's mass on d, yet p(d) below 1): sampling p would give d.
+    empty = rejected & (weights.sum(dim=-1) == 0)
+    return _assemble(draft_tokens, num_accepted, torch.where(empty, stop, _sample(weights, generator)))
 
 
 def greedy_accept(

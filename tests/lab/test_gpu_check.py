@@ -223,7 +223,7 @@ def test_checks_fail_on_broken_components(monkeypatch):
     err, tol, _ = gc.check_attention("sdpa", torch.float32, cpu, 4, gen)
     assert err > tol
 
-    def accept_all(drafts, q, p, num, generator=None):
+    def accept_all(drafts, p, num, generator=None):
         return gc.greedy_accept(drafts, torch.cat([drafts, drafts[:, :1]], 1), num)
 
     monkeypatch.setattr(gc, "rejection_sample", accept_all)

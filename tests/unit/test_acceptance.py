@@ -3,16 +3,19 @@ greedy acceptance.
 
 The exactness harness runs a tiny bigram "target" T[prev] -> distribution and
 bigram "drafter" Q[prev] -> distribution through whole speculative rounds
-(draft K tokens from Q, verify with a random ragged length, continue from
-the last output token) and checks with a chi-square test that the generated
-text is distributed as sampling from T directly. The same harness must flag
-broken acceptance rules, which is what makes a pass meaningful.
+(draft K tokens from Q, verify them as point masses with a random ragged
+length, continue from the last output token) and checks with a chi-square
+test that the generated text is distributed as sampling from T directly:
+point-mass acceptance is exact however the drafts were chosen. The same
+harness must flag broken acceptance rules, which is what makes a pass
+meaningful.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy.stats import chisquare
 
 from minedraft_sglang.sampling import acceptance
@@ -45,16 +48,14 @@ def _generate(sampler, target, draft, length: int, seed: int) -> torch.Tensor:
     filled = torch.zeros(N, dtype=torch.int64)
     ctx = torch.full((N,), PROMPT, dtype=torch.int64)
     for _ in range(length):  # every round emits at least one token
-        prev, tokens, qs = ctx, [], []
+        prev, tokens = ctx, []
         for _ in range(K):
-            q = draft[prev]
-            prev = torch.multinomial(q, 1, generator=gen).squeeze(1)
+            prev = torch.multinomial(draft[prev], 1, generator=gen).squeeze(1)
             tokens.append(prev)
-            qs.append(q)
         draft_tokens = torch.stack(tokens, dim=1)
         target_probs = target[torch.cat([ctx[:, None], draft_tokens], dim=1)]
         num_drafts = torch.randint(0, K + 1, (N,), generator=gen)
-        out, lens = sampler(draft_tokens, torch.stack(qs, dim=1), target_probs, num_drafts, gen)
+        out, lens = sampler(draft_tokens, target_probs, num_drafts, gen)
         # Write the whole padded row; the next round overwrites the padding.
         buf.scatter_(1, filled[:, None] + torch.arange(K + 1), out)
         filled += lens
@@ -89,34 +90,36 @@ def test_output_is_distributed_as_the_target(sparse):
     assert first > 1e-4 and pair > 1e-4
 
 
-def _always_accept(draft_tokens, draft_probs, target_probs, num_drafts, gen):
-    # Claiming q = p makes every ratio p/q equal 1.
-    return rejection_sample(draft_tokens, target_probs[:, :K], target_probs, num_drafts, gen)
+def _always_accept(draft_tokens, target_probs, num_drafts, gen):
+    # Claiming p(d) = 1 at every draft accepts them all.
+    claimed = target_probs.clone()
+    claimed[:, :K] = F.one_hot(draft_tokens, V).float()
+    return rejection_sample(draft_tokens, claimed, num_drafts, gen)
 
 
-def _wrong_q(draft_tokens, draft_probs, target_probs, num_drafts, gen):
-    # Tokens were sampled from Q, but the rule is told they came from uniform.
-    uniform = torch.full_like(draft_probs, 1 / V)
-    return rejection_sample(draft_tokens, uniform, target_probs, num_drafts, gen)
-
-
-def _off_by_one(draft_tokens, draft_probs, target_probs, num_drafts, gen):
+def _off_by_one(draft_tokens, target_probs, num_drafts, gen):
     # Draft j+1 judged by the target's distribution one position later.
     shifted = torch.cat([target_probs[:, 1:], target_probs[:, -1:]], dim=1)
-    return rejection_sample(draft_tokens, draft_probs, shifted, num_drafts, gen)
+    return rejection_sample(draft_tokens, shifted, num_drafts, gen)
 
 
-def _residual_is_p(monkeypatch):
-    monkeypatch.setattr(acceptance, "_residual_probs", lambda p, q: p)
+def _not_a_prefix(monkeypatch):
+    # Drafts accepted after a rejection still counted.
+    monkeypatch.setattr(acceptance, "_accepted_prefix", lambda accept: accept.sum(dim=1))
     return rejection_sample
 
 
-@pytest.mark.parametrize("broken", ["always_accept", "wrong_q", "off_by_one", "residual_is_p"])
+def _residual_is_p(monkeypatch):
+    monkeypatch.setattr(acceptance, "_residual_", lambda p, draft, rejected: p)
+    return rejection_sample
+
+
+@pytest.mark.parametrize("broken", ["always_accept", "off_by_one", "not_a_prefix", "residual_is_p"])
 def test_harness_detects_broken_rules(broken, monkeypatch):
     sampler = {
         "always_accept": lambda: _always_accept,
-        "wrong_q": lambda: _wrong_q,
         "off_by_one": lambda: _off_by_one,
+        "not_a_prefix": lambda: _not_a_prefix(monkeypatch),
         "residual_is_p": lambda: _residual_is_p(monkeypatch),
     }[broken]()
     first, pair = _exactness_pvalues(sampler, sparse=False)
@@ -130,12 +133,12 @@ def _random_batch(seed: int, bs: int = 64):
     target_probs = torch.softmax(torch.randn((bs, K + 1, V), generator=gen), dim=-1)
     draft_tokens = torch.multinomial(draft_probs.reshape(-1, V), 1, generator=gen).reshape(bs, K)
     num_drafts = torch.randint(0, K + 1, (bs,), generator=gen)
-    return draft_tokens, draft_probs, target_probs, num_drafts
+    return draft_tokens, target_probs, num_drafts
 
 
 def test_ragged_output_layout():
-    draft_tokens, draft_probs, target_probs, num_drafts = _random_batch(3)
-    out, lens = rejection_sample(draft_tokens, draft_probs, target_probs, num_drafts, torch.Generator().manual_seed(0))
+    draft_tokens, target_probs, num_drafts = _random_batch(3)
+    out, lens = rejection_sample(draft_tokens, target_probs, num_drafts, torch.Generator().manual_seed(0))
     assert out.shape == (64, K + 1) and out.dtype == torch.int64 and lens.dtype == torch.int64
     assert bool(((lens >= 1) & (lens <= num_drafts + 1)).all())
     assert (lens < num_drafts + 1).any() and (lens == num_drafts + 1).any()
@@ -148,14 +151,13 @@ def test_ragged_output_layout():
 
 
 def test_slots_beyond_num_drafts_are_ignored():
-    draft_tokens, draft_probs, target_probs, num_drafts = _random_batch(4)
+    draft_tokens, target_probs, num_drafts = _random_batch(4)
     beyond = torch.arange(K)[None, :] >= num_drafts[:, None]
     junk_tokens = draft_tokens.masked_fill(beyond, -1)
-    junk_q = draft_probs.masked_fill(beyond[:, :, None], 0.0)
     beyond_bonus = torch.arange(K + 1)[None, :] > num_drafts[:, None]
     junk_p = target_probs.masked_fill(beyond_bonus[:, :, None], float("nan"))
-    a = rejection_sample(draft_tokens, draft_probs, target_probs, num_drafts, torch.Generator().manual_seed(5))
-    b = rejection_sample(junk_tokens, junk_q, junk_p, num_drafts, torch.Generator().manual_seed(5))
+    a = rejection_sample(draft_tokens, target_probs, num_drafts, torch.Generator().manual_seed(5))
+    b = rejection_sample(junk_tokens, junk_p, num_drafts, torch.Generator().manual_seed(5))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
@@ -164,17 +166,15 @@ def test_zero_drafts_samples_one_token_from_the_target():
     p0 = torch.tensor([0.1, 0.0, 0.3, 0.2, 0.25, 0.15])
     target_probs = torch.softmax(torch.randn((bs, K + 1, V)), dim=-1)
     target_probs[:, 0] = p0
-    draft_probs = torch.full((bs, K, V), 1 / V)
     draft_tokens = torch.ones((bs, K), dtype=torch.int64)
     out, lens = rejection_sample(
-        draft_tokens, draft_probs, target_probs, torch.zeros(bs, dtype=torch.int64), torch.Generator().manual_seed(6)
+        draft_tokens, target_probs, torch.zeros(bs, dtype=torch.int64), torch.Generator().manual_seed(6)
     )
     assert bool((lens == 1).all()) and bool((out[:, 1:] == -1).all())
     assert _pvalue(out[:, 0], p0) > 1e-4
     # K = 0: no draft slots at all, the bonus alone.
     out, lens = rejection_sample(
         draft_tokens[:, :0],
-        draft_probs[:, :0],
         target_probs[:, :1],
         torch.zeros(bs, dtype=torch.int64),
         torch.Generator().manual_seed(6),
@@ -191,27 +191,25 @@ def test_deterministic_given_a_generator():
     assert not torch.equal(a[0], c[0])
 
 
-def test_q_zero_and_empty_residual():
-    p = torch.tensor([0.0, 0.5, 0.5, 0.0, 0.0, 0.0])
+def test_certain_drafts_and_empty_residual():
     bs = 1000
-    probs = p.expand(bs, K + 1, V).clone()
     ones = torch.ones(bs, dtype=torch.int64)
     gen = torch.Generator().manual_seed(10)
-    # q(d) = 0 and p(d) = 0 with p == q: rejected, the residual is all zero,
-    # so the token comes from p, and nothing is NaN.
-    d0 = torch.zeros((bs, K), dtype=torch.int64)
-    out, lens = rejection_sample(d0, probs[:, :K], probs, ones, gen)
-    assert bool((lens == 1).all()) and set(out[:, 0].tolist()) == {1, 2}
-    # q(d) = 0 < p(d): the ratio is infinite, always accepted.
-    q = torch.zeros_like(probs[:, :K])
-    q[..., 0] = 1.0
     d1 = torch.ones((bs, K), dtype=torch.int64)
-    out, lens = rejection_sample(d1, q, probs, ones, gen)
-    assert bool((lens == 2).all()) and bool((out[:, 0] == 1).all())
-    # p == q: every verified draft is accepted, then the bonus.
+    # p(d) = 0: always rejected, and the token comes from p without d.
+    p = torch.tensor([0.0, 0.0, 0.5, 0.5, 0.0, 0.0]).expand(bs, K + 1, V)
+    out, lens = rejection_sample(d1, p, ones, gen)
+    assert bool((lens == 1).all()) and set(out[:, 0].tolist()) == {2, 3}
+    # p(d) = 1: every verified draft is accepted, then the bonus.
+    p = F.one_hot(torch.tensor(1), V).float().expand(bs, K + 1, V)
     n = torch.arange(bs) % (K + 1)
-    out, lens = rejection_sample(d1, probs[:, :K], probs, n, gen)
-    assert torch.equal(lens, n + 1)
+    out, lens = rejection_sample(d1, p, n, gen)
+    assert torch.equal(lens, n + 1) and bool((out[out != -1] == 1).all())
+    # All of p's mass on d, yet p(d) < 1 (rounding, exaggerated): a rejection
+    # finds an empty residual and takes the token from p, so d, nothing else.
+    p = (0.5 * F.one_hot(torch.tensor(1), V).float()).expand(bs, K + 1, V)
+    out, lens = rejection_sample(d1, p, ones, gen)
+    assert (lens == 1).any() and bool((out[:, 0] == 1).all())
 
 
 def test_greedy_accept_by_hand():
