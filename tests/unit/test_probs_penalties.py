@@ -19,6 +19,11 @@ def test_target_probs_follow_sglang_sampling_rules():
         top_ks=torch.tensor([1, 5, 2, 5]),
         top_ps=torch.tensor([1.0, 1.0, 1.0, 0.7]),
         min_ps=torch.tensor([0.0, 0.0, 0.0, 0.0]),
+        # SGLang's host-side summaries of these requests.
+        need_top_k_sampling=True,
+        need_top_p_sampling=True,
+        need_min_p_sampling=False,
+        max_top_k=5,
     )
     probs = target_probs(logits, info)
     base = torch.softmax(logits[0, 0], -1)

@@ -142,6 +142,10 @@ def _sample_both_ways(link: TpLink) -> dict:
         top_ks=torch.full((BS,), VOCAB),
         top_ps=torch.ones(BS),
         min_ps=torch.zeros(BS),
+        need_top_k_sampling=False,
+        need_top_p_sampling=False,
+        need_min_p_sampling=False,
+        max_top_k=None,
     )
     batch = SimpleNamespace(sampling_info=sampling_info, seq_lens=torch.full((BS,), 10))
     out = {}
