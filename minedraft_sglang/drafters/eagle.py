@@ -245,7 +245,10 @@ class EagleDrafter(CachedDrafter):
 
     def __init__(self, model_path: str, target_path: str, device: str, dtype: torch.dtype, *, step_mode: str = "eager"):
         self.device = torch.device(device)
-        self.head = model_files.resident(load_eagle_head(model_path, target_path).to(self.device, dtype))
+        # Inference only; SGLang allocates the drafter (so captures its step
+        # graphs) with grad mode on (kv_cache.py).
+        head = load_eagle_head(model_path, target_path).to(self.device, dtype).requires_grad_(False)
+        self.head = model_files.resident(head)
         self.dtype = dtype
         config = self.head.layer.self_attn.config
         self.aux_layer_ids = aux_layer_ids(config) if self.head.version == 3 else None

@@ -12,7 +12,10 @@ The forwards:
   then each decode step, one token). Every position and length comes from the
   drafter's host-side bookkeeping, so a step reads nothing back from the
   device; ``StepRunner`` runs it eagerly, compiled, or replayed from one CUDA
-  graph per shape bucket.
+  graph per shape bucket. It runs without autograd whatever the caller's grad
+  mode: SGLang allocates the drafter, and so captures its graphs, with grad
+  mode on, and a capture that records autograd keeps every saved activation
+  of every capture alive through the cache's in-place writes (issue 34).
 * a **catch-up** writes the cache rows of longer feeds (a newcomer's prompt, a
   retracted request's) before the step, in forwards of at most
   ``CatchUp.max_tokens`` tokens that group feeds of similar length.
@@ -373,7 +376,8 @@ def project_qkv(attn, x: torch.Tensor, cos_sin) -> tuple[torch.Tensor, torch.Ten
 
 
 class StepRunner:
-    """Runs a drafter's step ``fn(*inputs, kv=...) -> tuple of tensors``:
+    """Runs a drafter's step ``fn(*inputs, kv=...) -> tuple of tensors``,
+    without autograd:
 
     * ``eager``: as called; ``kv`` is each request's key count, so requests
       read in length groups (``SlotKVCache.rows``);
@@ -409,6 +413,7 @@ class StepRunner:
             return bs, width
         return _bucket(BATCH_BUCKETS, bs), _bucket(STEP_WIDTHS, width)
 
+    @torch.no_grad()
     def __call__(self, inputs: tuple[torch.Tensor, ...], kv: Sequence[int]) -> tuple[torch.Tensor, ...]:
         """``inputs`` padded to ``shape()``; ``kv``: the keys each of their
         requests reads."""
@@ -419,6 +424,7 @@ class StepRunner:
             return self.compiled(*inputs, kv=kv_len)
         return self._replay(inputs, kv_len)
 
+    @torch.no_grad()
     def capture_all(self, padding: Callable[[int, int], list[tuple[torch.Tensor, ...]]]) -> int:
         """Capture, now, the graph of every shape a step can take within the
         cache's limits, so that the hot path never captures (each capture

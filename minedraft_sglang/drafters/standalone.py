@@ -72,7 +72,10 @@ class StandaloneDrafter(CachedDrafter):
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
-        model = model.to(self.device, dtype).eval()
+        # Inference only: no weight requires grad, whatever the caller's grad
+        # mode (SGLang allocates the drafter, so captures its step graphs,
+        # with it on; kv_cache.py).
+        model = model.to(self.device, dtype).eval().requires_grad_(False)
         self.model = model_files.resident(int8.quantize(model) if int8_weights else model)
         self.weights = "int8" if int8_weights else "checkpoint"
         config = self.model.config

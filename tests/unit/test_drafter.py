@@ -21,7 +21,13 @@ K = 4
 # each replay, outputs that the next replay overwrites in place. Its stand-in
 # for a capture runs the step once (as the real warm-up does), blanks the
 # outputs (a capture computes nothing), and replays by running the step again
-# on the captured inputs, into the captured outputs.
+# on the captured inputs, into the captured outputs. It is strict about
+# autograd, since on CUDA a capture that records it keeps every saved
+# activation of every capture alive (issue 34, N2: out of memory on the
+# drafter's GPU): it fails a capture made with grad mode on, one that saves a
+# tensor for backward (the cache's in-place writes included) and one whose
+# outputs require grad, through pytest.fail, which the drafter's fallback to
+# eager steps (``except Exception``) does not swallow.
 GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 STEP_MODES = [
     pytest.param("cpu", "eager", id="cpu-eager"),
@@ -39,7 +45,16 @@ def step_mode(mode: str, monkeypatch) -> str:
 
 
 def _graph_on_cpu(fn, device, pool):
-    out = fn()
+    if torch.is_grad_enabled():
+        pytest.fail("a step graph captured with grad mode on")
+
+    def saved(tensor):
+        pytest.fail(f"a step graph's capture saved a tensor {tuple(tensor.shape)} for backward")
+
+    with torch.autograd.graph.saved_tensors_hooks(saved, lambda packed: packed):
+        out = fn()
+    if any(o.requires_grad or o.grad_fn is not None for o in out):
+        pytest.fail("a step graph's outputs require grad")
     for o in out:
         o.fill_(-1)
 
@@ -133,6 +148,33 @@ def test_every_step_graph_is_captured_at_allocate(path, monkeypatch):
     eager = make_drafter(path, "cpu", "eager", monkeypatch)
     eager.allocate(max_requests=4, max_len=256)
     assert not eager.steps.graphs
+
+
+def assert_no_autograd(drafter, module, drafts) -> None:
+    """No parameter of ``module`` requires grad; the cache, the step graphs'
+    outputs and ``drafts`` hold no autograd graph."""
+    assert [name for name, p in module.named_parameters() if p.requires_grad] == []
+    outputs = [o for _, _, out in drafter.steps.graphs.values() for o in out]
+    for t in (drafter.cache.k, drafter.cache.v, *outputs, *drafts):
+        assert t.grad_fn is None and not t.requires_grad, t.grad_fn
+
+
+@pytest.mark.parametrize("device, mode", STEP_MODES)
+def test_allocate_and_drafts_with_grad_mode_on_record_no_autograd(path, device, mode, monkeypatch):
+    """SGLang's scheduler allocates the drafter (so captures its step
+    graphs) with grad mode on, and its threads draft with it on. A capture
+    that recorded autograd kept every saved activation of every capture
+    alive through the cache's in-place writes: out of memory on the
+    drafter's GPU (issue 34, N2)."""
+    drafter = make_drafter(path, device, mode, monkeypatch)
+    seqs = {"a": [5, 6, 7], "b": list(range(3, 20))}
+    with torch.enable_grad():
+        drafter.allocate(max_requests=2, max_len=64)
+        for accepted in (K, 0):
+            out = drafter.draft([DraftRequest(rid, s, []) for rid, s in seqs.items()], K)
+            for s, drafted in zip(seqs.values(), out.tokens.tolist()):
+                s.extend([*drafted[:accepted], 7])
+    assert_no_autograd(drafter, drafter.model, (out.tokens, out.probs))
 
 
 def test_requests_beyond_the_cache_get_a_proposal_of_the_right_shape(path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_drafter import GPU, STEP_MODES, mapped_from, step_mode
+from test_drafter import GPU, STEP_MODES, assert_no_autograd, mapped_from, step_mode
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -220,3 +220,21 @@ def test_cpu_head_weights_are_its_own_memory_not_the_checkpoints(random_head):
     assert mapped_from(drafter.head, str(tiny_models.model_path("target"))) == []
     drafter.allocate(max_requests=1, max_len=32)
     assert drafter.draft([DraftRequest("a", [5, 6, 7], [])], 2).tokens.shape == (1, 2)
+
+
+@pytest.mark.parametrize("device, mode", STEP_MODES)
+def test_allocate_and_drafts_with_grad_mode_on_record_no_autograd(random_head, target, device, mode, monkeypatch):
+    """As the standalone drafter (test_drafter.py): SGLang allocates the
+    drafter (so captures its step graphs) with grad mode on, and its threads
+    observe and draft with it on."""
+    version, path, _ = random_head
+    drafter = make_drafter(path, device, mode, monkeypatch)
+    seqs, features = tiny_eagle.target_text_and_features(target, version, seed=13, num_seqs=1, length=24)
+    toks, feats, n = seqs[0].tolist(), features[0].to(device), 10
+    with torch.enable_grad():
+        drafter.allocate(max_requests=2, max_len=64)
+        drafter.observe("a", 0, feats[: n - 1])
+        drafter.draft([DraftRequest("a", toks[:1], toks[1:n])], K)
+        drafter.observe("a", n - 1, feats[n - 1 : n + K])  # every draft accepted
+        out = drafter.draft([DraftRequest("a", toks[:1], toks[1 : n + K + 1])], K)
+    assert_no_autograd(drafter, drafter.head, (out.tokens, out.probs))
