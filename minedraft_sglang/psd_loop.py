@@ -500,6 +500,7 @@ class PSDLoop:
             "drafter_active_requests": len(self.drafter.active_rids()),
             "pending_drafts": len(self.pending),
             "drafter_failures": self.drafter_failures,
+            "drafter_step_graphs": self.drafter.step_graphs,
             "sub_batch_sizes": self.sub_batches.sizes(),
             "k": "auto" if self.planner else self.k,
             **({"planner": self.planner.summary()} if self.planner else {}),

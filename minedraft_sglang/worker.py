@@ -130,7 +130,7 @@ class MineDraftWorker(BaseSpecWorker):
             or min(self.model_runner.model_config.context_len, DEFAULT_DRAFT_MAX_LEN)
             + self.speculative_num_draft_tokens
         )
-        nbytes = self.drafter.allocate(max_requests, max_len)
+        nbytes = self.drafter.allocate(max_requests, max_len, max_drafts=self.speculative_num_steps)
         self.drafter_slots = max_requests
         logger.info(
             "MineDraft: drafter KV cache on %s (outside SGLang's memory pool): up to %d "

@@ -128,8 +128,10 @@ class FaultInjectingDrafter(Drafter):
         if self.rng.random() < self.prefill_prob:
             raise RuntimeError(f"injected drafter prefill fault ({FAULT_ENV})")
 
-    def allocate(self, max_requests, max_len):
-        return self.inner.allocate(max_requests, max_len)
+    def allocate(self, max_requests, max_len, *, max_drafts=None):
+        nbytes = self.inner.allocate(max_requests, max_len, max_drafts=max_drafts)
+        self.step_graphs = self.inner.step_graphs
+        return nbytes
 
     def observe(self, rid, start, features):
         self.inner.observe(rid, start, features)

@@ -52,6 +52,9 @@ class Drafter(abc.ABC):
     aux_layer_ids: list[int] | None = None
     # How the weights are held: "checkpoint" (as loaded) or "int8" (int8.py).
     weights = "checkpoint"
+    # The step graphs ``allocate`` captured (count, shape buckets, seconds);
+    # None when steps do not run from graphs.
+    step_graphs: dict | None = None
 
     def observe(self, rid: str, start: int, features: torch.Tensor) -> None:
         """The target's features of positions ``start``.. of a request (a
@@ -66,10 +69,13 @@ class Drafter(abc.ABC):
         the target's features of those tokens (EAGLE) cannot, and do nothing."""
 
     @abc.abstractmethod
-    def allocate(self, max_requests: int, max_len: int) -> int:
+    def allocate(self, max_requests: int, max_len: int, *, max_drafts: int | None = None) -> int:
         """Size the KV cache for up to ``max_requests`` requests of
         ``max_len`` tokens on the drafter's device; returns the bytes it
-        takes at that size."""
+        takes at that size. ``max_drafts``: the most drafts a verify takes
+        from one request (``--speculative-num-steps``; None: any number),
+        which bounds the step shapes to prepare. Called with grad mode on
+        (SGLang's ``Scheduler.init_memory_pools``)."""
 
     @abc.abstractmethod
     def draft(self, reqs: Sequence[DraftRequest], num_tokens: int, stop_below: float = 0.0) -> DraftOutput:

@@ -36,7 +36,6 @@ from torch import nn
 from minedraft_sglang import model_files
 from minedraft_sglang.drafters.base import DraftOutput, DraftRequest, read_on_this_stream
 from minedraft_sglang.drafters.kv_cache import (
-    STEP_WIDTHS,
     CachedDrafter,
     CatchUp,
     SlotKVCache,
@@ -308,7 +307,7 @@ class EagleDrafter(CachedDrafter):
             feeds.append((r.tokens(s.cached + 1)[: s.known - s.cached], feats))
             # The last known pair is fed again next call.
             s.features = [feats[-1:].clone()]
-        widest = STEP_WIDTHS[-1]
+        widest = self.steps.widths[-1]
         long = [i for i, f in enumerate(feeds) if f is not None and len(f[0]) > widest]
         self._catch_up([(slots[i], feeds[i][0][:-1], feeds[i][1][:-1]) for i in long])
         for i in long:
@@ -385,6 +384,12 @@ class EagleDrafter(CachedDrafter):
                 feeds[i][0].cached += end - begin
 
         self.catch_up.run([len(toks) for _, toks, _ in feeds], forward)
+
+    def _widest_feed(self, max_drafts: int) -> int:
+        # A call feeds again the last pair it fed (its output starts the
+        # proposals), then a pair per feature observed since: the verify's
+        # last committed token's and each accepted draft's.
+        return max_drafts + 2
 
     def _padding(self, rows: int, width: int) -> list[tuple[torch.Tensor, ...]]:
         # A call's first step reads the target's features; the one-token

@@ -7,15 +7,16 @@ which rows are still valid, which each keeps in its slot objects.
 
 The forwards:
 
-* a **step** feeds every request of a draft call at most ``STEP_WIDTHS[-1]``
-  new tokens (the call's first forward: what was accepted since the last call;
-  then each decode step, one token). Every position and length comes from the
-  drafter's host-side bookkeeping, so a step reads nothing back from the
-  device; ``StepRunner`` runs it eagerly, compiled, or replayed from one CUDA
-  graph per shape bucket. It runs without autograd whatever the caller's grad
-  mode: SGLang allocates the drafter, and so captures its graphs, with grad
-  mode on, and a capture that records autograd keeps every saved activation
-  of every capture alive through the cache's in-place writes (issue 34).
+* a **step** feeds every request of a draft call at most
+  ``StepRunner.widths[-1]`` new tokens (the call's first forward: what was
+  accepted since the last call; then each decode step, one token). Every
+  position and length comes from the drafter's host-side bookkeeping, so a
+  step reads nothing back from the device; ``StepRunner`` runs it eagerly,
+  compiled, or replayed from one CUDA graph per shape bucket. It runs without
+  autograd whatever the caller's grad mode: SGLang allocates the drafter,
+  and so captures its graphs, with grad mode on, and a capture that records
+  autograd keeps every saved activation of every capture alive through the
+  cache's in-place writes (issue 34).
 * a **catch-up** writes the cache rows of longer feeds (a newcomer's prompt, a
   retracted request's) before the step, in forwards of at most
   ``CatchUp.max_tokens`` tokens that group feeds of similar length.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -39,8 +41,9 @@ logger = logging.getLogger(__name__)
 
 # Request slots allocated up front; the cache doubles when they run out.
 INITIAL_SLOTS = 8
-# New tokens per request in a step, padded up to one of these under graphs;
-# longer feeds catch up first.
+# New tokens per request in a step, padded up to one of these under fixed
+# shapes (graphs, compile), which take those a drafter's steps reach
+# (``StepRunner.reach``); longer feeds catch up first.
 STEP_WIDTHS = (1, 2, 4, 8)
 # Requests per step under graphs, padded up to one of these (at most a third
 # of a step is padding); a larger step runs eagerly.
@@ -336,16 +339,35 @@ class CachedDrafter(Drafter):
     cache: SlotKVCache
     steps: StepRunner
 
-    def allocate(self, max_requests: int, max_len: int) -> int:
+    def allocate(self, max_requests: int, max_len: int, *, max_drafts: int | None = None) -> int:
         """Allocate the cache; under graphs, whole (captured graphs hold its
-        addresses) and with every step's graph captured now."""
+        addresses) and with the graph of every step shape it can take
+        captured now (their count, shapes and seconds in ``step_graphs`` and
+        one log line). ``max_drafts``: the most drafts a verify takes from
+        one request (None: any number; every step width is captured)."""
+        if max_drafts is not None:
+            self.steps.reach(self._widest_feed(max_drafts))
         graphs = self.steps.mode == "graph"
         nbytes = self.cache.allocate(max_requests, max_len, grow=False if graphs else None)
         if graphs:
             began = time.perf_counter()
-            count = self.steps.capture_all(self._padding)
-            logger.info("MineDraft drafter: %d step graphs captured in %.1f s", count, time.perf_counter() - began)
+            captured = self.steps.capture_all(self._padding)
+            self.step_graphs = {**captured, "seconds": round(time.perf_counter() - began, 1)}
+            logger.info(
+                "MineDraft drafter: %d step graphs captured in %.1f s: requests %s x widths %s x keys %s",
+                captured["graphs"],
+                self.step_graphs["seconds"],
+                captured["requests"],
+                captured["widths"],
+                captured["keys"],
+            )
         return nbytes
+
+    def _widest_feed(self, max_drafts: int) -> int:
+        """The most tokens a call's first step feeds one request in serving,
+        after a verify that took at most ``max_drafts`` of its drafts (longer
+        feeds, such as a newcomer's prompt, catch up first)."""
+        raise NotImplementedError
 
     def _padding(self, rows: int, width: int) -> list[tuple[torch.Tensor, ...]]:
         """Every form of a step's inputs of ``rows`` x ``width`` tokens,
@@ -391,7 +413,8 @@ class StepRunner:
 
     ``fn`` must be idempotent: a capture runs it once eagerly (warm-up) on
     the real inputs before the replay runs it again. Under graphs the outputs
-    are the graph's own buffers, valid until the next call.
+    are the graph's own buffers, valid until the next call. Under fixed
+    shapes a step feeds each request at most ``widths[-1]`` tokens.
     """
 
     def __init__(self, fn: Callable, mode: str, cache: SlotKVCache):
@@ -399,9 +422,19 @@ class StepRunner:
             raise ValueError(f"step mode {mode!r} is not one of {STEP_MODES}")
         self.fn, self.mode, self.cache = fn, mode, cache
         self.compiled = torch.compile(fn, dynamic=False) if mode == "compile" else None
+        self.widths = STEP_WIDTHS
         self.graphs: dict[tuple, tuple] = {}
         self.graphs_version = None
         self.pool = None
+
+    def reach(self, width: int) -> None:
+        """The drafter's steps feed a request at most ``width`` tokens in
+        serving (longer feeds catch up first): under fixed shapes take, and
+        capture, only the widths up to its bucket. Eager steps take every
+        width: there one forward of a feed costs less than a catch-up and a
+        step, and no shape costs a capture."""
+        if self.mode != "eager":
+            self.widths = STEP_WIDTHS[: bisect.bisect_left(STEP_WIDTHS, width) + 1]
 
     def _fixed(self, bs: int) -> bool:
         return self.mode != "eager" and bs <= BATCH_BUCKETS[-1]
@@ -411,7 +444,7 @@ class StepRunner:
         to ``width`` tokens must be padded to."""
         if not self._fixed(bs):
             return bs, width
-        return _bucket(BATCH_BUCKETS, bs), _bucket(STEP_WIDTHS, width)
+        return _bucket(BATCH_BUCKETS, bs), _bucket(self.widths, width)
 
     @torch.no_grad()
     def __call__(self, inputs: tuple[torch.Tensor, ...], kv: Sequence[int]) -> tuple[torch.Tensor, ...]:
@@ -425,25 +458,28 @@ class StepRunner:
         return self._replay(inputs, kv_len)
 
     @torch.no_grad()
-    def capture_all(self, padding: Callable[[int, int], list[tuple[torch.Tensor, ...]]]) -> int:
+    def capture_all(self, padding: Callable[[int, int], list[tuple[torch.Tensor, ...]]]) -> dict:
         """Capture, now, the graph of every shape a step can take within the
-        cache's limits, so that the hot path never captures (each capture
-        synchronises the drafter's device; issue 21). ``padding(rows,
-        width)``: every form of the inputs of that shape, with all rows
-        padding (they write to the scratch slot). Returns the graphs
-        captured; none unless the mode is ``graph``."""
-        if self.mode != "graph":
-            return 0
+        cache's limits and ``widths``, so that the hot path never captures
+        (each capture synchronises the drafter's device; issue 21).
+        ``padding(rows, width)``: every form of the inputs of that shape,
+        with all rows padding (they write to the scratch slot). Returns the
+        graphs captured (none unless the mode is ``graph``, or if a capture
+        failed) and the buckets of their shapes: requests, widths (each once
+        per form of its inputs: EAGLE-3's width 1 takes two feature widths)
+        and keys, whose product is the count."""
         largest = _bucket(BATCH_BUCKETS, min(self.cache.max_requests, BATCH_BUCKETS[-1]))
-        kv_lens = sorted({self._kv_len(n) for n in range(1, self.cache.max_len + 1)})
-        for bs in (b for b in BATCH_BUCKETS if b <= largest):
-            for width in STEP_WIDTHS:
-                for inputs in padding(bs, width):
-                    for kv_len in kv_lens:
-                        self._replay(inputs, kv_len)
-                        if self.mode != "graph":  # a capture failed: eager from now on
-                            return 0
-        return len(self.graphs)
+        shapes = {
+            "requests": [b for b in BATCH_BUCKETS if b <= largest],
+            "widths": [width for width in self.widths for _ in padding(1, width)],
+            "keys": sorted({self._kv_len(n) for n in range(1, self.cache.max_len + 1)}),
+        }
+        for bs, width in itertools.product(shapes["requests"], self.widths):
+            for inputs, kv_len in itertools.product(padding(bs, width), shapes["keys"]):
+                if self.mode != "graph":  # a capture failed: eager from now on
+                    return {"graphs": 0, **shapes}
+                self._replay(inputs, kv_len)
+        return {"graphs": len(self.graphs), **shapes}
 
     def _kv_len(self, n: int) -> int:
         """Keys a fixed-shape step reads when its longest request reads ``n``."""

@@ -27,7 +27,6 @@ from minedraft_sglang.drafters import int8
 from minedraft_sglang.drafters.base import DraftOutput, DraftRequest
 from minedraft_sglang.drafters.draft_vocab import DraftVocab
 from minedraft_sglang.drafters.kv_cache import (
-    STEP_WIDTHS,
     CachedDrafter,
     CatchUp,
     SlotKVCache,
@@ -157,7 +156,7 @@ class StandaloneDrafter(CachedDrafter):
             not self.cache.is_scratch(s) and len(s.cached) + len(f) + num_tokens <= self.cache.max_len
             for s, f in zip(slots, feeds)
         ]
-        widest = STEP_WIDTHS[-1]
+        widest = self.steps.widths[-1]
         self._catch_up([(s, f[:-1]) for s, f, ok in zip(slots, feeds, live) if ok and len(f) > widest])
         feeds = [(f[-1:] if len(f) > widest else f) if ok else [] for f, ok in zip(feeds, live)]
 
@@ -202,6 +201,14 @@ class StandaloneDrafter(CachedDrafter):
                 s.cached.extend(f)
                 s.cached.extend(d)
         return DraftOutput(tokens=out_tokens, probs=out_probs)
+
+    def _widest_feed(self, max_drafts: int) -> int:
+        # The cache keeps the rows of a call's drafts but the last: after a
+        # verify that accepted every draft the first step feeds the last one
+        # and the bonus token, after a rejection the correction alone,
+        # whatever k. Longer feeds (a newcomer's prompt, a request after
+        # plain steps) catch up first.
+        return 2
 
     def _padding(self, rows: int, width: int) -> list[tuple[torch.Tensor, ...]]:
         zeros = torch.zeros(rows, width, dtype=torch.long, device=self.device)

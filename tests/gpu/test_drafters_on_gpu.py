@@ -62,10 +62,12 @@ def _greedy(model, tokens: list[int], n: int) -> list[int]:
 
 
 def test_graphs_captured_on_the_drafter_thread_while_another_thread_works():
-    """The drafter's thread, on its own stream, captures every step graph
+    """The drafter's thread, on its own stream and with grad mode on (a new
+    thread's default, as SGLang's scheduler's), captures every step graph
     (``allocate``) and drafts while another thread keeps launching,
     allocating and synchronising (which a process-wide capture would forbid
-    it); drafting captures nothing more."""
+    it); drafting captures nothing more, and nothing records autograd
+    (issue 34)."""
     path = str(tiny_models.model_path("target"))
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
     drafter = StandaloneDrafter(path, "cuda", torch.float32, step_mode="graph")
@@ -76,7 +78,7 @@ def test_graphs_captured_on_the_drafter_thread_while_another_thread_works():
     def drafter_thread():
         try:
             torch.cuda.set_stream(torch.cuda.Stream())
-            drafter.allocate(max_requests=8, max_len=128)
+            drafter.allocate(max_requests=8, max_len=128, max_drafts=K)
             results["captured"] = set(drafter.steps.graphs)
             for bs in (1, 2, 5):
                 reqs = [DraftRequest(f"{bs}-{i}", p, []) for i, p in enumerate(prompts[:bs])]
@@ -95,6 +97,9 @@ def test_graphs_captured_on_the_drafter_thread_while_another_thread_works():
     thread.join()
     assert "error" not in results, results.get("error")
     assert drafter.steps.mode == "graph" and set(drafter.steps.graphs) == results["captured"]
+    assert not any(p.requires_grad for p in drafter.model.parameters())
+    outputs = [o for _, _, out in drafter.steps.graphs.values() for o in out]
+    assert all(t.grad_fn is None and not t.requires_grad for t in (drafter.cache.k, drafter.cache.v, *outputs))
     for bs in (1, 2, 5):
         for p, drafted in zip(prompts, results[bs]):
             assert drafted == _greedy(hf, p, K), (bs, p)

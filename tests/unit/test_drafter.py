@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -137,17 +138,64 @@ def test_a_draft_stop_ends_the_call_once_every_chain_holds_an_unsure_token(path,
     assert again.tokens.tolist() == [hf_greedy(hf, s, K) for s in seqs.values()]
 
 
-def test_every_step_graph_is_captured_at_allocate(path, monkeypatch):
-    """Under graphs, allocate captures every (requests, width, keys) bucket
-    within its limits: 4 request buckets (1, 2, 3, 4) x 4 widths x 3 key
-    lengths (64, 128, 256) here. Eagerly, none."""
+def replayed_graphs(drafter) -> set[tuple]:
+    """The keys of ``drafter``'s captured step graphs replayed from now on."""
+    replayed = set()
+    graphs = drafter.steps.graphs
+    for key, (replay, static, out) in graphs.items():
+        graphs[key] = (lambda key=key, replay=replay: (replayed.add(key), replay())[1], static, out)
+    return replayed
+
+
+def caught_up(drafter, monkeypatch) -> list[int]:
+    """The requests each of ``drafter``'s draft calls from now on caught up."""
+    counts = []
+    catch_up = drafter._catch_up
+    monkeypatch.setattr(drafter, "_catch_up", lambda feeds: (counts.append(len(feeds)), catch_up(feeds))[1])
+    return counts
+
+
+def test_allocate_captures_the_step_shapes_that_serving_reaches_and_no_other(path, monkeypatch, caplog):
+    """``allocate(max_drafts=k)`` under graphs captures each (requests,
+    width, keys) bucket a step takes in serving, and no other: the cache
+    holds the rows of a call's drafts but the last, so after a verify a
+    call's first step feeds a request the last draft and the bonus token at
+    most, and every later step one token: widths 1 and 2, whatever k. A
+    prompt catches up, then feeds 1; calls after full and after no
+    acceptance catch up nothing. At every batch size and key bucket they
+    replay every graph captured and capture none. Without ``max_drafts``:
+    every width; eagerly: nothing."""
     drafter = make_drafter(path, "cpu", "graph-semantics", monkeypatch)
-    drafter.allocate(max_requests=4, max_len=256)
-    assert len(drafter.steps.graphs) == 4 * 4 * 3
-    assert {key[-1] for key in drafter.steps.graphs} == {64, 128, 256}
+    with caplog.at_level("INFO", logger=kv_cache.__name__):
+        drafter.allocate(max_requests=2, max_len=128, max_drafts=K)
+    captured = set(drafter.steps.graphs)
+    assert drafter.steps.widths == (1, 2)
+    reachable = {((bs, width), kv) for bs in (1, 2) for width in (1, 2) for kv in (64, 128)}
+    assert {(key[0], key[-1]) for key in captured} == reachable and len(captured) == len(reachable)
+    assert drafter.step_graphs["graphs"] == len(reachable) and drafter.step_graphs["seconds"] >= 0
+    assert "8 step graphs captured in" in caplog.text
+    replayed, catch_ups = replayed_graphs(drafter), caught_up(drafter, monkeypatch)
+    g = torch.Generator().manual_seed(2)
+    for bs, n in itertools.product((1, 2), (5, 70)):  # key buckets 64, 128
+        seqs = {f"{bs}-{n}-{i}": torch.randint(3, 1000, (n,), generator=g).tolist() for i in range(bs)}
+        drafts = []
+        for accepted in (None, K, 0):  # the prompt, then after every draft and after none accepted
+            for s, drafted in zip(seqs.values(), drafts):
+                s.extend([*drafted[:accepted], 7])
+            drafts = drafter.draft([DraftRequest(rid, s[:1], s[1:]) for rid, s in seqs.items()], K).tokens.tolist()
+        assert catch_ups[-3:] == [bs, 0, 0]
+        for rid in seqs:
+            drafter.release(rid)
+    assert set(drafter.steps.graphs) == captured, "a step's graph was captured on the hot path"
+    assert replayed == captured, f"captured, never replayed: {sorted(captured - replayed)}"
+
+    every = make_drafter(path, "cpu", "graph-semantics", monkeypatch)
+    every.allocate(max_requests=2, max_len=128)
+    assert every.steps.widths == kv_cache.STEP_WIDTHS and len(every.steps.graphs) == 2 * 4 * 2
     eager = make_drafter(path, "cpu", "eager", monkeypatch)
-    eager.allocate(max_requests=4, max_len=256)
-    assert not eager.steps.graphs
+    eager.allocate(max_requests=2, max_len=128, max_drafts=K)
+    assert not eager.steps.graphs and eager.step_graphs is None
+    assert eager.steps.widths == kv_cache.STEP_WIDTHS  # one forward beats a catch-up and a step
 
 
 def assert_no_autograd(drafter, module, drafts) -> None:
@@ -169,7 +217,7 @@ def test_allocate_and_drafts_with_grad_mode_on_record_no_autograd(path, device, 
     drafter = make_drafter(path, device, mode, monkeypatch)
     seqs = {"a": [5, 6, 7], "b": list(range(3, 20))}
     with torch.enable_grad():
-        drafter.allocate(max_requests=2, max_len=64)
+        drafter.allocate(max_requests=2, max_len=64, max_drafts=K)
         for accepted in (K, 0):
             out = drafter.draft([DraftRequest(rid, s, []) for rid, s in seqs.items()], K)
             for s, drafted in zip(seqs.values(), out.tokens.tolist()):

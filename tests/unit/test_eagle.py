@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_drafter import GPU, STEP_MODES, assert_no_autograd, mapped_from, step_mode
+from test_drafter import (
+    GPU,
+    STEP_MODES,
+    assert_no_autograd,
+    caught_up,
+    mapped_from,
+    replayed_graphs,
+    step_mode,
+)
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -232,9 +240,52 @@ def test_allocate_and_drafts_with_grad_mode_on_record_no_autograd(random_head, t
     seqs, features = tiny_eagle.target_text_and_features(target, version, seed=13, num_seqs=1, length=24)
     toks, feats, n = seqs[0].tolist(), features[0].to(device), 10
     with torch.enable_grad():
-        drafter.allocate(max_requests=2, max_len=64)
+        drafter.allocate(max_requests=2, max_len=64, max_drafts=K)
         drafter.observe("a", 0, feats[: n - 1])
         drafter.draft([DraftRequest("a", toks[:1], toks[1:n])], K)
         drafter.observe("a", n - 1, feats[n - 1 : n + K])  # every draft accepted
         out = drafter.draft([DraftRequest("a", toks[:1], toks[1 : n + K + 1])], K)
     assert_no_autograd(drafter, drafter.head, (out.tokens, out.probs))
+
+
+@pytest.mark.parametrize("k, widths", [(2, (1, 2, 4)), (3, (1, 2, 4, 8))])
+def test_allocate_captures_the_step_shapes_that_serving_reaches_and_no_other(
+    random_head, target, k, widths, monkeypatch
+):
+    """``allocate(max_drafts=k)`` under graphs: a call's first step feeds a
+    request again the last pair it fed, then a pair per feature the verify
+    observed (the last committed token's and each accepted draft's): at most
+    k + 2 pairs, so k = 2 captures widths 1, 2 and 4, k = 3 also 8 (EAGLE-3:
+    width 1 also with the head's own, narrower features, which the later
+    steps feed). A prompt catches up, then feeds 1; calls after full, no and
+    one accepted draft catch up nothing. At every batch size and key bucket
+    they replay every graph captured and capture none."""
+    version, path, _ = random_head
+    drafter = make_drafter(path, "cpu", "graph-semantics", monkeypatch)
+    drafter.allocate(max_requests=2, max_len=128, max_drafts=k)
+    captured = set(drafter.steps.graphs)
+    assert drafter.steps.widths == widths
+    assert drafter.step_graphs["widths"] == ([1, *widths] if version == 3 else list(widths))
+    assert len(captured) == drafter.step_graphs["graphs"] == 2 * len(drafter.step_graphs["widths"]) * 2
+    replayed, catch_ups = replayed_graphs(drafter), caught_up(drafter, monkeypatch)
+    seqs, features = tiny_eagle.target_text_and_features(target, version, seed=12, num_seqs=2, length=90)
+    for bs in (1, 2):
+        for n in (widths[-1] + 2, 70):  # prompts past the widest feed, key buckets 64, 128
+            lengths = {f"{bs}-{n}-{i}": n for i in range(bs)}
+            for i, rid in enumerate(lengths):
+                drafter.observe(rid, 0, features[i][: n - 1])
+            for accepted in (None, k, 0, 1):
+                if accepted is not None:
+                    for i, (rid, m) in enumerate(lengths.items()):
+                        drafter.observe(rid, m - 1, features[i][m - 1 : m + accepted])
+                        lengths[rid] = m + accepted + 1
+                reqs = [
+                    DraftRequest(rid, seqs[i][:1].tolist(), seqs[i][1:m].tolist())
+                    for i, (rid, m) in enumerate(lengths.items())
+                ]
+                drafter.draft(reqs, k)
+            assert catch_ups[-4:] == [bs, 0, 0, 0]
+            for rid in lengths:
+                drafter.release(rid)
+    assert set(drafter.steps.graphs) == captured, "a step's graph was captured on the hot path"
+    assert replayed == captured, f"captured, never replayed: {sorted(captured - replayed)}"

@@ -273,7 +273,7 @@ class FakeDrafter(Drafter):
         self.active: set[str] = set()
         self.released: list[str] = []
 
-    def allocate(self, max_requests: int, max_len: int) -> int:
+    def allocate(self, max_requests: int, max_len: int, *, max_drafts: int | None = None) -> int:
         return 0
 
     def draft(self, reqs: Sequence[DraftRequest], num_tokens: int, stop_below: float = 0.0) -> DraftOutput:
