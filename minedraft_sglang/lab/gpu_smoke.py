@@ -12,7 +12,14 @@ them up. Exit status: 0 when nothing failed, 1 otherwise, 2 no GPU (without
 * ``drafter-graphs-on-<dev>``: the real drafter on the last visible GPU,
   steps replayed from CUDA graphs captured at allocate on a stream of that device while
   the thread's current device is cuda:0 (the scheduler's), gives the drafts
-  its eager twin gives, and never fell back to eager (item 4).
+  its eager twin gives, and never fell back to eager (item 4). Built,
+  allocated and drafting with grad mode on, as in SGLang's scheduler: no
+  weight requires grad, no autograd graph is left (issue 34, N2).
+* ``drafter-memory-qwen2.5-0.5b``: the drafter at Qwen2.5-0.5B's shape
+  (random weights, bfloat16) and the server's default cache (256 slots x
+  4101 tokens, k = 4), captured with grad mode on: the device's memory after
+  ``allocate`` (current and peak), the graphs and their seconds (issue 34:
+  a capture that recorded autograd ran out of memory there).
 * ``drafter-cache-preallocated``: the drafter's cache is whole after
   ``allocate`` and does not grow (nor drop its graphs) as requests arrive
   (item 5).
@@ -41,10 +48,14 @@ from collections.abc import Callable
 
 import torch
 
+from minedraft_sglang import devices
 from minedraft_sglang.drafters.base import DraftRequest
+from minedraft_sglang.lab import draft_speed
 from minedraft_sglang.lab import gpu_check as gc
 
 K = 4
+# The server's drafter cache by default: 256 slots of 4096 + k + 1 tokens.
+SERVER_SLOTS, SERVER_MAX_LEN = devices.MAX_DRAFT_REQUESTS, devices.drafter_max_len(0, None, K + 1)
 
 
 def _line(status: str, name: str, seconds: float, detail: str) -> str:
@@ -85,8 +96,19 @@ def _drafter(device: torch.device, mode: str, shape: gc.Shape, max_requests: int
 
     model = gc.draft_model(shape, torch.float32, device, init_std=0.2)
     drafter = StandaloneDrafter(model, str(device), torch.float32, step_mode=mode)
-    drafter.allocate(max_requests, 256)
+    with torch.enable_grad():  # as SGLang's scheduler allocates it (Scheduler.init_memory_pools)
+        drafter.allocate(max_requests, 256, max_drafts=K)
     return drafter
+
+
+def _autograd_left(drafter) -> list[str]:
+    """What of ``drafter`` takes part in autograd: weights that require grad,
+    and cache tensors or step-graph outputs that carry a graph (issue 34:
+    their saved activations are never freed)."""
+    weights = [name for name, p in drafter.model.named_parameters() if p.requires_grad]
+    outputs = [("a step graph's output", o) for _, _, out in drafter.steps.graphs.values() for o in out]
+    tensors = [("cache.k", drafter.cache.k), ("cache.v", drafter.cache.v), *outputs]
+    return weights + sorted({name for name, t in tensors if t.requires_grad or t.grad_fn is not None})
 
 
 def _rounds(drafter, reqs: list[DraftRequest], rounds: int = 3) -> list[list[int]]:
@@ -106,23 +128,60 @@ def check_drafter_graphs(device: torch.device, shape: gc.Shape) -> str:
         raise Skip("needs a GPU (CUDA graphs)")
     gen = torch.Generator().manual_seed(1)
     reqs = _requests(shape.vocab, gen)
-    with torch.no_grad():
-        want = _rounds(_drafter(device, "eager", shape), reqs)
-        torch.cuda.set_device(0)  # the scheduler's device is current, as in serving
-        began = time.perf_counter()
-        drafter = _drafter(device, "graph", shape)
-        capture_s = time.perf_counter() - began
-        captured = set(drafter.steps.graphs)
-        got = _rounds(drafter, reqs)
+    # Grad mode stays on, as on SGLang's scheduler and drafter threads.
+    want = _rounds(_drafter(device, "eager", shape), reqs)
+    torch.cuda.set_device(0)  # the scheduler's device is current, as in serving
+    drafter = _drafter(device, "graph", shape)
+    captured = set(drafter.steps.graphs)
+    got = _rounds(drafter, reqs)
     if drafter.steps.mode != "graph":
         raise AssertionError("graph capture failed: the drafter fell back to eager")
     if got != want:
         raise AssertionError("graph-replayed drafts differ from eager ones")
     if set(drafter.steps.graphs) != captured:
         raise AssertionError(f"{len(set(drafter.steps.graphs) - captured)} graphs captured on the hot path")
+    if left := _autograd_left(drafter):
+        raise AssertionError(f"autograd after capture and drafts: {', '.join(left[:3])}")
+    graphs = drafter.step_graphs
     return (
-        f"{sum(len(d) * K for d in got)} drafts equal to eager; {len(captured)} graphs on {device}, "
-        f"all captured at allocate ({capture_s:.1f} s)"
+        f"{sum(len(d) * K for d in got)} drafts equal to eager; {graphs['graphs']} graphs on {device} "
+        f"(widths {graphs['widths']}), all captured at allocate ({graphs['seconds']:.1f} s), no autograd"
+    )
+
+
+def check_drafter_memory(device: torch.device) -> str:
+    if device.type != "cuda":
+        raise Skip("needs a GPU (CUDA graphs)")
+    from minedraft_sglang.drafters.standalone import StandaloneDrafter
+
+    gib = 2**30
+    torch.cuda.set_device(0)  # the scheduler's device is current, as in serving
+    before = torch.cuda.memory_allocated(device)
+    model = draft_speed.random_model("qwen2.5-0.5b", torch.bfloat16, str(device))
+    drafter = StandaloneDrafter(model, str(device), torch.bfloat16, step_mode="graph")
+    weights = torch.cuda.memory_allocated(device) - before
+    torch.cuda.reset_peak_memory_stats(device)
+    with torch.enable_grad():  # as SGLang's scheduler allocates it (Scheduler.init_memory_pools)
+        cache = drafter.allocate(SERVER_SLOTS, SERVER_MAX_LEN, max_drafts=K)
+    allocated = torch.cuda.memory_allocated(device) - before
+    peak = torch.cuda.max_memory_allocated(device) - before
+    graphs = drafter.step_graphs
+    print(
+        f"INFO drafter-memory: {SERVER_SLOTS} slots x {SERVER_MAX_LEN} tokens, k={K}: after allocate "
+        f"{allocated / gib:.2f} GiB allocated, {peak / gib:.2f} GiB peak (weights {weights / gib:.2f} GiB, "
+        f"cache {cache / gib:.2f} GiB); {graphs['graphs']} step graphs in {graphs['seconds']:.1f} s: "
+        f"requests {graphs['requests']} x widths {graphs['widths']} x keys {graphs['keys']}",
+        flush=True,
+    )
+    if drafter.steps.mode != "graph":
+        raise AssertionError("graph capture failed: the drafter fell back to eager")
+    if left := _autograd_left(drafter):
+        raise AssertionError(f"autograd after capture: {', '.join(left[:3])}")
+    del drafter, model
+    torch.cuda.empty_cache()
+    return (
+        f"{graphs['graphs']} graphs in {graphs['seconds']:.1f} s; {allocated / gib:.2f} GiB after allocate, "
+        f"{(allocated - weights - cache) / gib:.2f} GiB beyond weights and cache, peak {peak / gib:.2f} GiB"
     )
 
 
@@ -133,9 +192,8 @@ def check_cache_preallocated(device: torch.device, shape: gc.Shape) -> str:
     if device.type == "cuda" and not whole:
         raise AssertionError(f"{cache.k.shape[1] - 1} slots after allocate(32, ...), expected 32")
     version = cache.version
-    with torch.no_grad():
-        for i in range(4):
-            drafter.draft([DraftRequest(f"{i}-{j}", [5, 6, 7], [1]) for j in range(8)], 2)
+    for i in range(4):
+        drafter.draft([DraftRequest(f"{i}-{j}", [5, 6, 7], [1]) for j in range(8)], 2)
     if device.type == "cuda" and cache.version != version:
         raise AssertionError("the cache grew on the hot path")
     grown = "whole at startup, never grew" if whole and cache.version == version else "grows (CPU)"
@@ -146,8 +204,7 @@ def check_handoff(device: torch.device, shape: gc.Shape) -> str:
     gen = torch.Generator().manual_seed(3)
     reqs = _requests(shape.vocab, gen)
     mode = "graph" if device.type == "cuda" else "eager"
-    with torch.no_grad():
-        want = _rounds(_drafter(device, mode, shape), reqs, rounds=6)
+    want = _rounds(_drafter(device, mode, shape), reqs, rounds=6)
     drafter = _drafter(device, mode, shape)
     got, current = [], list(reqs)
     errors: list[BaseException] = []
@@ -155,11 +212,10 @@ def check_handoff(device: torch.device, shape: gc.Shape) -> str:
     def call_on(stream):
         def run():
             try:
-                with torch.no_grad():
-                    if stream is not None:
-                        torch.cuda.set_device(device)
-                        torch.cuda.set_stream(stream)
-                    got.append(drafter.draft(current, K).tokens)
+                if stream is not None:
+                    torch.cuda.set_device(device)
+                    torch.cuda.set_stream(stream)
+                got.append(drafter.draft(current, K).tokens)
             except BaseException as e:  # noqa: BLE001
                 errors.append(e)
 
@@ -205,11 +261,7 @@ def check_stream_priority(device: torch.device, shape: gc.Shape, calls: int = 12
 
     def median_ms(priority: int) -> float:
         times = []
-        with (
-            torch.no_grad(),
-            torch.cuda.device(device),
-            torch.cuda.stream(torch.cuda.Stream(device, priority=priority)),
-        ):
+        with torch.cuda.device(device), torch.cuda.stream(torch.cuda.Stream(device, priority=priority)):
             for _ in range(calls):
                 t0 = time.perf_counter()
                 drafter.draft(reqs, K).tokens.tolist()  # reads them: the call's whole time
@@ -347,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"INFO devices: {names}; torch {torch.__version__}; flashinfer {gc.flashinfer_version()}", flush=True)
     checks: list[tuple[str, Callable[[], str]]] = [
         (f"drafter-graphs-on-{device}", lambda: check_drafter_graphs(device, shape)),
+        ("drafter-memory-qwen2.5-0.5b", lambda: check_drafter_memory(device)),
         ("drafter-cache-preallocated", lambda: check_cache_preallocated(device, shape)),
         ("drafter-handoff-two-streams", lambda: check_handoff(device, shape)),
         ("drafter-stream-priority", lambda: check_stream_priority(device, shape)),
