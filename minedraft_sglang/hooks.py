@@ -9,8 +9,8 @@ from __future__ import annotations
 
 def add_speculative_state_around(original, controller, state):
     """``/server_info``'s internal state gains a ``minedraft`` entry: drafter
-    slots and pool free counts, which the leak tests read, and on CPU with
-    graphs how many verifies replayed one."""
+    slots and pool free counts, which the leak tests read, and with graphs
+    how many forwards of each width replayed one."""
     original(controller, state)
     scheduler = controller.scheduler
     stats = getattr(scheduler.draft_worker, "minedraft_stats", None)
@@ -20,13 +20,14 @@ def add_speculative_state_around(original, controller, state):
             "token_pool_available": int(scheduler.token_to_kv_pool_allocator.available_size()),
             "req_pool_available": int(scheduler.req_to_token_pool.available_size()),
         }
-        from minedraft_sglang import verify
+        from minedraft_sglang import graphs, verify
 
         # k = 0 steps that ran as SGLang's decode forward.
         state["minedraft"]["decode_forwards"] = verify.decode_forwards
-        graphs = scheduler.tp_worker.model_runner.decode_cuda_graph_runner
-        if hasattr(graphs, "replays"):
-            state["minedraft"]["verify_graph_replays"] = graphs.replays
+        runner = scheduler.tp_worker.model_runner.decode_cuda_graph_runner
+        if isinstance(runner, graphs.GraphRouter):
+            # Forwards that replayed a graph, by tokens per request (1: k = 0).
+            state["minedraft"]["graph_replays"] = runner.replays()
 
 
 def process_batch_result_prefill_around(original, processor, batch, result):

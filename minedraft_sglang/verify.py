@@ -259,10 +259,12 @@ def decode_forward_batch(verify_input, req_to_token_pool, batch: ScheduleBatch, 
     )
     global decode_forwards
     decode_forwards += 1
-    # Eager unless a graph of this very mode was captured: a speculative
-    # target's graphs are TARGET_VERIFY ones, and SGLang's runner does not
-    # check the mode (graphs.decode_graph_can_run_around).
-    return forward_batch, False
+    # A decode graph replays it where one was captured: the target's graph
+    # runner sends a DECODE forward to its decode runner (graphs.GraphRouter),
+    # as the model runner's forward asks it. SGLang's verify reports this as
+    # the step's can_run_cuda_graph.
+    runner = model_runner.decode_cuda_graph_runner
+    return forward_batch, bool(runner and runner.can_run_graph(forward_batch))
 
 
 def sample_chain(verify_input, batch: ScheduleBatch, logits_output, context: VerifyContext, grammar_mask=None):

@@ -213,25 +213,3 @@ def test_warm_up_dummy_verify_input_for_minedraft_targets():
     assert graphs.dummy_verify_input_around(original, _Algo("EAGLE"), mask, 4, False) is None
     assert graphs.dummy_verify_input_around(original, _Algo("MINEDRAFT"), mask, 4, True) is None
     assert len(calls) == 2
-
-
-# ------------------------------------------------------------ k = 0 under CUDA graphs (item 2)
-
-
-def test_a_decode_batch_never_replays_a_verify_graph():
-    """A MINEDRAFT target's graphs are TARGET_VERIFY captures; SGLang's
-    can_run_graph checks sizes, not the mode, so a k = 0 decode must be
-    turned away (it runs eagerly)."""
-    from sglang.srt.model_executor.forward_batch_info import ForwardMode
-
-    runner = types.SimpleNamespace(
-        model_runner=types.SimpleNamespace(is_draft_worker=False, spec_algorithm=_Algo("MINEDRAFT")),
-        capture_forward_mode=ForwardMode.TARGET_VERIFY,
-    )
-    original = lambda runner, batch: True  # noqa: E731 - SGLang: the batch size fits
-    decode = types.SimpleNamespace(forward_mode=ForwardMode.DECODE)
-    verify = types.SimpleNamespace(forward_mode=ForwardMode.TARGET_VERIFY)
-    assert graphs.decode_graph_can_run_around(original, runner, decode) is False
-    assert graphs.decode_graph_can_run_around(original, runner, verify) is True
-    runner.model_runner.spec_algorithm = _Algo("EAGLE")
-    assert graphs.decode_graph_can_run_around(original, runner, decode) is True
