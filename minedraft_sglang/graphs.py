@@ -267,13 +267,14 @@ def capture_decode_graph_around(original, *, model_runner):
     runners = [width_runner(model_runner, type(widest), w) for w in widths if w != widest.captured_req_width]
     memory_gb = before_mem - get_available_gpu_memory(model_runner.device, model_runner.gpu_id)
     seconds = time.perf_counter() - tic
-    logger.info(
-        "MineDraft: graphs at widths %s beside width %d (1: decode), elapsed=%.2f s, mem usage=%.2f GB",
-        [r.captured_req_width for r in runners],
-        widest.captured_req_width,
-        seconds,
-        memory_gb,
-    )
+    if runners:
+        logger.info(
+            "MineDraft: graphs at widths %s beside width %d (1: decode), elapsed=%.2f s, mem usage=%.2f GB",
+            [r.captured_req_width for r in runners],
+            widest.captured_req_width,
+            seconds,
+            memory_gb,
+        )
     return msgspec.structs.replace(
         capture,
         runner=GraphRouter([*runners, widest]),
