@@ -26,6 +26,8 @@ use it.
 
 from __future__ import annotations
 
+import fnmatch
+import glob
 import json
 import os
 
@@ -34,8 +36,14 @@ from minedraft_sglang.config import MineDraftConfigError
 # What the startup checks read of a hub model: config and tokenizer, never
 # the weights (SGLang's loader downloads those, into the same cache).
 CONFIG_PATTERNS = ["*.json", "*.model", "*.txt", "*.tiktoken"]
-# What a drafter reads: the above plus the weights.
-WEIGHT_PATTERNS = [*CONFIG_PATTERNS, "*.safetensors"]
+# What a drafter reads besides: the weights, in one format, the first of
+# these a model has (SGLang's order, ``DefaultModelLoader._prepare_weights``;
+# EAGLE heads ship ``pytorch_model.bin`` too). Fetching every format a hub
+# repo holds would double the download (``_hub_weight_patterns``).
+WEIGHT_FORMATS = ("*.safetensors", "*.bin", "*.pt")
+# Trainer state saved beside weights (SGLang skips it too,
+# ``weight_utils.filter_files_not_needed_for_inference``).
+NOT_WEIGHTS = ("training_args.bin", "optimizer.bin", "optimizer.pt", "scheduler.pt", "scaler.pt")
 # Files that make a folder hold a tokenizer (transformers' names).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
@@ -44,7 +52,7 @@ def local_dir(path: str, flag: str, *, revision: str | None = None, weights: boo
     """``path`` itself when it is a folder, else the snapshot folder of hub id
     ``path`` in the local Hugging Face cache (fetched first unless
     ``HF_HUB_OFFLINE=1``), as SGLang's loader resolves it. ``weights``: the
-    snapshot must hold the safetensors too (the drafter loads them), not just
+    snapshot must hold the weights too (the drafter loads them), not just
     config and tokenizer. Raises MineDraftConfigError, one line naming
     ``flag``."""
     if os.path.isdir(path):
@@ -56,7 +64,7 @@ def local_dir(path: str, flag: str, *, revision: str | None = None, weights: boo
         return snapshot_download(
             path,
             revision=revision,
-            allow_patterns=WEIGHT_PATTERNS if weights else CONFIG_PATTERNS,
+            allow_patterns=[*CONFIG_PATTERNS, *_hub_weight_patterns(path, revision)] if weights else CONFIG_PATTERNS,
             local_files_only=huggingface_hub.constants.HF_HUB_OFFLINE,
         )
     except Exception as e:  # noqa: BLE001 - every failure becomes the flag's one line
@@ -67,6 +75,33 @@ def local_dir(path: str, flag: str, *, revision: str | None = None, weights: boo
         raise MineDraftConfigError(
             f"{flag} {path!r}: no such directory, and not a model in the Hugging Face cache{offline}: {reason}"
         ) from None
+
+
+def _hub_weight_patterns(repo_id: str, revision: str | None) -> list[str]:
+    """The weight format to fetch from hub repo ``repo_id``: the first of
+    WEIGHT_FORMATS it holds, as SGLang's ``download_weights_from_hf`` picks
+    it from the repo's listing. Offline, or when the listing fails, every
+    format: the local cache has what it has (``snapshot_download`` reads it
+    as it is, or reports what is wrong)."""
+    import huggingface_hub
+
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return list(WEIGHT_FORMATS)
+    try:
+        files = huggingface_hub.list_repo_files(repo_id, revision=revision)
+    except Exception:  # noqa: BLE001 - snapshot_download's own error (or cached copy) follows
+        return list(WEIGHT_FORMATS)
+    return next(([f] for f in WEIGHT_FORMATS if fnmatch.filter(files, f)), list(WEIGHT_FORMATS))
+
+
+def weight_files(folder: str) -> list[str]:
+    """The weight files a loader reads in ``folder``: those of the first
+    format in WEIGHT_FORMATS it holds, sorted, trainer state left out."""
+    for pattern in WEIGHT_FORMATS:
+        files = [f for f in glob.glob(os.path.join(folder, pattern)) if os.path.basename(f) not in NOT_WEIGHTS]
+        if files:
+            return sorted(files)
+    return []
 
 
 def resident(module):

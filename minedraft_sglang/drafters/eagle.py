@@ -124,15 +124,20 @@ def causal_attention(attn, x, cos_sin):
     return attn.o_proj(o.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
 
-def _safetensors(path: str) -> dict[str, torch.Tensor]:
+def _checkpoint_weights(path: str) -> dict[str, torch.Tensor]:
+    """The head's weights, from the format SGLang's loader would read
+    (``model_files.weight_files``): safetensors, else PyTorch pickles, read
+    as tensors only (``weights_only``: no code runs from the file)."""
     from safetensors.torch import load_file
 
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    files = model_files.weight_files(path)
     if not files:
-        raise ValueError(f"{path}: no *.safetensors weights")
+        raise ValueError(f"{path}: no weights ({', '.join(model_files.WEIGHT_FORMATS)})")
     weights = {}
     for f in files:
-        weights.update(load_file(f))
+        weights.update(
+            load_file(f) if f.endswith(".safetensors") else torch.load(f, map_location="cpu", weights_only=True)
+        )
     return weights
 
 
@@ -162,7 +167,7 @@ def load_eagle_head(model_path: str, target_path: str) -> EagleHead:
     version = EAGLE_ARCHITECTURES[config.architectures[0]]
     embed_w, head_w = target_embed_and_head(target_path)
     embed = nn.Embedding.from_pretrained(embed_w, freeze=True)
-    weights = {_canonical_name(name): w for name, w in _safetensors(model_path).items() if name != "t2d"}
+    weights = {_canonical_name(name): w for name, w in _checkpoint_weights(model_path).items() if name != "t2d"}
     own_head = "lm_head.weight" in weights
     lm_head = None
     if version == 1 or not own_head:

@@ -106,3 +106,35 @@ def test_a_draft_without_a_tokenizer_is_served_with_the_targets(tmp_path):
             (draft / f.name).symlink_to(f)
     assert not model_files.has_tokenizer(str(draft))
     _check(draft, tiny_models.model_path("target"))
+
+
+@pytest.mark.parametrize(
+    "listing, fetched",
+    [
+        (["config.json", "model.safetensors", "pytorch_model.bin"], ["*.safetensors"]),
+        (["config.json", "pytorch_model.bin", "training_args.bin"], ["*.bin"]),
+        (["config.json", "consolidated.pt"], ["*.pt"]),
+        (None, list(model_files.WEIGHT_FORMATS)),
+    ],
+    ids=["both", "bin", "pt", "listing-failed"],
+)
+def test_a_hub_download_fetches_the_first_weight_format_the_repo_holds(monkeypatch, tmp_path, listing, fetched):
+    """SGLang's order (safetensors, bin, pt), one format: both would double the download. When the listing
+    fails, every format (the cache, or snapshot_download's own error, decides)."""
+    asked = []
+
+    def list_repo_files(repo_id, revision=None):
+        if listing is None:
+            raise OSError("hub unreachable")
+        return listing
+
+    def snapshot_download(repo_id, **kwargs):
+        asked.append(kwargs["allow_patterns"])
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", list_repo_files)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert model_files.local_dir("tiny-org/head", DRAFT, weights=True) == str(tmp_path)
+    model_files.local_dir("tiny-org/head", DRAFT)
+    assert asked == [[*model_files.CONFIG_PATTERNS, *fetched], model_files.CONFIG_PATTERNS]
