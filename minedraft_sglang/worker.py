@@ -24,9 +24,9 @@ from sglang.srt.runtime_context import get_parallel, get_spec
 from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
 from sglang.srt.speculative.spec_info import SpecInput, SpecInputType
 
-from minedraft_sglang import devices, tp_sync
-from minedraft_sglang.config import MineDraftConfig
-from minedraft_sglang.drafters import create_drafter
+from minedraft_sglang import devices, model_files, tp_sync
+from minedraft_sglang.config import DRAFTER_FOR_ARCHITECTURE, MineDraftConfig
+from minedraft_sglang.drafters import create_drafter, eagle
 from minedraft_sglang.psd_loop import PSDLoop, stitch_seq_lens
 from minedraft_sglang.tp_sync import VerifyDecision
 from minedraft_sglang.verify import mark_rows, sub_batch_view, verify_chain
@@ -64,6 +64,24 @@ class MineDraftWorker(BaseSpecWorker):
         spec = get_spec()
         config = MineDraftConfig.from_env()
         tp = _tp_link()
+        draft_revision = getattr(server_args, "speculative_draft_model_revision", None)
+        # Every TP rank prepares its target alike, from the draft checkpoint's
+        # config, though only rank 0 loads the drafter and reads features: a
+        # prefill that returns hidden states runs eagerly where one that does
+        # not may replay SGLang's prefill graph, and ranks that differ there
+        # mix graph and eager collectives (custom all-reduce reads peer
+        # buffers the others did not write).
+        draft_config = _draft_config(spec.speculative_draft_model_path, draft_revision)
+        kind = DRAFTER_FOR_ARCHITECTURE[draft_config["architectures"][0]]
+        self.needs_features = kind != "standalone"
+        if kind == "eagle3":
+            # The target returns the head's layers' outputs side by side as
+            # its hidden states. The scheduler builds this worker before the
+            # pools, attention backends and graphs, so the target's graphs
+            # are captured with these outputs already on.
+            self.model_runner.model.set_eagle3_layers_to_capture(
+                eagle.target_capture(draft_config, self.model_runner.model_config.num_hidden_layers)
+            )
         drafter = draft_device = None
         if tp is None or tp.leads:
             target_on_cuda = torch.device(self.model_runner.device).type == "cuda"
@@ -83,17 +101,9 @@ class MineDraftWorker(BaseSpecWorker):
                 draft_compile=config.draft_compile,
                 draft_vocab=config.draft_vocab,
                 draft_weights=config.draft_weights,
-                draft_revision=getattr(server_args, "speculative_draft_model_revision", None),
+                draft_revision=draft_revision,
                 target_revision=getattr(server_args, "revision", None),
             )
-            if drafter.aux_layer_ids is not None:
-                # EAGLE-3: the target returns these layers' outputs side by
-                # side as its hidden states. The scheduler builds this worker
-                # before the pools, attention backends and graphs, so the
-                # target's graphs are captured with these outputs already on.
-                # Only rank 0 reads features; keeping them is local to a rank
-                # (no collective), so the other ranks' forwards need not.
-                self.model_runner.model.set_eagle3_layers_to_capture(drafter.aux_layer_ids)
         self.config = config
         self.drafter = drafter
         self.draft_device = draft_device
@@ -173,12 +183,11 @@ class MineDraftWorker(BaseSpecWorker):
         return self._finish(batch, rows, result, on_publish)
 
     def _prefill(self, batch: ScheduleBatch, on_publish) -> GenerationBatchResult:
-        needs_features = self.drafter is not None and self.drafter.needs_target_features
-        capture = CaptureHiddenMode.FULL if needs_features else None
+        capture = CaptureHiddenMode.FULL if self.needs_features else None
         result = self.loop.prefill(
             batch.reqs, lambda: self.target_worker.forward_batch_generation(batch, capture_hidden_mode=capture)
         )
-        if needs_features:
+        if self.drafter is not None and self.needs_features:
             features = result.logits_output.hidden_states.split(list(batch.extend_lens))
             self.loop.observe((req.rid, start, f) for req, start, f in zip(batch.reqs, batch.prefix_lens, features))
         new_seq_lens = batch.seq_lens.clone()
@@ -224,6 +233,13 @@ class MineDraftWorker(BaseSpecWorker):
         result.next_draft_input = MineDraftState()
         mark_rows(result, rows)
         return result
+
+
+def _draft_config(path: str, revision: str | None) -> dict:
+    """The draft checkpoint's config.json (``path`` a folder or a hub id;
+    the config alone: rank 0's drafter fetches the weights)."""
+    flag = "--speculative-draft-model-path"
+    return model_files.read_config(model_files.local_dir(path, flag, revision=revision), path, flag)
 
 
 def _tp_link() -> tp_sync.TpLink | None:

@@ -112,7 +112,6 @@ class FaultInjectingDrafter(Drafter):
         self.inner = inner
         self.device = inner.device
         self.needs_target_features = inner.needs_target_features
-        self.aux_layer_ids = inner.aux_layer_ids
         self.weights = inner.weights
         self.prob = faults.get("draft_raise", 0.0)
         self.prefill_prob = faults.get("prefill_raise", 0.0)

@@ -46,10 +46,9 @@ class DraftOutput:
 class Drafter(abc.ABC):
     device: torch.device
     # EAGLE-style drafters read the target's hidden states (observe); the
-    # target then captures them in prefill and verify. EAGLE-3 names the
-    # target layers whose outputs it reads.
+    # target then captures them in prefill and verify (EAGLE-3: the layers
+    # the worker asks for, eagle.target_capture).
     needs_target_features = False
-    aux_layer_ids: list[int] | None = None
     # How the weights are held: "checkpoint" (as loaded) or "int8" (int8.py).
     weights = "checkpoint"
     # The step graphs ``allocate`` captured (count, shape buckets, seconds);

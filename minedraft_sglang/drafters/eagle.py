@@ -48,19 +48,58 @@ from minedraft_sglang.drafters.kv_cache import (
 EAGLE_ARCHITECTURES = {"LlamaForCausalLMEagle": 1, "LlamaForCausalLMEagle3": 3}
 
 
-def aux_layer_ids(config) -> list[int]:
-    """The target layers whose outputs feed an EAGLE-3 head (SGLang's rule:
-    the draft config's ``eagle_aux_hidden_state_layer_ids``)."""
-    eagle_config = getattr(config, "eagle_config", None) or {}
-    ids = eagle_config.get("eagle_aux_hidden_state_layer_ids") or getattr(
-        config, "eagle_aux_hidden_state_layer_ids", None
-    )
-    if not ids:
+def aux_layer_ids(draft_config: dict) -> list[int] | None:
+    """The target layers whose outputs feed an EAGLE-3 head, as its config
+    names them for SGLang (``eagle_config.eagle_aux_hidden_state_layer_ids``),
+    or None: SGLang's default for the target (``captured_layers``). SGLang
+    reads nothing else (``spec_aux_hidden_state.py``, the fallback to None)."""
+    return (draft_config.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids") or None
+
+
+def num_aux_hidden_states(draft_config: dict) -> int:
+    """How many target layer outputs an EAGLE-3 head's ``fc`` reads side by
+    side, SGLang's rule (``llama_eagle3.py``): ``num_aux_hidden_states``,
+    else as many as the config names, else 3."""
+    count = draft_config.get("num_aux_hidden_states")
+    if count is None:
+        ids = aux_layer_ids(draft_config)
+        count = len(ids) if ids else 3
+    return count
+
+
+def captured_layers(draft_config: dict, target_layers: int) -> list[int]:
+    """The target layers (of ``target_layers``) whose outputs SGLang's target
+    returns for an EAGLE-3 head, in the order it returns them: each named
+    layer once, ascending. Without names, SGLang's default
+    (``set_eagle3_layers_to_capture(None)``, ``models/llama.py`` and alike in
+    every model) captures the inputs of layers 2, n // 2 and n - 3, that is
+    the outputs of 1, n // 2 - 1 and n - 4 (a named layer's output is the
+    next layer's input: SGLang adds 1 to names, not to its default). On a
+    target under 7 layers those collapse to fewer than 3."""
+    ids = aux_layer_ids(draft_config)
+    if ids is None:
+        ids = [1, target_layers // 2 - 1, target_layers - 4]
+    return sorted(set(ids))
+
+
+def target_capture(draft_config: dict, target_layers: int) -> list[int] | None:
+    """What the target is asked for (``set_eagle3_layers_to_capture``) so
+    that it returns what the head reads: the named layers, or None for
+    SGLang's own default. ValueError when the target would return another
+    number of outputs than the head's ``fc`` reads (SGLang's EAGLE-3 then
+    fails at its first draft): a default on a small target, a repeated
+    layer, or the last layer, whose output no layer captures (-1 is the
+    embedding)."""
+    named = aux_layer_ids(draft_config)
+    layers = captured_layers(draft_config, target_layers)
+    expected = num_aux_hidden_states(draft_config)
+    if len(layers) != expected or not -1 <= layers[0] <= layers[-1] <= target_layers - 2:
+        source = f"its eagle_config's layers {named}" if named else f"SGLang's default layers {layers} for it"
         raise ValueError(
-            "EAGLE-3 draft config names no eagle_aux_hidden_state_layer_ids "
-            "(eagle_config.eagle_aux_hidden_state_layer_ids)"
+            f"EAGLE-3 head: its fc reads {expected} target layer outputs, not those of {source} "
+            f"(a {target_layers}-layer target returns each of layers -1..{target_layers - 2} at most once)"
         )
-    return list(ids)
+    return named
 
 
 class EagleHead(nn.Module):
@@ -88,7 +127,9 @@ class EagleHead(nn.Module):
         self.hidden_norm = LlamaRMSNorm(hidden, eps=config.rms_norm_eps)
         self.norm = LlamaRMSNorm(hidden, eps=config.rms_norm_eps)
         target_hidden = getattr(config, "target_hidden_size", None) or hidden
-        self.fc = nn.Linear(len(aux_layer_ids(config)) * target_hidden, hidden, bias=getattr(config, "bias", False))
+        self.fc = nn.Linear(
+            num_aux_hidden_states(config.to_dict()) * target_hidden, hidden, bias=getattr(config, "bias", False)
+        )
         draft_vocab = getattr(config, "draft_vocab_size", None) or config.vocab_size
         self.lm_head = lm_head if lm_head is not None else nn.Linear(hidden, draft_vocab, bias=False)
         self.register_buffer("d2t", torch.zeros(draft_vocab, dtype=torch.long))
@@ -255,7 +296,6 @@ class EagleDrafter(CachedDrafter):
         self.head = model_files.resident(head)
         self.dtype = dtype
         config = self.head.layer.self_attn.config
-        self.aux_layer_ids = aux_layer_ids(config) if self.head.version == 3 else None
         self.cache = SlotKVCache(
             1,
             config.num_attention_heads,

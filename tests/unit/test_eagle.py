@@ -3,6 +3,9 @@ head, and the tiny trained heads' acceptance on text they were not trained on.""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from test_drafter import (
@@ -17,7 +20,7 @@ from test_drafter import (
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from minedraft_sglang.drafters import eagle
+from minedraft_sglang.drafters import create_drafter, eagle
 from minedraft_sglang.drafters.base import DraftRequest
 from minedraft_sglang.lab import tiny_eagle, tiny_models
 
@@ -203,7 +206,10 @@ def test_trained_tiny_heads_accept_more_than_one_token_on_new_text(name, target)
         str(tiny_eagle.model_path(name)), str(tiny_models.model_path("target")), "cpu", torch.float32
     )
     drafter.allocate(max_requests=8, max_len=128)
-    seqs, features = tiny_eagle.target_text_and_features(target, version, seed=123, num_seqs=8, length=64)
+    layers = tiny_eagle.feature_layers(name, target.config)
+    seqs, features = tiny_eagle.target_text_and_features(
+        target, version, seed=123, num_seqs=8, length=64, layers=layers
+    )
     accepted = []
     for i in range(8):
         toks, feats, n = seqs[i].tolist(), features[i], 12
@@ -289,3 +295,58 @@ def test_allocate_captures_the_step_shapes_that_serving_reaches_and_no_other(
                 drafter.release(rid)
     assert set(drafter.steps.graphs) == captured, "a step's graph was captured on the hot path"
     assert replayed == captured, f"captured, never replayed: {sorted(captured - replayed)}"
+
+
+def factory_drafter(path) -> eagle.EagleDrafter:
+    """The drafter the worker builds for ``path`` (``create_drafter``), eager on the CPU."""
+    return create_drafter(
+        device="cpu",
+        model_path=str(path),
+        target_path=str(tiny_models.model_path("target")),
+        target_dtype=torch.float32,
+        draft_compile="off",
+    )
+
+
+def drafts_of(drafter, target, version: int) -> list[list[int]]:
+    """``drafter``'s K drafts for two requests fed the target's features of their first tokens."""
+    drafter.allocate(max_requests=2, max_len=64)
+    seqs, features = tiny_eagle.target_text_and_features(target, version, seed=14, num_seqs=2, length=24)
+    lengths = (9, 14)
+    for i, n in enumerate(lengths):
+        drafter.observe(f"r{i}", 0, features[i][: n - 1])
+    reqs = [DraftRequest(f"r{i}", seqs[i][:1].tolist(), seqs[i][1:n].tolist()) for i, n in enumerate(lengths)]
+    return drafter.draft(reqs, K).tokens.tolist()
+
+
+def assert_same_head(a: eagle.EagleHead, b: eagle.EagleHead) -> None:
+    want, got = a.state_dict(), b.state_dict()
+    assert set(got) == set(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+@pytest.mark.parametrize("random_head", [3], indirect=True, ids=["eagle3"])
+def test_an_eagle3_head_without_eagle_config_loads_and_drafts_as_with_it(random_head, target, tmp_path):
+    """An EAGLE-3 head without eagle_config names no target layers: SGLang then has the target return its
+    default layers and sizes fc for 3 outputs (``llama_eagle3.py``). Through the factory such a head is the
+    same head as with its layers named, and drafts what that one drafts from the same features (which layers
+    they are is the worker's part: ``test_worker_capture.py``)."""
+    version, path, _ = random_head
+    named = factory_drafter(path)
+    unnamed = factory_drafter(tiny_eagle.variant(Path(path), tmp_path / "unnamed", named_layers=False))
+    assert "eagle_config" not in json.loads((tmp_path / "unnamed" / "config.json").read_text())
+    assert unnamed.head.fc.in_features == 3 * target.config.hidden_size
+    assert_same_head(named.head, unnamed.head)
+    assert drafts_of(unnamed, target, version) == drafts_of(named, target, version)
+
+
+def test_a_head_shipped_as_pytorch_model_bin_loads_and_drafts_as_from_safetensors(random_head, target, tmp_path):
+    """Some EAGLE repos ship ``pytorch_model.bin`` alone; SGLang's loader reads it when a folder has no
+    safetensors, and so does the factory's drafter."""
+    version, path, _ = random_head
+    folder = tiny_eagle.variant(Path(path), tmp_path / "bin", pytorch_bin=True)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "pytorch_model.bin"]
+    from_bin, from_safetensors = factory_drafter(folder), factory_drafter(path)
+    assert_same_head(from_safetensors.head, from_bin.head)
+    assert drafts_of(from_bin, target, version) == drafts_of(from_safetensors, target, version)

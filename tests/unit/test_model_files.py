@@ -10,10 +10,12 @@ import shutil
 
 import huggingface_hub
 import pytest
+import torch
 
 from minedraft_sglang import model_files
 from minedraft_sglang.config import MineDraftConfigError
-from minedraft_sglang.lab import hub_cache, tiny_models
+from minedraft_sglang.drafters import create_drafter, eagle
+from minedraft_sglang.lab import hub_cache, tiny_eagle, tiny_models
 
 DRAFT = "--speculative-draft-model-path"
 
@@ -138,3 +140,21 @@ def test_a_hub_download_fetches_the_first_weight_format_the_repo_holds(monkeypat
     assert model_files.local_dir("tiny-org/head", DRAFT, weights=True) == str(tmp_path)
     model_files.local_dir("tiny-org/head", DRAFT)
     assert asked == [[*model_files.CONFIG_PATTERNS, *fetched], model_files.CONFIG_PATTERNS]
+
+
+def test_a_hub_eagle_head_shipped_as_pytorch_model_bin_loads_from_the_cache(offline_cache, tmp_path):
+    """The drafter reads the weights SGLang's loader would: ``pytorch_model.bin`` where no safetensors are,
+    trainer state beside it left out (it is no tensor file: reading it would fail)."""
+    folder = tiny_eagle.variant(tiny_eagle.model_path("eagle3"), tmp_path / "eagle3-bin", pytorch_bin=True)
+    (folder / "training_args.bin").write_bytes(b"a pickled TrainingArguments")
+    hub_cache.publish(offline_cache, "tiny-org/eagle3-bin", folder)
+    drafter = create_drafter(
+        device="cpu",
+        model_path="tiny-org/eagle3-bin",
+        target_path=str(tiny_models.model_path("target")),
+        target_dtype=torch.float32,
+        draft_compile="off",
+    )
+    reference = eagle.load_eagle_head(str(tiny_eagle.model_path("eagle3")), str(tiny_models.model_path("target")))
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(drafter.head.state_dict()[name], tensor), name

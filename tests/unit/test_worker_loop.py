@@ -45,6 +45,7 @@ from minedraft_sglang import psd_loop, tp_sync
 from minedraft_sglang.adaptive_k import Option
 from minedraft_sglang.config import MineDraftConfig
 from minedraft_sglang.drafters.base import Drafter, DraftOutput, DraftRequest
+from minedraft_sglang.lab import tiny_models
 from minedraft_sglang.metrics import StepMode, read_trace
 from minedraft_sglang.psd_loop import PSDLoop, StepPlan, stitch_seq_lens
 from minedraft_sglang.worker import MineDraftWorker
@@ -939,7 +940,8 @@ def make_tp_ranks(built, monkeypatch):
 
     def make(config: MineDraftConfig, drafter: FakeDrafter, targets: Sequence[FakeTarget], num_steps: int = K):
         spec = SimpleNamespace(
-            speculative_draft_model_path="draft",
+            # A real standalone draft: every rank reads its config (the capture mode, test_worker_capture.py).
+            speculative_draft_model_path=str(tiny_models.model_path("draft")),
             speculative_num_steps=num_steps,
             speculative_num_draft_tokens=num_steps + 1,
         )
