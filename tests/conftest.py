@@ -75,12 +75,13 @@ def _specs(tmp: Path) -> dict[str, list[str]]:
             K,
             [*trace("tetris-target"), "--minedraft-tetris", "--minedraft-tetris-extra", "2"],
         ),
-        # EAGLE heads trained on the target's own text (tiny_eagle.py).
+        # EAGLE heads trained on the target's own text (tiny_eagle.py); the EAGLE-3 one names no target
+        # layers (no eagle_config), so the target returns SGLang's default ones (named layers: unit tests).
         **{
             f"{head}-{mode}": minedraft_args(
                 m["target"], str(tiny_eagle.model_path(head)), mode, K, trace(f"{head}-{mode}")
             )
-            for head, mode in (("eagle", "sequential"), ("eagle3", "auto"))
+            for head, mode in (("eagle", "sequential"), ("eagle3-default", "auto"))
         },
         # k chosen online: an unrelated draft (drafting does not pay) and an
         # agreeing one (it does).
