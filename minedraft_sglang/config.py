@@ -174,17 +174,15 @@ def verify_backend(server_args) -> str | None:
     return getattr(server_args, half, None) or getattr(server_args, "attention_backend", None)
 
 
-def fixed_width_default_backend() -> str | None:
+def fixed_width_default_backend(platform) -> str | None:
     """SGLang's own attention backend where none is named and it takes the
     startup width: fa3 on Hopper with CUDA >= 12.3, trtllm_mha on SM100
-    (``get_default_attn_backend``, from the same platform facts); None where
-    its default reads each verify's width (flashinfer, triton) or the target
-    runs on the CPU."""
+    (``get_default_attn_backend``, from the same facts of SGLang's
+    ``platform``, ``runtime_context.get_platform()``: the caller passes it,
+    so this file needs no SGLang); None where its default reads each verify's
+    width (flashinfer, triton) or the target runs on the CPU."""
     if os.environ.get("SGLANG_USE_CPU_ENGINE") == "1":
         return None
-    from sglang.srt.runtime_context import get_platform
-
-    platform = get_platform()
     if platform.is_hopper_with_cuda_12_3:
         return "fa3"
     if platform.is_sm100:
@@ -192,21 +190,19 @@ def fixed_width_default_backend() -> str | None:
     return None
 
 
-def declare_verify_backend(server_args, k_policy: str) -> str | None:
+def declare_verify_backend(server_args, k_policy: str, platform) -> str | None:
     """The stock command line under ``--minedraft-k auto`` with no backend
     named for the verify, on a GPU where SGLang's default would take the
     startup width: names flashinfer (triton without it) as
     ``--attention-backend`` on the unresolved ``server_args`` and returns it;
     None where nothing needs naming. A half the user named stays theirs."""
-    if k_policy != "auto" or verify_backend(server_args) is not None or fixed_width_default_backend() is None:
+    if k_policy != "auto" or verify_backend(server_args) is not None or fixed_width_default_backend(platform) is None:
         return None
-    from sglang.srt.runtime_context import get_platform
-
-    server_args.attention_backend = "flashinfer" if get_platform().has_flashinfer else "triton"
+    server_args.attention_backend = "flashinfer" if platform.has_flashinfer else "triton"
     return server_args.attention_backend
 
 
-def validate_verify_backend(server_args, k_policy: str) -> None:
+def validate_verify_backend(server_args, k_policy: str, platform) -> None:
     """``--minedraft-k auto`` verifies windows narrower than the startup
     --speculative-num-draft-tokens (k chosen per step, drafts made at another
     k verified on their common prefix); refuse a verify backend
@@ -216,7 +212,7 @@ def validate_verify_backend(server_args, k_policy: str) -> None:
         return
     backend = verify_backend(server_args)
     if backend is None:
-        default = fixed_width_default_backend()
+        default = fixed_width_default_backend(platform)
         if default is not None:
             raise MineDraftConfigError(
                 f"--minedraft-k auto: SGLang's default attention backend on this GPU is {default}, which reads "

@@ -207,7 +207,7 @@ def validate_server_args(sa) -> None:
     config = MineDraftConfig.from_env()
     _check_parallelism(sa)
     validate_device(config.draft_device, sa)
-    validate_verify_backend(sa, config.k)
+    validate_verify_backend(sa, config.k, _platform())
     draft = sa.speculative_draft_model_path
     if not draft:
         raise MineDraftConfigError("--speculative-draft-model-path is required with --speculative-algorithm MINEDRAFT")
@@ -279,6 +279,13 @@ def _check_drafter_kind(path: str, config: dict, drafter: str) -> None:
         )
 
 
+def _platform():
+    """SGLang's facts of this machine (its GPU, CUDA, FlashInfer)."""
+    from sglang.srt.runtime_context import get_platform
+
+    return get_platform()
+
+
 def _add_cli_args_around(original, parser):
     original(parser)
     add_cli_args(parser)
@@ -292,7 +299,7 @@ def _prepare_server_args_around(original, argv):
             os.environ[ENV_VAR] = config.to_env()
         server_args = original(argv)
         if (server_args.speculative_algorithm or "").upper() == ALGORITHM_NAME:
-            named = declare_verify_backend(server_args, config.k)
+            named = declare_verify_backend(server_args, config.k, _platform())
             if named is not None:
                 logger.info(
                     "MineDraft: --minedraft-k auto verifies a width per step, which SGLang's default attention "

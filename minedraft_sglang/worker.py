@@ -33,11 +33,6 @@ from minedraft_sglang.verify import mark_rows, sub_batch_view, verify_chain
 
 logger = logging.getLogger(__name__)
 
-MAX_DRAFT_REQUESTS = 256
-# Drafts need recent context, not the whole window; requests longer than
-# this are verified without drafts unless --minedraft-draft-max-len says more.
-DEFAULT_DRAFT_MAX_LEN = 4096
-
 
 class MineDraftState(SpecInput):
     """What ``batch.spec_info`` carries between rounds: nothing. Draft state
@@ -131,14 +126,9 @@ class MineDraftWorker(BaseSpecWorker):
         self.req_to_token_pool, self.token_to_kv_pool_allocator = self._target_worker.get_memory_pool()
         if self.drafter is None:
             return
-        # SGLang's request cap defaults to thousands; dense per-request draft
-        # KV for all of them would not fit, so the drafter holds at most
-        # MAX_DRAFT_REQUESTS (requests beyond it are verified without drafts).
-        max_requests = min(self.model_runner.max_running_requests, MAX_DRAFT_REQUESTS)
-        max_len = (
-            self.config.draft_max_len
-            or min(self.model_runner.model_config.context_len, DEFAULT_DRAFT_MAX_LEN)
-            + self.speculative_num_draft_tokens
+        max_requests = devices.drafter_slots(self.model_runner.max_running_requests)
+        max_len = devices.drafter_max_len(
+            self.config.draft_max_len, self.model_runner.model_config.context_len, self.speculative_num_draft_tokens
         )
         nbytes = self.drafter.allocate(max_requests, max_len, max_drafts=self.speculative_num_steps)
         self.drafter_slots = max_requests

@@ -124,17 +124,18 @@ def on_gpu(monkeypatch):
 
 @pytest.mark.parametrize("backend", ["flashinfer", "triton", "intel_amx"])
 def test_auto_k_runs_on_backends_that_read_each_verifys_width(backend, on_gpu):
-    with _gpu(90):
-        validate_verify_backend(_args(attention=backend), "auto")
-        validate_verify_backend(_args(attention="torch_native", prefill=backend), "auto")
-        validate_verify_backend(_args(attention="torch_native", decode=backend, mode="decode"), "auto")
+    with _gpu(90) as platform:
+        validate_verify_backend(_args(attention=backend), "auto", platform)
+        validate_verify_backend(_args(attention="torch_native", prefill=backend), "auto", platform)
+        validate_verify_backend(_args(attention="torch_native", decode=backend, mode="decode"), "auto", platform)
 
 
 @pytest.mark.parametrize("backend", ["fa3", "fa4", "trtllm_mha", "torch_native"])
-def test_auto_k_is_refused_on_backends_that_take_the_startup_width(backend):
-    with pytest.raises(MineDraftConfigError, match=f"--minedraft-k auto with attention backend {backend} for the"):
-        validate_verify_backend(_args(attention=backend), "auto")
-    validate_verify_backend(_args(attention=backend), "fixed")  # one width: the startup one
+def test_auto_k_is_refused_on_backends_that_take_the_startup_width(backend, on_gpu):
+    with _gpu(90) as platform:
+        with pytest.raises(MineDraftConfigError, match=f"--minedraft-k auto with attention backend {backend} for"):
+            validate_verify_backend(_args(attention=backend), "auto", platform)
+        validate_verify_backend(_args(attention=backend), "fixed", platform)  # one width: the startup one
 
 
 @pytest.mark.parametrize(
@@ -149,20 +150,20 @@ def test_auto_k_is_refused_on_backends_that_take_the_startup_width(backend):
 def test_the_backend_checked_is_the_one_the_verify_runs_on(args, on_gpu):
     """TARGET_VERIFY runs on the prefill backend unless
     --speculative-attention-mode decode (review 2026-12-07, N7)."""
-    with _gpu(90), pytest.raises(MineDraftConfigError, match="fa3"):
-        validate_verify_backend(args, "auto")
+    with _gpu(90) as platform, pytest.raises(MineDraftConfigError, match="fa3"):
+        validate_verify_backend(args, "auto", platform)
 
 
 @pytest.mark.parametrize("sm, default", [(90, "fa3"), (100, "trtllm_mha"), (80, None)])
 def test_auto_k_with_sglangs_default_backend(sm, default, on_gpu):
     """Where nothing names the verify's backend (sgl.Engine, whose arguments
     the launcher never sees) SGLang's default decides."""
-    with _gpu(sm):
+    with _gpu(sm) as platform:
         if default is None:  # flashinfer
-            validate_verify_backend(_args(), "auto")
+            validate_verify_backend(_args(), "auto", platform)
             return
         with pytest.raises(MineDraftConfigError, match=f"default attention backend on this GPU is {default}"):
-            validate_verify_backend(_args(), "auto")
+            validate_verify_backend(_args(), "auto", platform)
 
 
 def _stock_command(*extra: str) -> list[str]:
