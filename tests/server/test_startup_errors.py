@@ -65,10 +65,11 @@ CASES = {
     ),
     "tree drafts": (["--speculative-eagle-topk", "2"], {}, "--speculative-eagle-topk must be 1"),
     # fa3 sizes verify metadata from the startup width; auto k verifies narrower windows.
+    # The verify runs on the prefill half (review 2026-12-07, N7).
     "auto k on fa3": (
-        ["--minedraft-k", "auto", "--decode-attention-backend", "fa3"],
+        ["--minedraft-k", "auto", "--prefill-attention-backend", "fa3"],
         {},
-        "--minedraft-k auto with attention backend fa3: its verify does not read the width of each step",
+        "--minedraft-k auto with attention backend fa3 for the verify: it does not read the width of each step",
     ),
     "negative draft max len": (["--minedraft-draft-max-len", "-1"], {}, "--minedraft-draft-max-len must be >= 0"),
     "draft vocab not a number": (["--minedraft-draft-vocab", "-1"], {}, "--minedraft-draft-vocab '-1' is not 'auto'"),
