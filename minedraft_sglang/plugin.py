@@ -237,14 +237,26 @@ def validate_server_args(sa) -> None:
         target_dir = model_files.local_dir(target, "--model-path", revision=getattr(sa, "revision", None))
     except MineDraftConfigError:
         return  # not resolvable here; SGLang's own loading reports it
+    target_config = model_files.read_config(target_dir, target, "--model-path")
     model_files.check_vocabularies(
-        draft_dir,
-        draft,
-        target_dir,
-        target,
-        draft_config=draft_config,
-        target_config=model_files.read_config(target_dir, target, "--model-path"),
+        draft_dir, draft, target_dir, target, draft_config=draft_config, target_config=target_config
     )
+    _check_eagle3_layers(draft, draft_config, target_config)
+
+
+def _check_eagle3_layers(path: str, draft_config: dict, target_config: dict) -> None:
+    """An EAGLE-3 head whose ``fc`` reads more target layer outputs than the
+    target returns (SGLang's default layers on a small target, a repeated or
+    the last layer), refused here in one line rather than in every scheduler."""
+    layers = target_config.get("text_config", target_config).get("num_hidden_layers")
+    if draft_config["architectures"][0] != "LlamaForCausalLMEagle3" or layers is None:
+        return
+    from minedraft_sglang.drafters import eagle
+
+    try:
+        eagle.target_capture(draft_config, layers)
+    except ValueError as e:
+        raise MineDraftConfigError(f"--speculative-draft-model-path {path!r}: {e}") from None
 
 
 def _check_parallelism(sa) -> None:

@@ -106,6 +106,8 @@ CASES = {
     "draft dir without config.json": (["@empty"], {}, "cannot read config.json"),
     "unsupported draft architecture": (["@gpt2"], {}, "architecture GPT2LMHeadModel is not supported"),
     "drafter kind vs checkpoint": (["--minedraft-drafter", "eagle3"], {}, "needs --minedraft-drafter standalone"),
+    # No eagle_config: SGLang's default layers 2, n/2, n-3 of the 4-layer tiny target are 2 outputs, fc reads 3.
+    "EAGLE-3 layers the target cannot return": (["@eagle3"], {}, "EAGLE-3 head: its fc reads 3 target layer outputs"),
     "pipeline parallel": (["--pp-size", "2"], {}, "--pp-size 2: MINEDRAFT does not run under pipeline parallelism"),
     "data-parallel attention": (
         ["--tp-size", "2", "--attn-dp-size", "2"],
