@@ -29,7 +29,7 @@ from conftest import BUILT
 
 from minedraft_sglang.cpu.affinity import parse_cores, stat_fields
 from minedraft_sglang.lab import tiny_models
-from minedraft_sglang.lab.launcher import Server, minedraft_args
+from minedraft_sglang.lab.launcher import Server, minedraft_args, start_ready
 
 pytestmark = [
     pytest.mark.server,
@@ -56,7 +56,8 @@ def _wide_server(tmp: Path, name: str, mode: str, extra: list[str]):
     args = minedraft_args(
         target, draft, mode, 3, ["--minedraft-trace-file", str(trace), "--dtype", "bfloat16", *BUILT, *extra]
     )
-    return Server(args, tmp / f"{name}.log"), trace
+    # On a new port when the first was taken before the server bound it (2026-12-08: one suite run).
+    return start_ready(args, tmp / f"{name}.log"), trace
 
 
 @pytest.fixture(scope="module")
