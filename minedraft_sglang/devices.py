@@ -127,10 +127,7 @@ def check_server_placement(text: str, server_args, device_count: int | None = No
     """Raises DeviceError for the placement TP rank 0's worker would refuse,
     from the server arguments, before any model loads (the worker's refusal
     surfaces inside a scheduler, with a traceback)."""
-    device = server_args.device
-    if device is None:
-        # SGLang resolves it later: the CPU under SGLANG_USE_CPU_ENGINE=1, else the GPU.
-        device = "cpu" if os.environ.get("SGLANG_USE_CPU_ENGINE") == "1" else "cuda"
+    device = target_device(server_args)
     place_drafter(
         text,
         server_args.base_gpu_id if device == "cuda" else None,
@@ -139,6 +136,15 @@ def check_server_placement(text: str, server_args, device_count: int | None = No
         gpu_id_step=server_args.gpu_id_step,
         nnodes=server_args.nnodes,
     )
+
+
+def target_device(server_args) -> str:
+    """The target's device type from the server arguments, before SGLang
+    resolves an absent ``--device``: the CPU under SGLANG_USE_CPU_ENGINE=1,
+    else the GPU."""
+    if server_args.device is not None:
+        return str(server_args.device)
+    return "cpu" if os.environ.get("SGLANG_USE_CPU_ENGINE") == "1" else "cuda"
 
 
 def cuda_device_count() -> int:

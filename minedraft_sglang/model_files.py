@@ -203,3 +203,10 @@ def _same_tokenizer_files(a: str, b: str) -> bool:
         return False
     with open(fa, "rb") as x, open(fb, "rb") as y:
         return x.read() == y.read()
+
+
+def draft_config(path: str, revision: str | None = None) -> dict:
+    """The draft checkpoint's config.json (``path`` a folder or a hub id,
+    ``--speculative-draft-model-path``; the config alone, no weights)."""
+    flag = "--speculative-draft-model-path"
+    return read_config(local_dir(path, flag, revision=revision), path, flag)

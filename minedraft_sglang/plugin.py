@@ -146,18 +146,16 @@ def leave_room_for_the_drafter(sa) -> None:
     one that leaves the room). ``sa``: SGLang's resolving stand-in, which
     runs this after its own memory settings."""
     config = MineDraftConfig.from_env()
-    device = sa.device or ("cpu" if os.environ.get("SGLANG_USE_CPU_ENGINE") == "1" else "cuda")
-    if not str(device).startswith("cuda"):
+    if not devices.target_device(sa).startswith("cuda"):
         return
     placement = devices.place_drafter(
         config.draft_device, sa.base_gpu_id, tp_size=sa.tp_size, gpu_id_step=sa.gpu_id_step, nnodes=sa.nnodes
     )
     if not placement.shares_target_gpu:
         return
-    draft = sa.speculative_draft_model_path
-    flag = "--speculative-draft-model-path"
-    revision = getattr(sa, "speculative_draft_model_revision", None)
-    draft_config = model_files.read_config(model_files.local_dir(draft, flag, revision=revision), draft, flag)
+    draft_config = model_files.draft_config(
+        sa.speculative_draft_model_path, getattr(sa, "speculative_draft_model_revision", None)
+    )
     reserve = devices.shared_gpu_reserve(
         draft_config,
         max_requests=devices.drafter_slots(sa.max_running_requests),

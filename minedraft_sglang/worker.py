@@ -66,7 +66,7 @@ class MineDraftWorker(BaseSpecWorker):
         # not may replay SGLang's prefill graph, and ranks that differ there
         # mix graph and eager collectives (custom all-reduce reads peer
         # buffers the others did not write).
-        draft_config = _draft_config(spec.speculative_draft_model_path, draft_revision)
+        draft_config = model_files.draft_config(spec.speculative_draft_model_path, draft_revision)
         kind = DRAFTER_FOR_ARCHITECTURE[draft_config["architectures"][0]]
         self.needs_features = kind != "standalone"
         if kind == "eagle3":
@@ -223,13 +223,6 @@ class MineDraftWorker(BaseSpecWorker):
         result.next_draft_input = MineDraftState()
         mark_rows(result, rows)
         return result
-
-
-def _draft_config(path: str, revision: str | None) -> dict:
-    """The draft checkpoint's config.json (``path`` a folder or a hub id;
-    the config alone: rank 0's drafter fetches the weights)."""
-    flag = "--speculative-draft-model-path"
-    return model_files.read_config(model_files.local_dir(path, flag, revision=revision), path, flag)
 
 
 def _tp_link() -> tp_sync.TpLink | None:
